@@ -225,6 +225,7 @@ def test_allowed_special_tokens(small_tokenizer):
     some = tok.encode(text, allowed_special={"<|im_start|>"})
     assert some == tok.encode_python(text, allowed_special={"<|im_start|>"})
     assert some.count(start) == 1 and end not in some and eos not in some
+    assert tok.encode(text, allowed_special="<|im_start|>") == some  # one name, as a plain string
     with pytest.raises(ValueError, match="unknown special tokens"):
         tok.encode(text, allowed_special={"<|nope|>"})
 
