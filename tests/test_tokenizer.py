@@ -248,7 +248,8 @@ def test_save_load_identical(small_tokenizer, tmp_path):
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]  # no temporary files left
 
 
-def test_ranks_file_is_tiktoken_format(small_tokenizer, tmp_path):
+def test_ranks_file_is_tiktoken_format(small_tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # tiktoken would otherwise copy the file into /tmp
     small_tokenizer.save(tmp_path / "tok")
     assert tiktoken.load.load_tiktoken_bpe(str(tmp_path / "tok.tiktoken")) == small_tokenizer.ranks
 
