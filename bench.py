@@ -121,8 +121,11 @@ def bench_tokenizer(args):
     # Where our time goes: pre-tokenization (two processes) and the merges (one).
     t_count, counts = timed(lambda: tokenizer.count_chunks(texts, pattern))
     t_merge, _ = timed(lambda: tokenizer.learn_merges(counts, V - 256))
+    # rustbpe's split, the same way: a vocabulary of 257 is one merge, so nearly all pre-tokenization.
+    t_rust_split, _ = timed(lambda: rustbpe.Tokenizer().train_from_iterator(iter(texts), 257, pattern=pattern))
     print(f"\nnanoplaybook split: count_chunks {t_count:.2f}s ({len(counts):,} distinct chunks), "
-          f"learn_merges {t_merge:.2f}s")
+          f"learn_merges {t_merge:.2f}s; rustbpe: pre-tokenization {t_rust_split:.2f}s, "
+          f"merges {statistics.median(times['rustbpe']) - t_rust_split:.2f}s")
 
     # Encoding throughput: the tiktoken path against the pure-Python reference, same ids.
     tok = built["nanoplaybook"]
