@@ -566,7 +566,7 @@ def _unit_is_done(d, unit, fingerprint, itemsize):
 
 
 def prepare(sources=BUILTIN_SOURCES, out="data", tokenizer=None, vocab_size=None, eos_id=None,
-            val_fraction=0.01, text_field="text", skip_bad_lines=False, workers=None,
+            val_fraction=0.02, text_field="text", skip_bad_lines=False, workers=None,
             max_docs=None, seed=0, verbose=True):
     """Tokenize `sources` (specs for `resolve_sources`, or Source objects) into shards under
     `out` and write `out`/manifest.json; returns the manifest. A second call with the same
@@ -950,7 +950,7 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="the directory to write (manifest.json and one folder per source)")
     p.add_argument("--sources", nargs="+", default=list(BUILTIN_SOURCES),
                    help="built-in names (code prose math), files, directories or globs; name=SPEC names one")
-    p.add_argument("--val-fraction", type=float, default=0.01)
+    p.add_argument("--val-fraction", type=float, default=0.02, help="share of documents held out (by a hash of their text)")
     p.add_argument("--text-field", default="text", help="the field (jsonl) or column (parquet) holding the text")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip malformed jsonl lines, counting them")
     p.add_argument("--workers", type=int, default=None, help="processes (default: every core)")
