@@ -8,6 +8,8 @@ same data, and is written with its date and machine into BENCHMARKS.md.
 Benchmarks (more arrive with the files they measure):
     python bench.py tokenizer   # BPE training time and compression vs rustbpe and HF tokenizers,
                                 # and encoding throughput: tiktoken path vs the pure-Python reference
+    python bench.py data        # prepare throughput (MB/s of text) vs bare tiktoken; Loader
+                                # throughput (tokens/s) vs a nanoGPT-style loader and vs training
 
 The baselines are benchmark-only tools, not dependencies of the project:
     pip install rustbpe tokenizers
@@ -15,12 +17,14 @@ The baselines are benchmark-only tools, not dependencies of the project:
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import statistics
 import sys
 import time
 
+import data
 import tokenizer
 
 
@@ -142,6 +146,110 @@ def bench_tokenizer(args):
     print(f"\nmachine: {machine()}")
 
 
+# -----------------------------------------------------------------------------
+# Data
+
+def bench_data(args):
+    import shutil
+    import tempfile
+
+    import numpy as np
+    import torch
+
+    tmp = tempfile.mkdtemp(prefix="bench-data-")
+    try:
+        texts = [open(p, encoding="utf-8", errors="replace").read() for p in data.stdlib_files()]
+        tok = tokenizer.Tokenizer.train(texts[::4], args.vocab_size, verbose=False)
+        tok.save(os.path.join(tmp, "tok"))
+        enc = data.load_tokenizer(os.path.join(tmp, "tok.json"))
+        # Real-data path: the standard library as 24 jsonl files, one document per line.
+        os.makedirs(os.path.join(tmp, "web"))
+        for i in range(24):
+            with open(os.path.join(tmp, "web", f"{i:02d}.jsonl"), "w") as f:
+                f.writelines(json.dumps({"text": t}) + "\n" for t in texts[i::24])
+        mb = sum(len(t.encode()) for t in texts) / 1e6
+        print(f"{len(texts)} documents, {mb:.1f} MB as 24 jsonl files; tokenizer: {tok}; {os.cpu_count()} cores")
+
+        def prep(sources, workers):
+            out = os.path.join(tmp, "out")
+            shutil.rmtree(out, ignore_errors=True)
+            return data.prepare(sources, out, os.path.join(tmp, "tok.json"), workers=workers, verbose=False)
+
+        times = {"bare tiktoken encode_ordinary_batch": [], "prepare, 1 process": [],
+                 f"prepare, {os.cpu_count()} processes": []}
+        for r in range(args.rounds):
+            times["bare tiktoken encode_ordinary_batch"].append(timed(lambda: enc.encode_ordinary_batch(texts))[0])
+            times["prepare, 1 process"].append(timed(lambda: prep([os.path.join(tmp, "web")], 1))[0])
+            times[f"prepare, {os.cpu_count()} processes"].append(timed(lambda: prep([os.path.join(tmp, "web")], None))[0])
+        base = statistics.median(times["bare tiktoken encode_ordinary_batch"])
+        print(f"\n| prepare {mb:.1f} MB of jsonl | median (s) | MB/s | time vs bare tiktoken |\n|---|---|---|---|")
+        for name, ts in times.items():
+            print(f"| {name} | {statistics.median(ts):.2f} | {mb / statistics.median(ts):.1f} | "
+                  f"{statistics.median(ts) / base:.2f}x |")
+        t_builtin, m = timed(lambda: prep(list(data.BUILTIN_SOURCES), None))
+        text_mb = sum(u["counts"]["bytes"] for s in m["sources"].values() for u in s["units"]) / 1e6
+        n_tokens = sum(s["train"]["tokens"] for s in m["sources"].values())
+        print(f"\nbuilt-in corpus (code, prose, math): {text_mb:.1f} MB of text, {n_tokens / 1e6:.2f}M train tokens, "
+              f"{t_builtin:.1f}s, {text_mb / t_builtin:.1f} MB/s ({os.cpu_count()} processes; prose parses every module)")
+
+        # Loader: ours (packing masks, positions, mixture, permutation) against the simplest
+        # loader there is, nanoGPT's: random offsets into one memmap, x and y, nothing else.
+        out = os.path.join(tmp, "out")
+        stream = np.concatenate([np.fromfile(os.path.join(out, name, f"{u['unit']}-train.bin"), dtype=np.uint16)
+                                 for name, s in m["sources"].items() for u in s["units"]])
+        flat = os.path.join(tmp, "flat.bin")
+        stream.tofile(flat)
+        mm = np.memmap(flat, dtype=np.uint16, mode="r")
+        print(f"\n| loader, batch x seq_len | nanoGPT-style (tokens/s) | data.Loader (tokens/s) | ratio |\n|---|---|---|---|")
+        for B, T in [(8, 1024), (32, 2048), (4, 4096)]:
+            rng = np.random.default_rng(0)
+
+            def nanogpt():
+                ix = rng.integers(0, len(mm) - T - 1, B)
+                x = torch.from_numpy(np.stack([mm[i:i + T].astype(np.int64) for i in ix]))
+                y = torch.from_numpy(np.stack([mm[i + 1:i + 1 + T].astype(np.int64) for i in ix]))
+                return x, y
+
+            loader = data.Loader(out, B, T, weights={"code": 0.5, "prose": 0.3, "math": 0.2})
+            rates = {"nanogpt": [], "ours": []}
+            for r in range(args.rounds):
+                rates["nanogpt"].append(B * T * args.batches / timed(lambda: [nanogpt() for _ in range(args.batches)])[0])
+                rates["ours"].append(B * T * args.batches / timed(lambda: [next(loader) for _ in range(args.batches)])[0])
+            a, b = statistics.median(rates["nanogpt"]), statistics.median(rates["ours"])
+            print(f"| {B} x {T} | {a / 1e6:.1f}M | {b / 1e6:.1f}M | {b / a:.2f}x |")
+
+        # What training consumes. train.py has not landed yet: a stand-in on this machine is a
+        # plain torch transformer about the size of the CPU demo model, trained in float32.
+        d, L, T, B = 256, 6, 256, 8
+        layer = torch.nn.TransformerEncoderLayer(d, 4, 4 * d, dropout=0.0, batch_first=True, norm_first=True)
+        net = torch.nn.Sequential(torch.nn.Embedding(args.vocab_size, d),
+                                  torch.nn.TransformerEncoder(layer, L, enable_nested_tensor=False),
+                                  torch.nn.Linear(d, args.vocab_size))
+        opt = torch.optim.AdamW(net.parameters())
+        mask = torch.nn.Transformer.generate_square_subsequent_mask(T)
+        loader = data.Loader(out, B, T)
+
+        def step():
+            batch = next(loader)
+            h = net[1](net[0](batch["input_ids"]), mask=mask, is_causal=True)
+            loss = torch.nn.functional.cross_entropy(net[2](h).flatten(0, 1), batch["labels"].flatten())
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+
+        step()
+        t_steps, _ = timed(lambda: [step() for _ in range(5)])
+        n_params = sum(p.numel() for p in net.parameters())
+        print(f"\ntraining stand-in on this CPU ({n_params / 1e6:.1f}M params, float32, {B} x {T}): "
+              f"{5 * B * T / t_steps:,.0f} tokens/s")
+        for n, mfu in [(135e6, 0.4), (1.7e9, 0.4)]:
+            need = mfu * 989e12 / (6 * n)  # H100 SXM dense bf16 peak; 6N FLOPs per token
+            print(f"an H100 at {mfu:.0%} MFU training a {n / 1e6:,.0f}M model consumes about {need:,.0f} tokens/s")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"\nmachine: {machine()}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -151,8 +259,12 @@ def main():
     t.add_argument("--rounds", type=int, default=5)
     t.add_argument("--held-out-chars", type=int, default=2_000_000)
     t.add_argument("--python-encode-chars", type=int, default=200_000)
+    d = sub.add_parser("data", help="prepare and Loader throughput")
+    d.add_argument("--vocab-size", type=int, default=8192)
+    d.add_argument("--rounds", type=int, default=3)
+    d.add_argument("--batches", type=int, default=50)
     args = ap.parse_args()
-    {"tokenizer": bench_tokenizer}[args.cmd](args)
+    {"tokenizer": bench_tokenizer, "data": bench_data}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
 FORMAT = 1             # bumped whenever the on-disk layout changes
 CORPUS_VERSION = 1     # bumped whenever the built-in corpus's text changes
 IGNORE_INDEX = -100    # the label of a position where no loss is taken
-UNIT_BYTES = 8 << 20   # input files are grouped into units of work of about this size
+UNIT_BYTES = 4 << 20   # input files are grouped into units of work of about this size
 MATH_UNIT = 4000       # math documents per unit of work
 MATH_DOCUMENTS = 12000 # the built-in math source's size (about 3 MB of text)
 
