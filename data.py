@@ -574,7 +574,10 @@ def prepare(sources=BUILTIN_SOURCES, out="data", tokenizer=None, vocab_size=None
 
     tokenizer: a tokenizer.py file, a tiktoken.Encoding, an object with .encode, or an
     encode function (with vocab_size=). Each document gets the <|eos|> (or <|endoftext|>)
-    token appended when the tokenizer has one. max_docs caps every source (quick runs)."""
+    token appended when the tokenizer has one. Units of work run in `workers` processes
+    (default: every core; one where fork is unavailable). max_docs caps each built-in source
+    (quick runs): the first max_docs standard-library files and pydoc topics, or max_docs
+    math problems."""
     if tokenizer is None:
         raise ValueError("prepare needs a tokenizer (a file written by tokenizer.py, or an encode function)")
     if not 0 <= val_fraction < 1:
@@ -607,6 +610,9 @@ def prepare(sources=BUILTIN_SOURCES, out="data", tokenizer=None, vocab_size=None
     for s in sources:
         d = os.path.join(out, s.name)
         os.makedirs(d, exist_ok=True)
+        for f in os.listdir(d):  # what a killed run was writing: never trusted, now removed
+            if ".tmp" in f and f[:5].isdigit():
+                os.remove(os.path.join(d, f))
         for i, (kind, items, unit_fp) in enumerate(plan[s.name]):
             unit_fp = hashlib.sha256(json.dumps([unit_fp, tok_fingerprint, opts], default=str).encode()).hexdigest()
             done = _unit_is_done(d, f"{i:05d}", unit_fp, itemsize)
@@ -655,7 +661,6 @@ def prepare(sources=BUILTIN_SOURCES, out="data", tokenizer=None, vocab_size=None
     if verbose:
         print(summary(manifest))
     return manifest
-
 
 
 def summary(manifest):
@@ -731,6 +736,8 @@ class Loader:
     weights: None (each source in proportion to its size), a dict source -> weight, or a
     curriculum: a list of stages (until_tokens, weights) in order, the last with None (or
     the last stage simply continues). Tokens count globally, over all ranks.
+
+    A stage ends at the first global batch that starts at or after its until_tokens.
 
     Every rank builds the same global batch of world_size * batch_size windows and keeps
     its own slice, so the union over ranks is exactly what one process would read."""

@@ -254,14 +254,11 @@ def test_exact_resume(three_sources):
     make = lambda **kw: Loader(three_sources, seq_len=8, weights=stages, seed=2, **kw)
     ref = make(batch_size=6)
     ref_batches = [next(ref) for _ in range(30)]  # crosses the stage change and epochs of c
-    run = make(batch_size=6)
-    for _ in range(7):
-        next(run)
-    run.adapt({"a": 2.0, "c": 1.0})
-    ref2 = make(batch_size=6)
-    for _ in range(7):
-        next(ref2)
-    ref2.adapt({"a": 2.0, "c": 1.0})
+    run, ref2 = make(batch_size=6), make(batch_size=6)
+    for loader in (run, ref2):
+        for _ in range(7):
+            next(loader)
+        loader.adapt({"a": 2.0, "c": 1.0})
     state = json.loads(json.dumps(run.state_dict()))  # it must survive a JSON checkpoint
     resumed = make(batch_size=6)
     resumed.load_state_dict(state)
@@ -292,38 +289,40 @@ def test_resume_refuses_another_seq_len_or_seed(three_sources):
 # -----------------------------------------------------------------------------
 # prepare: idempotent, crash-safe, tokenizers
 
+def many_files(tmp_path, monkeypatch, n, docs=30):
+    """n jsonl files in tmp_path/in, each its own unit of work (so its own shard)."""
+    monkeypatch.setattr(data, "UNIT_BYTES", 1)
+    rng = random.Random(0)
+    os.makedirs(tmp_path / "in")
+    for i in range(n):
+        write_jsonl(tmp_path / f"in/{i}.jsonl", random_docs(rng, docs))
+    return str(tmp_path / "in")
+
+
 def shard_files(d):
     return {os.path.relpath(os.path.join(r, f), d): os.stat(os.path.join(r, f)).st_mtime_ns
             for r, _, fs in os.walk(d) for f in fs}
 
 
 def test_prepare_is_idempotent_and_redoes_only_what_changed(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(data, "UNIT_BYTES", 1)
-    rng = random.Random(0)
-    os.makedirs(tmp_path / "in")
-    for i in range(3):
-        write_jsonl(tmp_path / f"in/{i}.jsonl", random_docs(rng, 20))
+    inputs = many_files(tmp_path, monkeypatch, 3)
     out = tmp_path / "d"
-    m1 = prepare([str(tmp_path / "in")], str(out), ByteTokenizer())
+    m1 = prepare([inputs], str(out), ByteTokenizer())
     before = shard_files(out)
     capsys.readouterr()
-    m2 = prepare([str(tmp_path / "in")], str(out), ByteTokenizer())
+    m2 = prepare([inputs], str(out), ByteTokenizer())
     assert "up to date" in capsys.readouterr().out
     assert m2 == m1 and shard_files(out) == before  # nothing touched
-    write_jsonl(tmp_path / "in/1.jsonl", random_docs(rng, 25))
-    prepare([str(tmp_path / "in")], str(out), ByteTokenizer())
+    write_jsonl(tmp_path / "in/1.jsonl", random_docs(random.Random(1), 25))
+    prepare([inputs], str(out), ByteTokenizer())
     after = shard_files(out)
     changed = {f.split(os.sep)[-1].split("-")[0].split(".")[0] for f in after if after[f] != before.get(f)}
     assert changed == {"00001", "manifest"}
 
 
 def test_prepare_crash_leaves_nothing_trusted(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(data, "UNIT_BYTES", 1)
-    rng = random.Random(0)
-    os.makedirs(tmp_path / "in")
-    for i in range(4):
-        write_jsonl(tmp_path / f"in/{i}.jsonl", random_docs(rng, 30))
-    clean = prep(tmp_path / "clean", [f"src={tmp_path / 'in'}"], workers=1)
+    inputs = many_files(tmp_path, monkeypatch, 4)
+    clean = prep(tmp_path / "clean", [f"src={inputs}"], workers=1)
 
     real, calls = data._prepare_unit, []
 
@@ -337,13 +336,14 @@ def test_prepare_crash_leaves_nothing_trusted(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(data, "_prepare_unit", dies_on_third_unit)
     with pytest.raises(KeyboardInterrupt):
-        prep(tmp_path / "d", [f"src={tmp_path / 'in'}"], workers=1)
+        prep(tmp_path / "d", [f"src={inputs}"], workers=1)
     with pytest.raises(FileNotFoundError, match="manifest.json not found.*prepare"):
         Loader(tmp_path / "d", batch_size=1, seq_len=4)
     monkeypatch.setattr(data, "_prepare_unit", real)
     capsys.readouterr()
-    again = prepare([f"src={tmp_path / 'in'}"], str(tmp_path / "d"), ByteTokenizer(), val_fraction=0.0, workers=1)
+    again = prepare([f"src={inputs}"], str(tmp_path / "d"), ByteTokenizer(), val_fraction=0.0, workers=1)
     assert "2 units to tokenize (2 already done)" in capsys.readouterr().err
+    assert not [f for f in shard_files(tmp_path / "d") if ".tmp" in f]  # the dead run's leftovers are gone
     for k in ("fingerprint", "sources"):
         assert again[k] == clean[k]
     for f in shard_files(tmp_path / "clean"):
@@ -403,13 +403,9 @@ def test_large_vocabulary_uses_uint32(tmp_path):
 
 
 def test_parallel_prepare_equals_serial(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "UNIT_BYTES", 1)
-    rng = random.Random(0)
-    os.makedirs(tmp_path / "in")
-    for i in range(5):
-        write_jsonl(tmp_path / f"in/{i}.jsonl", random_docs(rng, 30))
-    one = prep(tmp_path / "one", [str(tmp_path / "in")], workers=1, val_fraction=0.3)
-    two = prep(tmp_path / "two", [str(tmp_path / "in")], workers=2, val_fraction=0.3)
+    inputs = many_files(tmp_path, monkeypatch, 5)
+    one = prep(tmp_path / "one", [inputs], workers=1, val_fraction=0.3)
+    two = prep(tmp_path / "two", [inputs], workers=2, val_fraction=0.3)
     assert one["sources"] == two["sources"]
     for f in shard_files(tmp_path / "one"):
         if f.endswith((".bin", ".npy")):
@@ -526,6 +522,15 @@ def test_malformed_jsonl_line(tmp_path):
     assert m["sources"]["a"]["counts"]["bad_lines"] == 4
     assert m["sources"]["a"]["train"]["documents"] == 2
     assert "4 bad lines skipped" in data.summary(m)
+
+
+def test_errors_from_worker_processes_name_the_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "UNIT_BYTES", 1)
+    os.makedirs(tmp_path / "in")
+    write_jsonl(tmp_path / "in/a.jsonl", ["fine"] * 3)
+    (tmp_path / "in/b.jsonl").write_text('{"text": "ok"}\n{"text": 1}\n')
+    with pytest.raises(ValueError, match=r"b.jsonl:2: field 'text' is int, not a string"):
+        prep(tmp_path / "d", [str(tmp_path / "in")], workers=2)
 
 
 def test_missing_text_field(tmp_path):
