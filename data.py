@@ -123,8 +123,8 @@ def resolve_sources(specs):
             sources.append(spec)
             continue
         name, target = None, os.fspath(spec)
-        if "=" in spec and not os.path.exists(spec):
-            name, target = spec.split("=", 1)
+        if "=" in target and not os.path.exists(target):
+            name, target = target.split("=", 1)
         if target in BUILTIN_SOURCES:
             sources.append(Source(name or target, target, spec=spec))
             continue
@@ -525,8 +525,9 @@ def _prepare_unit(job):
             ids = np.asarray(_ENCODE(text), dtype=np.int64)
             if eos is not None:
                 ids = np.append(ids, eos)  # the model learns where a document ends
-            if ids.size and (ids.min() < 0 or ids.max() >= opts["vocab_size"]):
-                raise ValueError(f"the tokenizer returned id {ids.max()} outside its vocabulary of {opts['vocab_size']}")
+            bad = ids[(ids < 0) | (ids >= opts["vocab_size"])]
+            if bad.size:
+                raise ValueError(f"the tokenizer returned id {bad[0]}, outside its vocabulary of {opts['vocab_size']}")
             split = "val" if _is_val(raw, opts["val_fraction"]) else "train"
             ids.astype(dtype).tofile(files[split])
             lengths[split].append(ids.size)
