@@ -1,0 +1,267 @@
+"""
+attention.py: attention and position encodings for a modern decoder.
+
+The concept. Attention lets each token read from the tokens before it: queries meet keys
+(a softmax over their dot products) and take a weighted sum of values. Everything around
+that core is a trade of memory for quality:
+- MHA gives every query head its own key/value head; GQA shares each K/V head between a
+  group of query heads (n_head / n_kv_head of them), MQA shares one K/V head between all.
+  The KV cache, which dominates memory when generating, shrinks by the group size.
+- Positions: RoPE rotates each (q, k) pair of dimensions by an angle proportional to the
+  token's position, so their dot product depends only on the distance between tokens.
+  Partial RoPE rotates only a fraction of each head's dimensions. NoPE rotates nothing and
+  lets the causal mask alone carry order; RNoPE alternates the two across layers (SmolLM3
+  drops RoPE from every fourth layer), which helps long contexts. Context extension raises
+  rope_theta (ABF) or rescales the frequencies (YaRN: slow-rotating dimensions are
+  interpolated, fast ones kept, and attention is sharpened by a temperature).
+- QK-norm (Qwen3, OLMo 2) RMS-normalises each head's q and k, which keeps attention logits
+  from growing without bound and stabilises training.
+- Packed training sequences hold several documents: intra-document masking lets a token see
+  only its own document. Here a document starts wherever `position_ids` restart at 0.
+
+The playbook's lessons: GQA matches MHA's quality at a fraction of its KV cache (SmolLM3 uses
+4 K/V heads for 16 query heads); test attention choices at small scale before trusting
+them; intra-document masking costs nothing at short context and matters for long-context
+training; NoPE layers mixed with RoPE layers extend better.
+
+Papers: Vaswani et al. 2017 (attention); Shazeer 2019 (MQA); Ainslie et al. 2023 (GQA);
+Su et al. 2021 (RoPE); Kazemnejad et al. 2023 and Yang et al. 2025 (NoPE, RNoPE);
+Xiong et al. 2023 (ABF); Peng et al. 2023 (YaRN); Dehghani et al. 2023, Team OLMo 2024
+(QK-norm); Zhao et al. 2024 (intra-document masking).
+
+Run:
+    python attention.py        # KV-cache bytes per token for MHA/GQA/MQA; cached decoding == full forward
+
+Status: MHA/MQA/GQA, RoPE (default, partial, YaRN, ABF via rope_theta), NoPE, QK-norm,
+document masking, eager and sdpa, the KV cache. MLA arrives with the rest of its issue.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 (the mean of squares loses precision in bf16)."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+# -----------------------------------------------------------------------------
+# Positions: RoPE and its extensions
+
+def rope_inv_freq(rotary_dim, theta=10000.0, scaling=None):
+    """The rotation speed of each pair of dimensions, and the attention factor (YaRN's
+    temperature, 1 otherwise). `scaling` is Hugging Face's `rope_scaling` dict; supported:
+    none / "default", and "yarn" (factor, original_max_position_embeddings, beta_fast,
+    beta_slow, attention_factor or mscale / mscale_all_dim, truncate)."""
+    if rotary_dim % 2:
+        raise ValueError(f"the rotated part of a head must have an even size, got {rotary_dim}")
+    inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim)
+    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if rope_type == "default":
+        return inv_freq, 1.0
+    if rope_type != "yarn":
+        raise ValueError(f"rope_scaling type {rope_type!r} is not supported (default, yarn)")
+    s, L = scaling["factor"], scaling["original_max_position_embeddings"]
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    # Over the original context L, pair i turns L * inv_freq[i] / 2pi times. Pairs that turn
+    # more than beta_fast times have seen every angle in training: keep them (extrapolate).
+    # Pairs that turn fewer than beta_slow times would meet unseen angles past L: slow them
+    # down by the factor s (interpolate). In between, a linear ramp over the pair index.
+    def pair_index(turns):  # the (fractional) pair index that turns `turns` times over L
+        return rotary_dim * math.log(L / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    lo, hi = pair_index(beta_fast), pair_index(beta_slow)
+    if scaling.get("truncate", True):
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, rotary_dim - 1)
+    interpolate = ((torch.arange(rotary_dim // 2, dtype=torch.float32) - lo) / max(hi - lo, 1e-3)).clamp(0, 1)
+    inv_freq = inv_freq / s * interpolate + inv_freq * (1 - interpolate)
+
+    # The temperature: stretched positions flatten attention; sqrt(1/t) = 0.1 ln(s) + 1
+    # sharpens it back. It multiplies cos and sin, so q.k scales by its square.
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    factor = scaling.get("attention_factor")
+    if factor is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        factor = mscale(s, m) / mscale(s, m_all) if m and m_all else mscale(s)
+    return inv_freq, float(factor)
+
+
+class Rotary(nn.Module):
+    """cos and sin for every position: shared by all the layers that use RoPE."""
+
+    def __init__(self, head_dim, theta=10000.0, partial_rotary_factor=1.0, scaling=None):
+        super().__init__()
+        self.rotary_dim = int(head_dim * partial_rotary_factor)
+        inv_freq, self.attention_factor = rope_inv_freq(self.rotary_dim, theta, scaling)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids):
+        """position_ids (B, T) -> cos, sin (B, T, rotary_dim), in float32."""
+        angles = position_ids[..., None].float() * self.inv_freq
+        angles = torch.cat([angles, angles], dim=-1)
+        return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
+
+
+def apply_rope(x, cos, sin):
+    """Rotate x (B, H, T, D) by the angles in cos/sin (B, T, R), R <= D. Dimension i is paired
+    with i + R/2 (the "half" layout of Llama and Hugging Face, so weights copy over as they
+    are); dimensions past R are left alone (partial RoPE)."""
+    R = cos.shape[-1]
+    rot, rest = x[..., :R], x[..., R:]
+    x1, x2 = rot.chunk(2, dim=-1)
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    out = rot * cos + torch.cat([-x2, x1], dim=-1) * sin
+    return torch.cat([out, rest], dim=-1) if rest.shape[-1] else out
+
+
+# -----------------------------------------------------------------------------
+# Masks and the KV cache
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, (B, n_kv_head, S, D) each:
+    stored once per K/V head, never copied per query head. `doc` is each cached token's
+    document id (-1 for padding), shared by all layers."""
+
+    def __init__(self, n_layers):
+        self.k, self.v = [None] * n_layers, [None] * n_layers
+        self.doc = None
+
+    def __len__(self):
+        return 0 if self.doc is None else self.doc.shape[1]
+
+    def update(self, layer, k, v):
+        if self.k[layer] is not None:
+            k, v = torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
+
+
+def attention_mask(position_ids, cache=None):
+    """The boolean mask (B, 1, T, S) of which keys each query may read: earlier or equal
+    tokens of the same document. A document starts wherever position_ids is 0; a negative
+    position marks padding (left-padded prompts), which no real token reads. Returns None
+    when the plain causal mask is all that is needed (one document per row, no cache, no
+    padding), so that sdpa can take its fastest path. With a cache, the new tokens' ids are
+    appended to it here, once for all layers."""
+    past = None if cache is None or not len(cache) else cache.doc
+    # New tokens continue the last cached document until a position restarts at 0.
+    start = torch.zeros_like(position_ids[:, :1]) if past is None else past.max(1, keepdim=True).values.clamp(min=0)
+    doc = start + (position_ids == 0).long().cumsum(1)
+    doc = torch.where(position_ids < 0, torch.full_like(doc, -1), doc)
+    if cache is None and not (position_ids[:, 1:] == 0).any() and not (position_ids < 0).any():
+        return None
+    keys = doc if past is None else torch.cat([past, doc], dim=1)
+    if cache is not None:
+        cache.doc = keys
+    T, S = doc.shape[1], keys.shape[1]
+    causal = torch.ones(T, S, dtype=torch.bool, device=doc.device).tril(S - T)
+    return (causal & (doc[:, :, None] == keys[:, None, :]))[:, None]
+
+
+# -----------------------------------------------------------------------------
+# Attention: MHA, GQA, MQA
+
+def attend(q, k, v, mask=None, impl="sdpa"):
+    """softmax(q k^T / sqrt(D) + mask) v for q (B, H, T, D) and k, v (B, Hkv, S, D), each K/V
+    head serving H / Hkv query heads. mask: None (causal) or boolean (B, 1, T, S)."""
+    if impl == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                              enable_gqa=k.shape[1] != q.shape[1])
+    if impl != "eager":
+        raise ValueError(f"attention impl must be 'eager' or 'sdpa', not {impl!r}")
+    # The readable reference. Query heads are grouped by the K/V head they share, so K and V
+    # broadcast over the group instead of being repeated.
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    qg = q.view(B, Hkv, H // Hkv, T, D)
+    scores = (qg @ k[:, :, None].transpose(-1, -2)).float() / math.sqrt(D)   # (B, Hkv, G, T, S)
+    if mask is None:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    scores = scores.masked_fill(~(mask[:, :, None] if mask.dim() == 4 else mask), float("-inf"))
+    weights = scores.softmax(dim=-1).to(v.dtype)
+    return (weights @ v[:, :, None]).view(B, H, T, D)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with n_kv_head <= n_head K/V heads: MHA (equal), GQA, MQA (one).
+    Optional biases on q/k/v (Qwen2) and QK-norm (Qwen3, OLMo 2). Whether a layer uses RoPE
+    is decided by what it is given: cos/sin, or None (NoPE)."""
+
+    def __init__(self, dim, n_head, n_kv_head=None, head_dim=None, bias=False, qk_norm=False, norm_eps=1e-6,
+                 impl="sdpa"):
+        super().__init__()
+        n_kv_head = n_kv_head or n_head
+        if n_head % n_kv_head:
+            raise ValueError(f"n_head ({n_head}) must be a multiple of n_kv_head ({n_kv_head})")
+        self.n_head, self.n_kv_head, self.impl = n_head, n_kv_head, impl
+        self.head_dim = head_dim or dim // n_head
+        self.q_proj = nn.Linear(dim, n_head * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(dim, n_kv_head * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(dim, n_kv_head * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(n_head * self.head_dim, dim, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
+
+    def forward(self, x, rope=None, mask=None, cache=None, layer=0):
+        """x (B, T, dim); rope: (cos, sin) from Rotary, or None; mask from attention_mask."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:  # before the rotation, as Qwen3 does
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        y = attend(q, k, v, mask, self.impl)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+def kv_bytes_per_token(n_layers, n_kv_head, head_dim, bytes_per_value=2):
+    """What the cache holds for one token: K and V, for every layer and K/V head."""
+    return 2 * n_layers * n_kv_head * head_dim * bytes_per_value
+
+
+def _demo():
+    torch.manual_seed(0)
+    L, dim, H, D = 36, 2048, 16, 128  # SmolLM3-3B's shape
+    print(f"KV cache per token at SmolLM3-3B's shape ({L} layers, {H} query heads of {D}), bf16:")
+    for name, kv in [("MHA", 16), ("GQA (SmolLM3: 4)", 4), ("MQA", 1)]:
+        attn_params = L * (dim * H * D + 2 * dim * kv * D + H * D * dim)
+        print(f"  {name:18s} {kv_bytes_per_token(L, kv, D) / 1024:6.0f} KiB/token, "
+              f"{kv_bytes_per_token(L, kv, D) * 65536 / 2 ** 30:5.1f} GiB at 64k tokens, "
+              f"attention params {attn_params / 1e6:6.1f}M")
+    print("\ncached decoding (prefill 6, then one token at a time) vs the full forward, tiny GQA layer:")
+    attn = Attention(64, 8, 2, qk_norm=True).eval()
+    rotary = Rotary(8, partial_rotary_factor=0.5)
+    x = torch.randn(2, 12, 64)
+    pos = torch.arange(12).expand(2, 12)
+    with torch.no_grad():
+        full = attn(x, rotary(pos))
+        cache, outs = KVCache(1), []
+        for a, b in [(0, 6)] + [(t, t + 1) for t in range(6, 12)]:
+            outs.append(attn(x[:, a:b], rotary(pos[:, a:b]), attention_mask(pos[:, a:b], cache), cache))
+    print(f"  max |difference| = {(torch.cat(outs, 1) - full).abs().max():.2e}")
+
+
+if __name__ == "__main__":
+    _demo()
