@@ -158,7 +158,7 @@ def bench_data(args):
 
     tmp = tempfile.mkdtemp(prefix="bench-data-")
     try:
-        texts = [open(p, encoding="utf-8", errors="replace").read() for p in data.stdlib_files()]
+        texts = [tokenizer._read_text(p) for p in data.stdlib_files()]
         tok = tokenizer.Tokenizer.train(texts[::4], args.vocab_size, verbose=False)
         tok.save(os.path.join(tmp, "tok"))
         enc = data.load_tokenizer(os.path.join(tmp, "tok.json"))

@@ -384,9 +384,13 @@ def test_tokenizer_file_matches_tokenizer_py(tmp_path, small_tokenizer, stdlib_t
     offsets = np.load(tmp_path / "d/a/00000-train.docs.npy")
     for i, text in enumerate(texts):
         assert tokens[offsets[i]:offsets[i + 1]].tolist() == small_tokenizer.encode(text) + [eos]
-    # the same tokenizer as an object: the same shards, and a tokenizer change is noticed
+    # the same tokenizer as an object: the same shards; another tokenizer in that directory
+    # changes the fingerprint, so nothing made with the first one is kept
     m2 = prepare([spec], str(tmp_path / "d2"), small_tokenizer, val_fraction=0.0, verbose=False)
     assert m2["sources"]["a"]["train"] == m["sources"]["a"]["train"]
+    m3 = prepare([spec], str(tmp_path / "d2"), ByteTokenizer(), val_fraction=0.0, verbose=False)
+    assert m3["fingerprint"] != m2["fingerprint"]
+    assert m3["sources"]["a"]["train"]["tokens"] == sum(len(t.encode()) + 1 for t in texts)
 
 
 def test_large_vocabulary_uses_uint32(tmp_path):
@@ -462,6 +466,15 @@ def test_math_is_deterministic_and_every_step_is_true():
     assert checked > 5000
 
 
+def test_duplicates_never_straddle_the_split(tmp_path):
+    texts = ["the same document"] * 40 + random_docs(random.Random(0), 200, hi=20)
+    m = prep(tmp_path / "d", [write_jsonl(tmp_path / "a.jsonl", texts)], val_fraction=0.5)
+    tokens = np.fromfile(tmp_path / "d/a/00000-train.bin", dtype=np.uint16).tolist()
+    copies_in_train = ByteTokenizer().decode(tokens).count("the same document")
+    assert copies_in_train in (0, 40)  # all 40 on one side
+    assert 50 < m["sources"]["a"]["val"]["documents"] < 200  # while the others split about evenly
+
+
 def test_builtin_corpus_and_val_split(tmp_path):
     m = prep(tmp_path / "d", ["code", "prose", "math"], max_docs=400, val_fraction=0.1)
     s = m["sources"]
@@ -470,8 +483,6 @@ def test_builtin_corpus_and_val_split(tmp_path):
     # ~10% of documents held out, chosen by content: the same text always lands on the same side
     n_val, n = s["math"]["val"]["documents"], 400
     assert 0.05 * n < n_val < 0.15 * n
-    text = data.math_document(7).encode()
-    assert data._is_val(text, 0.1) == data._is_val(text, 0.1)
     assert sum(data._is_val(data.math_document(i).encode(), 0.1) for i in range(400)) == n_val
     for name in s:
         Loader(tmp_path / "d", batch_size=2, seq_len=64, split="val", weights={name: 1})
