@@ -7,13 +7,17 @@ that core is a trade of memory for quality:
 - MHA gives every query head its own key/value head; GQA shares each K/V head between a
   group of query heads (n_head / n_kv_head of them), MQA shares one K/V head between all.
   The KV cache, which dominates memory when generating, shrinks by the group size.
+- MLA (DeepSeek-V2/V3) caches one small latent vector per token instead: every head's keys
+  and values are re-projected from it, and RoPE rides in a few extra dimensions whose key is
+  shared by all heads. When decoding, the up-projections fold into the query and the output,
+  so attention reads the latents directly: a cache smaller than GQA's, with all heads distinct.
 - Positions: RoPE rotates each (q, k) pair of dimensions by an angle proportional to the
   token's position, so their dot product depends only on the distance between tokens.
   Partial RoPE rotates only a fraction of each head's dimensions. NoPE rotates nothing and
   lets the causal mask alone carry order; RNoPE alternates the two across layers (SmolLM3
   drops RoPE from every fourth layer), which helps long contexts. Context extension raises
-  rope_theta (ABF) or rescales the frequencies (YaRN: slow-rotating dimensions are
-  interpolated, fast ones kept, and attention is sharpened by a temperature).
+  rope_theta (ABF) or rescales the frequencies (Llama 3 and YaRN: slow-rotating dimensions
+  are interpolated, fast ones kept; YaRN also sharpens attention by a temperature).
 - QK-norm (Qwen3, OLMo 2) RMS-normalises each head's q and k, which keeps attention logits
   from growing without bound and stabilises training.
 - Packed training sequences hold several documents: intra-document masking lets a token see
@@ -25,15 +29,16 @@ them; intra-document masking costs nothing at short context and matters for long
 training; NoPE layers mixed with RoPE layers extend better.
 
 Papers: Vaswani et al. 2017 (attention); Shazeer 2019 (MQA); Ainslie et al. 2023 (GQA);
-Su et al. 2021 (RoPE); Kazemnejad et al. 2023 and Yang et al. 2025 (NoPE, RNoPE);
-Xiong et al. 2023 (ABF); Peng et al. 2023 (YaRN); Dehghani et al. 2023, Team OLMo 2024
+DeepSeek-AI 2024 (DeepSeek-V2: MLA); Su et al. 2021 (RoPE); Kazemnejad et al. 2023 and
+Yang et al. 2025 (NoPE, RNoPE); Xiong et al. 2023 (ABF); Peng et al. 2023 (YaRN);
+Grattafiori et al. 2024 (Llama 3, its RoPE scaling); Dehghani et al. 2023, Team OLMo 2024
 (QK-norm); Zhao et al. 2024 (intra-document masking).
 
 Run:
-    python attention.py        # KV-cache bytes per token for MHA/GQA/MQA; cached decoding == full forward
+    python attention.py        # KV-cache bytes per token for MHA/GQA/MQA/MLA; cached decoding == full forward
 
-Status: MHA/MQA/GQA, RoPE (default, partial, YaRN, ABF via rope_theta), NoPE, QK-norm,
-document masking, eager and sdpa, the KV cache. MLA arrives with the rest of its issue.
+Status: MHA/MQA/GQA, MLA (naive and absorbed), RoPE (default, partial, Llama 3, YaRN, ABF via
+rope_theta), NoPE, QK-norm, document masking, eager and sdpa, the KV cache.
 """
 
 import math
@@ -62,16 +67,28 @@ class RMSNorm(nn.Module):
 def rope_inv_freq(rotary_dim, theta=10000.0, scaling=None):
     """The rotation speed of each pair of dimensions, and the attention factor (YaRN's
     temperature, 1 otherwise). `scaling` is Hugging Face's `rope_scaling` dict; supported:
-    none / "default", and "yarn" (factor, original_max_position_embeddings, beta_fast,
-    beta_slow, attention_factor or mscale / mscale_all_dim, truncate)."""
+    none / "default"; "llama3" (factor, low_freq_factor, high_freq_factor,
+    original_max_position_embeddings); "yarn" (factor, original_max_position_embeddings,
+    beta_fast, beta_slow, attention_factor or mscale / mscale_all_dim, truncate)."""
     if rotary_dim % 2:
         raise ValueError(f"the rotated part of a head must have an even size, got {rotary_dim}")
     inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim)
     rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if rope_type == "default":
         return inv_freq, 1.0
+    if rope_type == "llama3":
+        # Llama 3.1 (8k -> 128k): a pair's wavelength, 2pi / inv_freq tokens per turn, says
+        # what it learned over the original context L. Wavelengths longer than L / low_freq_factor
+        # never completed a turn there, so past L they would meet unseen angles: slow them down
+        # by `factor` (interpolate). Wavelengths shorter than L / high_freq_factor turned many
+        # times and carry local order: keep them. In between, blend linearly in L / wavelength
+        # (turns over L). No temperature: the attention factor stays 1.
+        lo, hi = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        turns = scaling["original_max_position_embeddings"] * inv_freq / (2 * math.pi)
+        keep = ((turns - lo) / (hi - lo)).clamp(0, 1)
+        return inv_freq / scaling["factor"] * (1 - keep) + inv_freq * keep, 1.0
     if rope_type != "yarn":
-        raise ValueError(f"rope_scaling type {rope_type!r} is not supported (default, yarn)")
+        raise ValueError(f"rope_scaling type {rope_type!r} is not supported (default, llama3, yarn)")
     s, L = scaling["factor"], scaling["original_max_position_embeddings"]
     beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
 
@@ -134,8 +151,9 @@ def apply_rope(x, cos, sin):
 
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, (B, n_kv_head, S, D) each:
-    stored once per K/V head, never copied per query head. `doc` is each cached token's
-    document id (-1 for padding), shared by all layers."""
+    stored once per K/V head, never copied per query head; an MLA layer keeps its latents in
+    k and its rope keys in v. `doc` is each cached token's document id (-1 for padding),
+    shared by all layers."""
 
     def __init__(self, n_layers):
         self.k, self.v = [None] * n_layers, [None] * n_layers
@@ -180,9 +198,11 @@ def attention_mask(position_ids, cache=None):
 # Attention: MHA, GQA, MQA
 
 def attend(q, k, v, mask=None, impl="sdpa"):
-    """softmax(q k^T / sqrt(D) + mask) v for q (B, H, T, D) and k, v (B, Hkv, S, D), each K/V
-    head serving H / Hkv query heads. mask: None (causal) or boolean (B, 1, T, S)."""
+    """softmax(q k^T / sqrt(D) + mask) v for q (B, H, T, D), k (B, Hkv, S, D) and v (B, Hkv, S, Dv),
+    each K/V head serving H / Hkv query heads. mask: None (causal) or boolean (B, 1, T, S)."""
     if impl == "sdpa":
+        if mask is None and q.shape[2] != k.shape[2]:  # sdpa's is_causal aligns top-left; a cache needs bottom-right
+            mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - q.shape[2])
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                               enable_gqa=k.shape[1] != q.shape[1])
     if impl != "eager":
@@ -197,7 +217,7 @@ def attend(q, k, v, mask=None, impl="sdpa"):
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
     scores = scores.masked_fill(~(mask[:, :, None] if mask.dim() == 4 else mask), float("-inf"))
     weights = scores.softmax(dim=-1).to(v.dtype)
-    return (weights @ v[:, :, None]).view(B, H, T, D)
+    return (weights @ v[:, :, None]).view(B, H, T, v.shape[-1])
 
 
 class Attention(nn.Module):
@@ -241,26 +261,122 @@ def kv_bytes_per_token(n_layers, n_kv_head, head_dim, bytes_per_value=2):
     return 2 * n_layers * n_kv_head * head_dim * bytes_per_value
 
 
+# -----------------------------------------------------------------------------
+# MLA: multi-head latent attention (DeepSeek-V2/V3)
+
+class MLA(nn.Module):
+    """Keys and values of all heads are re-projected from one small latent per token, which is
+    all the cache keeps, with one RoPE key shared by all heads beside it. Parameter names are
+    those of Hugging Face's DeepseekV3Attention, so weights copy over; q_lora_rank=None gives
+    a plain q_proj (DeepSeek-V2-Lite), else q goes through its own low-rank bottleneck (V2, V3).
+
+    RoPE uses this file's "half" layout (rope_interleave=False in Hugging Face's config).
+    DeepSeek's released checkpoints rotate interleaved pairs (0,1),(2,3)...: the same rotation
+    on a fixed permutation of each head's rope columns, so a loader permutes those rows of
+    q_proj / q_b_proj and of kv_a_proj_with_mqa. YaRN with MLA is not supported here: DeepSeek
+    also multiplies the softmax scale by mscale(factor, mscale_all_dim)^2, which Rotary's
+    attention factor (it scales only the rope part of q.k) cannot express."""
+
+    def __init__(self, dim, n_head, q_lora_rank=None, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128,
+                 v_head_dim=128, norm_eps=1e-6, impl="sdpa"):
+        super().__init__()
+        self.n_head, self.impl, self.q_lora_rank, self.kv_lora_rank = n_head, impl, q_lora_rank, kv_lora_rank
+        self.qk_rope_head_dim, self.qk_nope_head_dim, self.v_head_dim = qk_rope_head_dim, qk_nope_head_dim, v_head_dim
+        qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
+        if q_lora_rank is None:
+            self.q_proj = nn.Linear(dim, n_head * qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(dim, q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(q_lora_rank, norm_eps)
+            self.q_b_proj = nn.Linear(q_lora_rank, n_head * qk_head_dim, bias=False)
+        # Down-projection to the latent c_kv, plus the shared rope key (MQA-like: one head).
+        self.kv_a_proj_with_mqa = nn.Linear(dim, kv_lora_rank + qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(kv_lora_rank, norm_eps)
+        # Up-projection: per head, W_UK (the keys' non-rope part) and W_UV (the values).
+        self.kv_b_proj = nn.Linear(kv_lora_rank, n_head * (qk_nope_head_dim + v_head_dim), bias=False)
+        self.o_proj = nn.Linear(n_head * v_head_dim, dim, bias=False)
+        self.scale = qk_head_dim ** -0.5
+
+    def forward(self, x, rope=None, mask=None, cache=None, layer=0, absorb=None):
+        """x (B, T, dim); rope: (cos, sin) from Rotary(qk_rope_head_dim), or None; mask from
+        attention_mask. cache.k[layer] holds the latents (B, 1, S, kv_lora_rank), cache.v[layer]
+        the rotated rope keys (B, 1, S, qk_rope_head_dim). absorb: None picks the absorbed path
+        when the cache already holds tokens (decoding), the naive one otherwise."""
+        B, T, _ = x.shape
+        H, Dn, Dr, Dv, r = self.n_head, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim, self.kv_lora_rank
+        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_pe = q.view(B, T, H, Dn + Dr).transpose(1, 2).split([Dn, Dr], dim=-1)
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([r, Dr], dim=-1)
+        latent, k_pe = self.kv_a_layernorm(latent)[:, None], k_pe[:, None]  # (B, 1, T, .): shared by all heads
+        # RoPE cannot pass through kv_b_proj (a rotation depends on position, the up-projection
+        # must not), so position rides in these few decoupled dimensions only.
+        if rope is not None:
+            q_pe, k_pe = apply_rope(q_pe, *rope), apply_rope(k_pe, *rope)
+        if absorb is None:
+            absorb = cache is not None and cache.k[layer] is not None
+        if cache is not None:
+            latent, k_pe = cache.update(layer, latent, k_pe)
+        S = latent.shape[2]
+        if not absorb:
+            # Naive (training, prefill): expand every head's keys and values from the latents,
+            # then ordinary attention. With T ~ S, that costs less compute than absorbing.
+            kv = self.kv_b_proj(latent[:, 0]).view(B, S, H, Dn + Dv).transpose(1, 2)
+            k_nope, v = kv.split([Dn, Dv], dim=-1)
+            k = torch.cat([k_nope, k_pe.expand(B, H, S, Dr)], dim=-1)
+            y = attend(torch.cat([q_nope, q_pe], dim=-1), k, v, mask, self.impl)
+        else:
+            # Absorbed (decoding): q_nope . (W_UK c) = (W_UK^T q_nope) . c, so fold W_UK into the
+            # query and attend to the latents themselves; the weighted sum of latents goes through
+            # W_UV afterwards. Per-head keys and values never exist: a decode step reads only the
+            # cache, (kv_lora_rank + qk_rope_head_dim) values per token and layer instead of
+            # 2 * H * head_dim, and decoding is bound by memory reads, not FLOPs. The price is
+            # compute: every query now works in kv_lora_rank dimensions, which is why prefill
+            # (many queries) stays naive. (This is MQA with one head of size r + Dr whose values
+            # are the latent: how FlashMLA runs it.)
+            w_uk, w_uv = self.kv_b_proj.weight.view(H, Dn + Dv, r).split([Dn, Dv], dim=1)
+            q_latent = q_nope @ w_uk                                                    # (B, H, T, r)
+            scores = (q_latent @ latent.transpose(-1, -2) + q_pe @ k_pe.transpose(-1, -2)).float() * self.scale
+            if mask is None:
+                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+            weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1).to(latent.dtype)
+            y = (weights @ latent) @ w_uv.transpose(1, 2)                               # (B, H, T, Dv)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * Dv))
+
+
+def mla_bytes_per_token(n_layers, kv_lora_rank, qk_rope_head_dim, bytes_per_value=2):
+    """What an MLA cache holds for one token: the latent and the shared rope key, per layer."""
+    return n_layers * (kv_lora_rank + qk_rope_head_dim) * bytes_per_value
+
+
 def _demo():
     torch.manual_seed(0)
     L, dim, H, D = 36, 2048, 16, 128  # SmolLM3-3B's shape
     print(f"KV cache per token at SmolLM3-3B's shape ({L} layers, {H} query heads of {D}), bf16:")
-    for name, kv in [("MHA", 16), ("GQA (SmolLM3: 4)", 4), ("MQA", 1)]:
-        attn_params = L * (dim * H * D + 2 * dim * kv * D + H * D * dim)
-        print(f"  {name:18s} {kv_bytes_per_token(L, kv, D) / 1024:6.0f} KiB/token, "
-              f"{kv_bytes_per_token(L, kv, D) * 65536 / 2 ** 30:5.1f} GiB at 64k tokens, "
+    # MLA with DeepSeek-V2-Lite's attention (same dim and heads): no q bottleneck (q_lora_rank
+    # None), latent 512, rope 64, nope 128, values 128. Parameters counted on the meta device.
+    mla_kw = dict(q_lora_rank=None, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128)
+    with torch.device("meta"):
+        rows = [(name, kv_bytes_per_token(L, kv, D), Attention(dim, H, kv, D))
+                for name, kv in [("MHA", 16), ("GQA (SmolLM3: 4)", 4), ("MQA", 1)]]
+        rows.append(("MLA (latent 512+64)", mla_bytes_per_token(L, 512, 64), MLA(dim, H, **mla_kw)))
+    for name, per_token, layer in rows:
+        attn_params = L * sum(p.numel() for p in layer.parameters())
+        print(f"  {name:19s} {per_token / 1024:6.1f} KiB/token, {per_token * 65536 / 2 ** 30:5.1f} GiB at 64k tokens, "
               f"attention params {attn_params / 1e6:6.1f}M")
-    print("\ncached decoding (prefill 6, then one token at a time) vs the full forward, tiny GQA layer:")
-    attn = Attention(64, 8, 2, qk_norm=True).eval()
-    rotary = Rotary(8, partial_rotary_factor=0.5)
+    print("\ncached decoding (prefill 6, then one token at a time) vs the full forward:")
     x = torch.randn(2, 12, 64)
     pos = torch.arange(12).expand(2, 12)
-    with torch.no_grad():
-        full = attn(x, rotary(pos))
-        cache, outs = KVCache(1), []
-        for a, b in [(0, 6)] + [(t, t + 1) for t in range(6, 12)]:
-            outs.append(attn(x[:, a:b], rotary(pos[:, a:b]), attention_mask(pos[:, a:b], cache), cache))
-    print(f"  max |difference| = {(torch.cat(outs, 1) - full).abs().max():.2e}")
+    tiny = [("GQA", Attention(64, 8, 2, qk_norm=True).eval(), Rotary(8, partial_rotary_factor=0.5)),
+            ("MLA, absorbed", MLA(64, 4, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16,
+                                  v_head_dim=12).eval(), Rotary(8))]
+    for name, attn, rotary in tiny:
+        with torch.no_grad():
+            full = attn(x, rotary(pos))
+            cache, outs = KVCache(1), []
+            for a, b in [(0, 6)] + [(t, t + 1) for t in range(6, 12)]:
+                outs.append(attn(x[:, a:b], rotary(pos[:, a:b]), attention_mask(pos[:, a:b], cache), cache))
+        print(f"  tiny {name:14s} max |difference| = {(torch.cat(outs, 1) - full).abs().max():.2e}, "
+              f"cache {cache.nbytes() // (2 * 12)} bytes/token (fp32)")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
-"""Tests for attention.py against transformers' Llama / Qwen2 / Qwen3 attention with copied
-weights, transformers' RoPE initialisers, a naive complex-number RoPE, running documents
-alone, and the full forward for cached decoding."""
+"""Tests for attention.py against transformers' Llama / Qwen2 / Qwen3 / DeepSeek-V3 attention
+with copied weights, transformers' RoPE initialisers, a naive complex-number RoPE, running
+documents alone, the full forward for cached decoding, and MLA's absorbed path against its
+naive one."""
 
 import pytest
 import torch
 
-from attention import Attention, KVCache, Rotary, apply_rope, attend, attention_mask, rope_inv_freq
+from attention import MLA, Attention, KVCache, Rotary, apply_rope, attend, attention_mask, rope_inv_freq
 
 transformers = pytest.importorskip("transformers")
 
@@ -81,6 +82,23 @@ def test_yarn_frequencies_match_transformers():
             assert factor == pytest.approx(ref_factor, rel=1e-12)
 
 
+def test_llama3_frequencies_match_transformers():
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # Llama-3.2-1B
+    config = LlamaConfig(hidden_size=2048, num_attention_heads=32, head_dim=64, max_position_embeddings=131072,
+                         rope_parameters=params)
+    ref, ref_factor = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    ours, factor = rope_inv_freq(64, 500000.0, params)
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=0)
+    assert factor == ref_factor == 1.0
+    base, _ = rope_inv_freq(64, 500000.0)
+    assert (ours == base).any() and (ours == base / 32).any()  # some pairs kept, some slowed: all three regimes
+    assert ((ours != base) & (ours != base / 32)).any()
+
+
 def test_yarn_attention_matches_transformers():
     params = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16}
     attn = Attention(64, 4, 2, head_dim=16, impl="eager").eval()
@@ -117,16 +135,113 @@ def test_rope_scores_depend_only_on_distance():
     torch.testing.assert_close(score(10, 3), score(110, 103), rtol=1e-4, atol=1e-4)
 
 
+MLA_SHAPE = {"kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 12}
+
+
+def deinterleave_rope_rows(w, n_head, nope, rope):
+    """Rows of a projection whose heads end in `rope` interleaved-layout columns (DeepSeek's
+    checkpoints), reordered to the half layout: pair (2i, 2i+1) becomes (i, i + rope/2)."""
+    perm = torch.cat([torch.arange(nope), nope + torch.arange(0, rope, 2), nope + torch.arange(1, rope, 2)])
+    return w.view(n_head, nope + rope, -1)[:, perm].reshape(w.shape)
+
+
+@pytest.mark.parametrize("q_lora_rank", [None, 24])
+@pytest.mark.parametrize("mode", ["eager", "sdpa", "absorbed"])
+@pytest.mark.parametrize("interleave", [False, True])
+def test_mla_matches_transformers(q_lora_rank, mode, interleave):
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention, DeepseekV3RotaryEmbedding
+
+    dim, H, T = 64, 4, 10
+    config = DeepseekV3Config(hidden_size=dim, num_attention_heads=H, num_key_value_heads=H, q_lora_rank=q_lora_rank,
+                              rope_interleave=interleave, attention_bias=False, max_position_embeddings=4096,
+                              rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **MLA_SHAPE)
+    config._attn_implementation = "eager"
+    layer = DeepseekV3Attention(config, layer_idx=0).eval()
+    with torch.no_grad():  # non-trivial norm weights
+        for name, p in layer.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.3 if "proj" in name else 1.0))
+    state = layer.state_dict()
+    if interleave:  # what a loader of DeepSeek's checkpoints does
+        q = "q_proj.weight" if q_lora_rank is None else "q_b_proj.weight"
+        state[q] = deinterleave_rope_rows(state[q], H, 16, 8)
+        state["kv_a_proj_with_mqa.weight"] = deinterleave_rope_rows(state["kv_a_proj_with_mqa.weight"], 1, 16, 8)
+    mla = MLA(dim, H, q_lora_rank=q_lora_rank, impl="eager" if mode == "absorbed" else mode, **MLA_SHAPE).eval()
+    mla.load_state_dict(state)  # strict: the same parameter names both ways
+    x = torch.randn(2, T, dim)
+    pos = torch.arange(T).expand(2, T)
+    cos, sin = DeepseekV3RotaryEmbedding(config)(x, pos)
+    rope = Rotary(8)(pos)
+    torch.testing.assert_close(rope[0], cos, rtol=1e-6, atol=1e-6)
+    causal = torch.full((T, T), float("-inf")).triu(1)[None, None].expand(2, 1, T, T)
+    with torch.no_grad():
+        ref, _ = layer(x, position_embeddings=(cos, sin), attention_mask=causal)
+        ours = mla(x, rope, absorb=mode == "absorbed")
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def make_mla(**kw):
+    torch.manual_seed(0)
+    mla = MLA(**{"dim": 48, "n_head": 6, "q_lora_rank": 20, **MLA_SHAPE, **kw}).eval()
+    with torch.no_grad():  # non-trivial norm weights
+        mla.kv_a_layernorm.weight.uniform_(0.5, 1.5)
+    return mla
+
+
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_mla_absorbed_equals_naive(with_mask):
+    mla = make_mla()
+    rotary = Rotary(8)
+    x = torch.randn(2, 11, 48)
+    pos = torch.tensor([list(range(11)), [0, 1, 2, 0, 1, 2, 3, 0, 1, 0, 1]] if with_mask else [list(range(11))] * 2)
+    with torch.no_grad():
+        mask = attention_mask(pos) if with_mask else None
+        naive = mla(x, rotary(pos), mask, absorb=False)
+        torch.testing.assert_close(mla(x, rotary(pos), mask, absorb=True), naive, rtol=1e-5, atol=1e-5)
+        assert torch.equal(mla(x, rotary(pos), mask), naive)  # no cache: naive by default
+        outs = []
+        for absorb in (True, False, None):  # 7 tokens prefilled, then 4 at once (a mask of None is causal, offset by 7)
+            cache = KVCache(1)
+            mla(x[:, :7], rotary(pos[:, :7]), attention_mask(pos[:, :7], cache), cache)
+            mask = attention_mask(pos[:, 7:], cache) if with_mask else None
+            outs.append(mla(x[:, 7:], rotary(pos[:, 7:]), mask, cache, absorb=absorb))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    assert torch.equal(outs[2], outs[0])  # a cache holding tokens: absorbed by default
+
+
+@pytest.mark.parametrize("q_lora_rank", [None, 20])
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_mla_cached_decoding_equals_full_forward(q_lora_rank, impl):
+    mla = make_mla(q_lora_rank=q_lora_rank, impl=impl)
+    rotary = Rotary(8)
+    x = torch.randn(2, 13, 48)
+    pos = torch.arange(13).expand(2, 13)
+    with torch.no_grad():
+        full = mla(x, rotary(pos))  # naive
+        cache, outs = KVCache(1), []
+        for a, b in [(0, 5), (5, 6), (6, 9)] + [(t, t + 1) for t in range(9, 13)]:  # then absorbed
+            outs.append(mla(x[:, a:b], rotary(pos[:, a:b]), attention_mask(pos[:, a:b], cache), cache))
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-5)
+    # Only the latent and the shared rope key are cached, never per-head keys or values.
+    assert cache.k[0].shape == (2, 1, 13, 16) and cache.v[0].shape == (2, 1, 13, 8)
+    assert cache.nbytes() == 2 * 13 * (16 + 8) * 4
+
+
+def make_layer(kind, **kw):
+    return make_mla(**kw) if kind == "mla" else make_attention(qk_norm=True, **kw)
+
+
 def make_attention(**kw):
     torch.manual_seed(0)
     kw = {"dim": 48, "n_head": 6, "n_kv_head": 2, **kw}
     return Attention(**kw).eval()
 
 
+@pytest.mark.parametrize("kind", ["gqa", "mla"])
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 @pytest.mark.parametrize("rope", ["rope", "partial", "nope"])
-def test_document_masking_equals_documents_alone(impl, rope):
-    attn = make_attention(impl=impl, qk_norm=True)
+def test_document_masking_equals_documents_alone(kind, impl, rope):
+    attn = make_layer(kind, impl=impl)  # rope head size 8 for both
     rotary = None if rope == "nope" else Rotary(8, partial_rotary_factor=0.5 if rope == "partial" else 1.0)
     lengths = [5, 1, 9, 3]
     x = torch.randn(1, sum(lengths), 48)
@@ -151,6 +266,9 @@ def test_eager_equals_sdpa_with_masks():
         with torch.no_grad():
             outs.append(attn(x, rotary(pos.clamp(min=0)), attention_mask(pos)))
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    # mask=None with fewer queries than keys (a cache) is causal aligned to the last key, in both
+    q, k, v = torch.randn(2, 4, 3, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 5)  # and a value size of its own
+    torch.testing.assert_close(attend(q, k, v, impl="eager"), attend(q, k, v, impl="sdpa"), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("n_kv_head", [6, 2, 1])
@@ -170,8 +288,9 @@ def test_cached_decoding_equals_full_forward(n_kv_head, impl):
     assert cache.nbytes() == 2 * 2 * n_kv_head * 13 * 8 * 4
 
 
-def test_left_padded_batch_decodes_like_each_prompt_alone():
-    attn = make_attention()
+@pytest.mark.parametrize("kind", ["gqa", "mla"])
+def test_left_padded_batch_decodes_like_each_prompt_alone(kind):
+    attn = make_layer(kind)
     rotary = Rotary(8)
     prompts = [torch.randn(1, 7, 48), torch.randn(1, 4, 48)]
     steps = torch.randn(2, 3, 48)  # three decoded tokens per row
@@ -208,4 +327,4 @@ def test_demo(capsys):
 
     attention._demo()
     out = capsys.readouterr().out
-    assert "GQA" in out and "max |difference|" in out
+    assert "GQA" in out and "MLA" in out and "max |difference|" in out

@@ -1,0 +1,570 @@
+"""
+model.py: the modern decoder that every stage of nanoplaybook trains.
+
+The concept. A decoder-only transformer: token embeddings, a stack of pre-norm blocks
+(RMSNorm -> attention -> residual add, RMSNorm -> SwiGLU MLP -> residual add), a final
+RMSNorm and a linear head back to the vocabulary. Everything that makes it "modern" is a
+choice the playbook's architecture chapter weighs: GQA or MLA (attention.py), RoPE / NoPE /
+learned positions, tied embeddings, QK-norm, z-loss, the initialisation. One dataclass,
+`ModelConfig`, holds every choice, and presets give published models their exact shapes.
+
+The playbook's lessons, as they show up here:
+- Small models spend a large share of their parameters on the embedding: tie it to the
+  head (SmolLM2/3 do), and pad the vocabulary to a multiple of 128 so the head's matmul
+  tiles well on GPUs.
+- Initialise with N(0, std) and shrink the residual projections (o_proj, down_proj) by
+  1/sqrt(2 * n_layer), so the residual stream does not grow with depth (GPT-2).
+- z-loss (PaLM) penalises log(sum(exp(logits)))^2 and keeps the output logits from
+  drifting, one of the cheap stability tricks.
+- Measure throughput in FLOPs: `flops_per_token` gives 6N plus attention, the number MFU
+  divides by.
+- Start from and give back real checkpoints: `from_pretrained` / `save_pretrained` speak
+  Hugging Face's format for Llama, SmolLM2, SmolLM3, Qwen2 and Qwen3.
+
+The loss never holds the whole (tokens x vocabulary) float32 logit matrix: it walks over
+chunks of tokens and computes each chunk's gradient right away (the "fused linear
+cross-entropy" idea of Liger Kernel and Cut Cross-Entropy, here in plain PyTorch).
+
+Papers: Vaswani et al. 2017; Radford et al. 2019 (GPT-2 init); Zhang & Sennrich 2019
+(RMSNorm); Shazeer 2020 (SwiGLU); Press & Wolf 2017 (tied embeddings); Chowdhery et al.
+2022 (PaLM: z-loss, FLOPs accounting); Touvron et al. 2023 (Llama); Wijmans et al. 2024
+(Cut Cross-Entropy); Hugging Face 2025 (SmolLM3).
+
+Run:
+    python model.py        # preset sizes and FLOPs per token, and a sample from a random tiny model
+"""
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from attention import MLA, Attention, KVCache, RMSNorm, Rotary, attention_mask
+
+
+# -----------------------------------------------------------------------------
+# Configuration and presets
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 4096          # the tokenizer's vocabulary
+    vocab_multiple: int = 128       # the embedding is padded to a multiple of this
+    n_layer: int = 6
+    dim: int = 256
+    n_head: int = 4
+    n_kv_head: int = 2              # n_head: MHA, 1: MQA, in between: GQA
+    head_dim: int | None = None     # default dim // n_head
+    mlp_dim: int = 768              # SwiGLU's hidden width
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    max_seq_len: int = 1024
+    # positions: "rope" (rotary, in attention), "learned" (absolute, added to the embedding), "none"
+    positions: str = "rope"
+    rope_theta: float = 10000.0
+    partial_rotary_factor: float = 1.0
+    rope_scaling: dict | None = None    # Hugging Face's rope_scaling: {"rope_type": "yarn"|"llama3", ...}
+    nope_layers: tuple = ()             # layers that skip RoPE (RNoPE; SmolLM3: every 4th)
+    qk_norm: bool = False
+    attn_bias: bool = False             # biases on q/k/v (Qwen2)
+    attention: str = "gqa"              # "gqa" (covers MHA and MQA) or "mla"
+    q_lora_rank: int | None = None      # MLA's dimensions (DeepSeek-V2/V3)
+    kv_lora_rank: int = 512
+    qk_rope_head_dim: int = 64
+    qk_nope_head_dim: int = 128
+    v_head_dim: int = 128
+    attn_impl: str = "sdpa"             # "sdpa" or "eager"
+    z_loss: float = 0.0
+    init_std: float = 0.02
+    # Per-layer pattern, one entry per layer (None: all "attention" / all "dense"). The MoE and
+    # SSM issues add "moe" and "ssm"; until then any other value is an error.
+    mixers: tuple | None = None
+    ffns: tuple | None = None
+
+    def __post_init__(self):
+        self.nope_layers = tuple(self.nope_layers)
+        def bad(key, why):
+            raise ValueError(f"ModelConfig.{key}: {why}")
+        if self.n_kv_head <= 0 or self.n_head % self.n_kv_head:
+            bad("n_kv_head", f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
+        if self.head_dim is None:
+            if self.dim % self.n_head:
+                bad("head_dim", f"dim ({self.dim}) is not divisible by n_head ({self.n_head}); set head_dim")
+            self.head_dim = self.dim // self.n_head
+        if self.positions not in ("rope", "learned", "none"):
+            bad("positions", f"must be 'rope', 'learned' or 'none', not {self.positions!r}")
+        if self.attention not in ("gqa", "mla"):
+            bad("attention", f"must be 'gqa' or 'mla', not {self.attention!r}")
+        if any(not 0 <= i < self.n_layer for i in self.nope_layers):
+            bad("nope_layers", f"{self.nope_layers} holds a layer outside 0..{self.n_layer - 1}")
+        for key, allowed in (("mixers", "attention"), ("ffns", "dense")):
+            pattern = getattr(self, key)
+            if pattern is None:
+                continue
+            setattr(self, key, tuple(pattern))
+            if len(pattern) != self.n_layer:
+                bad(key, f"has {len(pattern)} entries for {self.n_layer} layers")
+            if any(p != allowed for p in pattern):
+                bad(key, f"only {allowed!r} layers exist so far, got {sorted(set(pattern))}")
+
+    @property
+    def padded_vocab(self):
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+
+
+PRESETS = {
+    # The CPU default: SmolLM3's recipe (GQA, RNoPE, tied) at a few million parameters.
+    "tiny": dict(vocab_size=4096, n_layer=6, dim=256, n_head=4, n_kv_head=2, mlp_dim=768,
+                 max_seq_len=1024, nope_layers=(3,)),
+    "smollm2-135m": dict(vocab_size=49152, n_layer=30, dim=576, n_head=9, n_kv_head=3, mlp_dim=1536,
+                         rope_theta=100000.0, max_seq_len=8192, init_std=0.041666666666666664),
+    "smollm2-360m": dict(vocab_size=49152, n_layer=32, dim=960, n_head=15, n_kv_head=5, mlp_dim=2560,
+                         rope_theta=100000.0, max_seq_len=8192),
+    "smollm3-3b": dict(vocab_size=128256, n_layer=36, dim=2048, n_head=16, n_kv_head=4, mlp_dim=11008,
+                       norm_eps=1e-6, rope_theta=5000000.0, max_seq_len=65536,
+                       nope_layers=tuple(range(3, 36, 4))),
+    # The playbook's ablation proxy.
+    "llama3.2-1b": dict(vocab_size=128256, n_layer=16, dim=2048, n_head=32, n_kv_head=8, mlp_dim=8192,
+                        rope_theta=500000.0, max_seq_len=131072,
+                        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+}
+
+
+def preset(name, **overrides):
+    """ModelConfig of a preset, with any field overridden."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+# -----------------------------------------------------------------------------
+# The decoder
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). The gate gives each hidden unit a smooth,
+    input-dependent on/off switch; it beats a plain GELU MLP at equal parameters."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm: normalise the input of each sublayer, never the residual stream itself,
+    so gradients reach early layers through an untouched identity path."""
+
+    def __init__(self, c, layer):
+        super().__init__()
+        self.layer = layer
+        self.use_rope = c.positions == "rope" and layer not in c.nope_layers
+        self.input_layernorm = RMSNorm(c.dim, c.norm_eps)
+        if c.attention == "mla":
+            self.self_attn = MLA(c.dim, c.n_head, c.q_lora_rank, c.kv_lora_rank, c.qk_rope_head_dim,
+                                 c.qk_nope_head_dim, c.v_head_dim, c.norm_eps, c.attn_impl)
+        else:
+            self.self_attn = Attention(c.dim, c.n_head, c.n_kv_head, c.head_dim, c.attn_bias, c.qk_norm,
+                                       c.norm_eps, c.attn_impl)
+        self.post_attention_layernorm = RMSNorm(c.dim, c.norm_eps)
+        self.mlp = MLP(c.dim, c.mlp_dim)
+
+    def forward(self, x, rope, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), rope if self.use_rope else None, mask, cache, self.layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Model(nn.Module):
+    """The decoder. Parameter names follow Hugging Face's Llama (embed_tokens, layers.N.self_attn.
+    q_proj, ..., norm, lm_head), so checkpoints map over by a "model." prefix alone."""
+
+    def __init__(self, config):
+        super().__init__()
+        c = self.config = config
+        self.embed_tokens = nn.Embedding(c.padded_vocab, c.dim)
+        self.embed_positions = nn.Embedding(c.max_seq_len, c.dim) if c.positions == "learned" else None
+        rope_dim = c.qk_rope_head_dim if c.attention == "mla" else c.head_dim
+        self.rotary = (Rotary(rope_dim, c.rope_theta, c.partial_rotary_factor, c.rope_scaling)
+                       if c.positions == "rope" else None)
+        self.layers = nn.ModuleList(Block(c, i) for i in range(c.n_layer))
+        self.norm = RMSNorm(c.dim, c.norm_eps)
+        self.lm_head = nn.Linear(c.dim, c.padded_vocab, bias=False)
+        if c.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """N(0, init_std) for every matrix; residual projections (the last matmul before each
+        residual add) get init_std / sqrt(2 n_layer): 2 n_layer of them add up in the stream."""
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if "norm" in name:
+                nn.init.ones_(p)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layer))
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def hidden_states(self, input_ids, position_ids=None, cache=None):
+        """The final normalised hidden states (B, T, dim), before the head."""
+        B, T = input_ids.shape
+        past = len(cache) if cache is not None else 0
+        if past + T > self.config.max_seq_len:
+            raise ValueError(f"a sequence of {past + T} tokens is longer than max_seq_len="
+                             f"{self.config.max_seq_len}; raise it (with RoPE, extend context by "
+                             "rope_theta (ABF) or rope_scaling (YaRN) too)")
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        mask = attention_mask(position_ids, cache)   # also records the new tokens in the cache
+        x = self.embed_tokens(input_ids)
+        if self.embed_positions is not None:          # padding (position < 0) reads position 0
+            x = x + self.embed_positions(position_ids.clamp(min=0))
+        rope = self.rotary(position_ids) if self.rotary is not None else None
+        for block in self.layers:
+            x = block(x, rope, mask, cache)
+        return self.norm(x)
+
+    def forward(self, input_ids, labels=None, position_ids=None, cache=None, return_logits=None):
+        """Returns (logits, loss, aux). Without labels: logits (B, T, padded_vocab), loss None.
+        With labels: the loss (mean cross-entropy over labels != -100, plus z_loss * mean
+        logsumexp^2), computed chunk by chunk, and logits None unless return_logits=True.
+        aux holds the detached terms for logging ("ce", "z_loss")."""
+        h = self.hidden_states(input_ids, position_ids, cache)
+        if labels is None:
+            return self.lm_head(h), None, {}
+        logits = self.lm_head(h) if return_logits else None
+        rows = (labels != -100).flatten().nonzero().squeeze(1)
+        loss, ce, z = ChunkedCrossEntropy.apply(h.flatten(0, 1).index_select(0, rows), self.lm_head.weight,
+                                                labels.flatten()[rows], float(self.config.z_loss),
+                                                torch.is_grad_enabled())
+        return logits, loss, {"ce": ce, "z_loss": z}
+
+    def log_probs(self, input_ids, labels, position_ids=None, temperature=1.0):
+        """log p(labels[t] | tokens <= t) for every position (B, T), 0 where labels == -100;
+        differentiable, for dpo.py and rl.py. Chunks over time, recomputing each chunk's
+        logits in the backward pass (checkpointing), so full logits are never kept."""
+        h = self.hidden_states(input_ids, position_ids)
+        step = max(1, _chunk_rows(self.config.padded_vocab) // h.shape[0])   # time steps per chunk
+        return torch.cat([torch.utils.checkpoint.checkpoint(_label_log_probs, h[:, s:s + step], self.lm_head.weight,
+                                                            labels[:, s:s + step], temperature, use_reentrant=False)
+                          for s in range(0, h.shape[1], step)], dim=1)
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens=64, temperature=1.0, top_k=None, top_p=None, stop_ids=(),
+                 generator=None):
+        """Sample continuations of a batch of prompts (lists of token ids, any lengths) with the
+        KV cache: one forward over the left-padded prompts (padding gets position -1, which no
+        token attends to), then one token per step. temperature 0 is greedy. A row stops after
+        a token in stop_ids. Returns the new tokens of each prompt (stop token included)."""
+        prompts = [list(map(int, p)) for p in prompts]
+        if any(not p for p in prompts):
+            raise ValueError("generate: every prompt needs at least one token")
+        B, T = len(prompts), max(map(len, prompts))
+        if T + max_new_tokens > self.config.max_seq_len:
+            raise ValueError(f"generate: prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds "
+                             f"max_seq_len={self.config.max_seq_len}")
+        device = self.embed_tokens.weight.device
+        ids = torch.zeros(B, T, dtype=torch.long, device=device)
+        pos = torch.full((B, T), -1, dtype=torch.long, device=device)
+        for b, p in enumerate(prompts):
+            ids[b, T - len(p):] = torch.tensor(p)
+            pos[b, T - len(p):] = torch.arange(len(p))
+        cache = KVCache(self.config.n_layer)
+        h = self.hidden_states(ids, pos, cache)[:, -1]
+        next_pos = pos[:, -1:] + 1
+        out, done, stop = [[] for _ in range(B)], [False] * B, set(stop_ids)
+        for _ in range(max_new_tokens):
+            logits = self.lm_head(h).float()
+            logits[:, self.config.vocab_size:] = float("-inf")   # the padding rows are not tokens
+            tok = sample(logits, temperature, top_k, top_p, generator)
+            for b, t in enumerate(tok.tolist()):
+                if not done[b]:
+                    out[b].append(t)
+                    done[b] = t in stop
+            if all(done):
+                break
+            h = self.hidden_states(tok[:, None], next_pos, cache)[:, -1]
+            next_pos = next_pos + 1
+        return out
+
+    def num_params(self):
+        """(total, non-embedding): each tensor once (a tied head is the embedding); non-embedding
+        leaves out the lookup tables, but an untied head is a matmul and counts."""
+        total = sum(p.numel() for p in self.parameters())
+        emb = self.embed_tokens.weight.numel()
+        if self.embed_positions is not None:
+            emb += self.embed_positions.weight.numel()
+        return total, total - emb
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token (PaLM's appendix B): 6 per weight used in a matmul (2 forward,
+        4 backward), plus attention's two (T x T) products, 6 * n_head * (qk_dim + v_dim) * T per
+        layer, counted without the causal half, as PaLM and nanoGPT do."""
+        c = self.config
+        matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        qk, v = ((c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim) if c.attention == "mla"
+                 else (c.head_dim, c.head_dim))
+        return 6 * matmul + 6 * c.n_layer * c.n_head * (qk + v) * seq_len
+
+    # -------------------------------------------------------------------------
+    # Hugging Face checkpoints
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32):
+        """A Llama / SmolLM2 / SmolLM3 / Qwen2 / Qwen3 directory (config.json + model.safetensors,
+        or sharded with model.safetensors.index.json) -> Model."""
+        from safetensors.torch import load_file
+        cfg_path = os.path.join(path, "config.json")
+        with open(cfg_path) as f:
+            hf = json.load(f)
+        model = cls(config_from_hf(hf, cfg_path))
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        elif os.path.exists(os.path.join(path, "model.safetensors")):
+            shards = ["model.safetensors"]
+        else:
+            raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+        state = {}
+        for shard in shards:
+            for k, t in load_file(os.path.join(path, shard)).items():
+                state[k[len("model."):] if k.startswith("model.") else k] = t
+        if model.config.tie_embeddings:
+            state.pop("lm_head.weight", None)   # some tied checkpoints store the copy too
+        expected = {k for k in model.state_dict() if not (model.config.tie_embeddings and k == "lm_head.weight")}
+        missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+        if missing or unexpected:
+            raise ValueError(f"{path}: checkpoint does not match {hf.get('architectures', ['?'])[0]}: "
+                             f"missing keys {missing[:20]}{' ...' if len(missing) > 20 else ''}, "
+                             f"unexpected keys {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}")
+        model.load_state_dict(state, strict=False)
+        return model.to(dtype)
+
+    def save_pretrained(self, path, max_shard_bytes=None):
+        """Write config.json and safetensors that transformers loads as the matching class
+        (SmolLM3 with NoPE layers, Qwen3 with QK-norm, Qwen2 with q/k/v biases, else Llama).
+        Files are written under temporary names and renamed, so a crash leaves no half file."""
+        from safetensors.torch import save_file
+        hf = config_to_hf(self.config)
+        os.makedirs(path, exist_ok=True)
+        state = {("" if k == "lm_head.weight" else "model.") + k: t.detach().contiguous().cpu()
+                 for k, t in self.state_dict().items()
+                 if not (self.config.tie_embeddings and k == "lm_head.weight")}
+        shards, size = [{}], 0
+        for k, t in state.items():   # greedy shards of at most max_shard_bytes (one tensor may exceed it)
+            nbytes = t.numel() * t.element_size()
+            if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][k], size = t, size + nbytes
+        names = (["model.safetensors"] if len(shards) == 1 else
+                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        files = {name: lambda f, s=s: save_file(s, f, metadata={"format": "pt"}) for name, s in zip(names, shards)}
+        files["config.json"] = lambda f: _write_json(f, hf)
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                     "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
+            files["model.safetensors.index.json"] = lambda f: _write_json(f, index)
+        for name, write in files.items():
+            fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{name}.")
+            os.close(fd)
+            try:
+                write(tmp)
+                os.replace(tmp, os.path.join(path, name))
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+
+
+def _write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+HF_ARCHITECTURES = ("LlamaForCausalLM", "SmolLM3ForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+def config_from_hf(hf, where="config.json"):
+    """A Hugging Face config dict -> ModelConfig. Reads transformers 5's rope_parameters and the
+    older rope_theta / rope_scaling."""
+    arch = (hf.get("architectures") or [hf.get("model_type", "?")])[0]
+    if arch not in HF_ARCHITECTURES:
+        raise ValueError(f"{where}: architecture {arch!r} is not supported ({', '.join(HF_ARCHITECTURES)})")
+    if hf.get("use_sliding_window"):
+        raise ValueError(f"{where}: sliding-window attention (use_sliding_window) is not supported")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (silu)")
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    if rope.get("rope_type", rope.get("type", "default")) == "default":
+        rope = None
+    n_layer, n_head = hf["num_hidden_layers"], hf["num_attention_heads"]
+    bias = arch == "Qwen2ForCausalLM"
+    if arch != "Qwen2ForCausalLM" and (hf.get("attention_bias") or hf.get("mlp_bias")):
+        raise ValueError(f"{where}: attention_bias / mlp_bias are not supported for {arch}")
+    nope = ()
+    if arch == "SmolLM3ForCausalLM":
+        flags = hf.get("no_rope_layers") or [int((i + 1) % hf.get("no_rope_layer_interval", 4) != 0)
+                                              for i in range(n_layer)]
+        nope = tuple(i for i in range(n_layer) if not flags[i])
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], vocab_multiple=1, n_layer=n_layer, dim=hf["hidden_size"], n_head=n_head,
+        n_kv_head=hf.get("num_key_value_heads") or n_head,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head, mlp_dim=hf["intermediate_size"],
+        norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=hf.get("tie_word_embeddings", False),
+        max_seq_len=hf.get("max_position_embeddings", 2048), rope_theta=float(theta), rope_scaling=rope,
+        nope_layers=nope, qk_norm=arch == "Qwen3ForCausalLM", attn_bias=bias,
+        init_std=hf.get("initializer_range", 0.02))
+
+
+def config_to_hf(c):
+    """ModelConfig -> the config.json of the transformers class that computes the same function."""
+    if c.positions != "rope" or c.partial_rotary_factor != 1.0 or c.attention != "gqa":
+        raise ValueError("save_pretrained: learned or no positions, partial RoPE and MLA have no matching "
+                         "transformers class among Llama / SmolLM3 / Qwen2 / Qwen3")
+    if sum(bool(x) for x in (c.nope_layers, c.qk_norm, c.attn_bias)) > 1:
+        raise ValueError("save_pretrained: NoPE layers (SmolLM3), QK-norm (Qwen3) and q/k/v biases (Qwen2) "
+                         "belong to different transformers classes; a model can use one of them")
+    arch, model_type = (("SmolLM3ForCausalLM", "smollm3") if c.nope_layers else
+                        ("Qwen3ForCausalLM", "qwen3") if c.qk_norm else
+                        ("Qwen2ForCausalLM", "qwen2") if c.attn_bias else ("LlamaForCausalLM", "llama"))
+    rope = {"rope_type": "default", "rope_theta": c.rope_theta, **(c.rope_scaling or {})}
+    hf = dict(architectures=[arch], model_type=model_type, vocab_size=c.padded_vocab, hidden_size=c.dim,
+              intermediate_size=c.mlp_dim, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
+              num_key_value_heads=c.n_kv_head, head_dim=c.head_dim, hidden_act="silu",
+              max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps,
+              tie_word_embeddings=c.tie_embeddings, initializer_range=c.init_std, attention_bias=False,
+              rope_parameters=rope, rope_theta=c.rope_theta, torch_dtype="float32",
+              # the token ids belong to the tokenizer; None keeps SmolLM3's defaults (128000...)
+              # from pointing outside a small vocabulary
+              bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    if c.rope_scaling:
+        hf["rope_scaling"] = dict(c.rope_scaling)   # transformers 4.x reads this one
+    if arch == "SmolLM3ForCausalLM":
+        hf["no_rope_layers"] = [int(i not in c.nope_layers) for i in range(c.n_layer)]
+    if arch == "Qwen2ForCausalLM":
+        del hf["attention_bias"]
+    return hf
+
+
+# -----------------------------------------------------------------------------
+# The loss, a chunk of tokens at a time
+
+def _chunk_rows(vocab):
+    """Tokens per chunk: about 2^25 float32 logits (128 MiB) at a time, at least 256 rows."""
+    return max(256, 2 ** 25 // vocab)
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """loss = mean over tokens of (logsumexp(l) - l[y]) + z * mean logsumexp(l)^2, with l = h W^T.
+
+    Autograd would keep every chunk's (rows x vocab) logits alive until the backward pass.
+    Instead the forward pass computes each chunk's gradient as it goes: d loss / d l =
+    softmax(l) * (1 + 2 z lse) - onehot(y), divided by the token count. Then it keeps only
+    dL/dh and dL/dW and throws the logits away; backward just scales them. Same three
+    matmuls as the unfused version, and the big tensor lives one chunk at a time.
+    Takes only the rows that have a label (the caller drops the -100s)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, labels, z_coef, grad_enabled):
+        n = max(labels.numel(), 1)
+        grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+        w = weight.to(h.dtype)   # under bf16 autocast the matmuls run in bf16, the softmax in fp32
+        dh = torch.empty_like(h) if grad else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if grad else None
+        ce = torch.zeros((), dtype=torch.float32, device=h.device)
+        z = torch.zeros((), dtype=torch.float32, device=h.device)
+        step = _chunk_rows(weight.shape[0])
+        for s in range(0, h.shape[0], step):
+            hc, y = h[s:s + step], labels[s:s + step]
+            logits = (hc @ w.t()).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            rows = torch.arange(y.numel(), device=y.device)
+            ce += (lse - logits[rows, y]).sum()
+            z += lse.pow(2).sum()
+            if grad:
+                g = logits.sub_(lse[:, None]).exp_()     # softmax, in the logits' own memory
+                g.mul_((1 + 2 * z_coef * lse)[:, None] / n)
+                g[rows, y] -= 1 / n
+                g = g.to(h.dtype)
+                dh[s:s + len(y)] = g @ w
+                dw += (g.t() @ hc).float()
+        ctx.save_for_backward(dh, dw)
+        ctx.weight_dtype = weight.dtype
+        ce, z = ce / n, z / n
+        ctx.mark_non_differentiable(ce, z)
+        return ce + z_coef * z, ce, z
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce, _grad_z):
+        dh, dw = ctx.saved_tensors
+        return dh * grad_loss.to(dh.dtype), (dw * grad_loss).to(ctx.weight_dtype), None, None, None
+
+
+def _label_log_probs(h, weight, labels, temperature):
+    logits = (h @ weight.to(h.dtype).t()).float() / temperature
+    lp = logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    return lp.masked_fill(labels == -100, 0.0)
+
+
+# -----------------------------------------------------------------------------
+# Sampling
+
+def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token per row of logits (B, V). temperature 0: argmax. top_k keeps the k most likely
+    tokens; top_p keeps the smallest set whose probability reaches p (nucleus sampling)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked above it already reach top_p (the first one stays)
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+# -----------------------------------------------------------------------------
+# The demo
+
+def _demo():
+    print(f"{'preset':14s} {'params':>15s} {'non-embedding':>15s} {'GFLOPs/token @2k':>17s} {'KV KiB/token':>13s}")
+    for name in PRESETS:
+        with torch.device("meta"):   # shapes only: no memory for 3B parameters
+            m = Model(preset(name))
+        c = m.config
+        total, non_emb = m.num_params()
+        kv = 2 * c.n_layer * c.n_kv_head * c.head_dim * 2 / 1024   # bf16
+        print(f"{name:14s} {total:15,d} {non_emb:15,d} {m.flops_per_token(2048) / 1e9:17.2f} {kv:13.0f}")
+    torch.manual_seed(0)
+    model = Model(preset("tiny")).eval()
+    prompts = [[1, 2, 3], [7, 8, 9, 10, 11]]
+    greedy = model.generate(prompts, max_new_tokens=8, temperature=0)
+    print(f"\nrandom tiny model, greedy continuation of {prompts}:\n  {greedy}")
+    sampled = model.generate(prompts, max_new_tokens=8, temperature=1.0, top_k=50, top_p=0.9,
+                             generator=torch.Generator().manual_seed(0))
+    print(f"sampled (temperature 1, top-k 50, top-p 0.9):\n  {sampled}")
+    x = torch.randint(0, 4096, (2, 64))
+    _, loss, _ = model(x, labels=x)
+    print(f"loss of a random model on random tokens: {loss.item():.3f} (ln vocab = {math.log(4096):.3f})")
+
+
+if __name__ == "__main__":
+    _demo()
