@@ -10,6 +10,8 @@ Benchmarks (more arrive with the files they measure):
                                 # and encoding throughput: tiktoken path vs the pure-Python reference
     python bench.py data        # prepare throughput (MB/s of text) vs bare tiktoken; Loader
                                 # throughput (tokens/s) vs a nanoGPT-style loader and vs training
+    python bench.py model       # forward+backward time of model.Model vs transformers'
+                                # LlamaForCausalLM, same config, weights and batch
 
 The baselines are benchmark-only tools, not dependencies of the project:
     pip install rustbpe tokenizers
@@ -25,6 +27,7 @@ import sys
 import time
 
 import data
+import model
 import tokenizer
 
 
@@ -250,6 +253,63 @@ def bench_data(args):
     print(f"\nmachine: {machine()}")
 
 
+# -----------------------------------------------------------------------------
+# Model
+
+def bench_model(args):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # float32 on CPU (bf16 matmuls there are hundreds of times slower); bf16 autocast on GPU
+    autocast = torch.autocast("cuda", torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    print(f"| config | batch x seq | transformers LlamaForCausalLM (ms) | model.Model (ms) | ratio | "
+          f"peak memory ratio |\n|---|---|---|---|---|---|")
+    for name in args.presets:
+        # No NoPE layers: with them the matching transformers class would be SmolLM3, not Llama.
+        c = model.preset(name, max_seq_len=max(args.seq_len, 1024), nope_layers=())
+        ours = model.Model(c).to(device)
+        hf_config = transformers.AutoConfig.for_model(**model.config_to_hf(c))
+        theirs = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa").to(device)
+        theirs.load_state_dict({("" if k == "lm_head.weight" else "model.") + k: v
+                                for k, v in ours.state_dict().items()})
+        B, T = args.batch_size, args.seq_len
+        x = torch.randint(0, c.vocab_size, (B, T), device=device)
+        labels = torch.cat([x[:, 1:], torch.full((B, 1), -100, device=device)], dim=1)   # ours come shifted
+
+        def step_ours():
+            with autocast:
+                _, loss, _ = ours(x, labels=labels)
+            loss.backward()
+            return loss.item()
+
+        def step_theirs():
+            with autocast:
+                loss = theirs(input_ids=x, labels=x).loss   # transformers shifts inside
+            loss.backward()
+            return loss.item()
+
+        a, b = step_theirs(), step_ours()   # warm-up, and the two losses must agree
+        assert type(theirs).__name__ == "LlamaForCausalLM"
+        assert abs(a - b) < (1e-4 if device == "cpu" else 2e-2) * abs(a), (a, b)
+        times, peaks = {"theirs": [], "ours": []}, {"theirs": 0, "ours": 0}
+        for r in range(args.rounds):   # interleaved, so that drift on a shared machine hits both
+            for key, fn in (("theirs", step_theirs), ("ours", step_ours)):
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                t, _ = timed(fn)
+                times[key].append(t)
+                if device == "cuda":
+                    peaks[key] = torch.cuda.max_memory_allocated()
+        t_theirs, t_ours = statistics.median(times["theirs"]), statistics.median(times["ours"])
+        mem = f"{peaks['ours'] / peaks['theirs']:.2f}x" if device == "cuda" else "n/a (CPU)"
+        print(f"| {name} | {B} x {T} | {t_theirs * 1e3:.0f} | {t_ours * 1e3:.0f} | {t_ours / t_theirs:.2f}x | {mem} |")
+    print(f"\nmachine: {machine()}, transformers {transformers.__version__}, {device}, "
+          f"{'bf16 autocast' if device == 'cuda' else 'float32'}, median of {args.rounds} interleaved rounds")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -263,8 +323,13 @@ def main():
     d.add_argument("--vocab-size", type=int, default=8192)
     d.add_argument("--rounds", type=int, default=3)
     d.add_argument("--batches", type=int, default=50)
+    m = sub.add_parser("model", help="forward+backward vs transformers' LlamaForCausalLM")
+    m.add_argument("--presets", nargs="+", default=["tiny", "smollm2-135m"], choices=sorted(model.PRESETS))
+    m.add_argument("--batch-size", type=int, default=4)
+    m.add_argument("--seq-len", type=int, default=512)
+    m.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
-    {"tokenizer": bench_tokenizer, "data": bench_data}[args.cmd](args)
+    {"tokenizer": bench_tokenizer, "data": bench_data, "model": bench_model}[args.cmd](args)
 
 
 if __name__ == "__main__":

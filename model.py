@@ -484,24 +484,28 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         w = weight.to(h.dtype)   # under bf16 autocast the matmuls run in bf16, the softmax in fp32
         dh = torch.empty_like(h) if grad else None
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if grad else None
+        dw = None
         ce = torch.zeros((), dtype=torch.float32, device=h.device)
         z = torch.zeros((), dtype=torch.float32, device=h.device)
         step = _chunk_rows(weight.shape[0])
         for s in range(0, h.shape[0], step):
             hc, y = h[s:s + step], labels[s:s + step]
             logits = (hc @ w.t()).float()
-            lse = torch.logsumexp(logits, dim=-1)
             rows = torch.arange(y.numel(), device=y.device)
-            ce += (lse - logits[rows, y]).sum()
+            logp = torch.log_softmax(logits, dim=-1)           # one fused pass over the chunk
+            lse = logits[rows, y] - logp[rows, y]              # log-sum-exp, read off one column
+            ce -= logp[rows, y].sum()
             z += lse.pow(2).sum()
+            del logits
             if grad:
-                g = logits.sub_(lse[:, None]).exp_()     # softmax, in the logits' own memory
+                g = logp.exp_()                                # softmax, in logp's own memory
                 g.mul_((1 + 2 * z_coef * lse)[:, None] / n)
                 g[rows, y] -= 1 / n
                 g = g.to(h.dtype)
                 dh[s:s + len(y)] = g @ w
-                dw += (g.t() @ hc).float()
+                dw = (g.t() @ hc).float() if dw is None else dw.add_(g.t() @ hc)
+        if grad and dw is None:   # no labelled token at all
+            dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
         ctx.save_for_backward(dh, dw)
         ctx.weight_dtype = weight.dtype
         ce, z = ce / n, z / n
