@@ -565,9 +565,10 @@ def _demo():
     sampled = model.generate(prompts, max_new_tokens=8, temperature=1.0, top_k=50, top_p=0.9,
                              generator=torch.Generator().manual_seed(0))
     print(f"sampled (temperature 1, top-k 50, top-p 0.9):\n  {sampled}")
-    x = torch.randint(0, 4096, (2, 64))
-    _, loss, _ = model(x, labels=x)
-    print(f"loss of a random model on random tokens: {loss.item():.3f} (ln vocab = {math.log(4096):.3f})")
+    x = torch.randint(0, 4096, (2, 65))
+    _, loss, _ = model(x[:, :-1], labels=x[:, 1:])
+    print(f"initial loss on random tokens: {loss.item():.3f} (ln vocab = {math.log(4096):.3f}: "
+          "a fresh model should know nothing)")
 
 
 if __name__ == "__main__":
