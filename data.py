@@ -732,7 +732,7 @@ class Loader:
     """Batches for pretraining, in the shared batch contract: dicts of int64 (batch_size,
     seq_len) tensors `input_ids`, `labels` (the next token, -100 where it belongs to another
     document) and `position_ids` (restarting at 0 at each document start and at the start
-    of each window).
+    of each window), plus `source` (batch_size,): each row's source, an index into `names`.
 
     weights: None (each source in proportion to its size), a dict source -> weight, or a
     curriculum: a list of stages (until_tokens, weights) in order, the last with None (or
@@ -838,7 +838,8 @@ class Loader:
         pos = np.empty((B, T), np.int64)
         for row, (s, w) in enumerate(mine):
             x[row], y[row], pos[row] = self._pack(self.streams[s], w * T)
-        return {"input_ids": torch.from_numpy(x), "labels": torch.from_numpy(y), "position_ids": torch.from_numpy(pos)}
+        return {"input_ids": torch.from_numpy(x), "labels": torch.from_numpy(y), "position_ids": torch.from_numpy(pos),
+                "source": torch.tensor([s for s, _ in mine], dtype=torch.int64)}   # index into .names
 
     def _pack(self, stream, a):
         """The window at stream offset a: inputs a..a+T-1, labels a+1..a+T, with the label

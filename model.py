@@ -239,16 +239,21 @@ class Model(nn.Module):
         """Returns (logits, loss, aux). Without labels: logits (B, T, padded_vocab), loss None.
         With labels: the loss (mean cross-entropy over labels != -100, plus z_loss * mean
         logsumexp^2), computed chunk by chunk, and logits None unless return_logits=True.
-        aux holds the detached terms for logging ("ce", "z_loss")."""
+        aux holds the detached terms for logging: "ce", "z_loss", and "row_ce", each sequence's
+        mean cross-entropy (B,)."""
         h = self.hidden_states(input_ids, position_ids, cache)
         if labels is None:
             return self.lm_head(h), None, {}
         logits = self.lm_head(h) if return_logits else None
         rows = (labels != -100).flatten().nonzero().squeeze(1)
-        loss, ce, z = ChunkedCrossEntropy.apply(h.flatten(0, 1).index_select(0, rows), self.lm_head.weight,
-                                                labels.flatten()[rows], float(self.config.z_loss),
-                                                torch.is_grad_enabled())
-        return logits, loss, {"ce": ce, "z_loss": z}
+        loss, token_ce, z = ChunkedCrossEntropy.apply(h.flatten(0, 1).index_select(0, rows), self.lm_head.weight,
+                                                      labels.flatten()[rows], float(self.config.z_loss),
+                                                      torch.is_grad_enabled())
+        # Each sequence's own mean cross-entropy, for per-source loss curves.
+        row = rows // labels.shape[1]
+        count = torch.zeros(labels.shape[0], device=h.device).index_add_(0, row, torch.ones_like(token_ce))
+        row_ce = torch.zeros(labels.shape[0], device=h.device).index_add_(0, row, token_ce) / count.clamp(min=1)
+        return logits, loss, {"ce": token_ce.mean() if len(rows) else token_ce.sum(), "z_loss": z, "row_ce": row_ce}
 
     def log_probs(self, input_ids, labels, position_ids=None, temperature=1.0):
         """log p(labels[t] | tokens <= t) for every position (B, T), 0 where labels == -100;
@@ -469,7 +474,8 @@ def _chunk_rows(vocab):
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
-    """loss = mean over tokens of (logsumexp(l) - l[y]) + z * mean logsumexp(l)^2, with l = h W^T.
+    """loss = mean over tokens of (logsumexp(l) - l[y]) + z * mean logsumexp(l)^2, with l = h W^T;
+    also returns each token's cross-entropy and the z term, detached, for logging.
 
     Autograd would keep every chunk's (rows x vocab) logits alive until the backward pass.
     Instead the forward pass computes each chunk's gradient as it goes: d loss / d l =
@@ -485,7 +491,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         w = weight.to(h.dtype)   # under bf16 autocast the matmuls run in bf16, the softmax in fp32
         dh = torch.empty_like(h) if grad else None
         dw = None
-        ce = torch.zeros((), dtype=torch.float32, device=h.device)
+        token_ce = torch.empty(labels.shape, dtype=torch.float32, device=h.device)
         z = torch.zeros((), dtype=torch.float32, device=h.device)
         step = _chunk_rows(weight.shape[0])
         for s in range(0, h.shape[0], step):
@@ -494,7 +500,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             rows = torch.arange(y.numel(), device=y.device)
             logp = torch.log_softmax(logits, dim=-1)           # one fused pass over the chunk
             lse = logits[rows, y] - logp[rows, y]              # log-sum-exp, read off one column
-            ce -= logp[rows, y].sum()
+            token_ce[s:s + len(y)] = -logp[rows, y]
             z += lse.pow(2).sum()
             del logits
             if grad:
@@ -508,12 +514,12 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
         ctx.save_for_backward(dh, dw)
         ctx.weight_dtype = weight.dtype
-        ce, z = ce / n, z / n
-        ctx.mark_non_differentiable(ce, z)
-        return ce + z_coef * z, ce, z
+        z = z / n
+        ctx.mark_non_differentiable(token_ce, z)
+        return token_ce.sum() / n + z_coef * z, token_ce, z
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_ce, _grad_z):
+    def backward(ctx, grad_loss, _grad_token_ce, _grad_z):
         dh, dw = ctx.saved_tensors
         return dh * grad_loss.to(dh.dtype), (dw * grad_loss).to(ctx.weight_dtype), None, None, None
 

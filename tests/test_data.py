@@ -142,10 +142,11 @@ def first_letter_sources(loader, n_batches):
     out = []
     for _ in range(n_batches):
         b = next(loader)
-        # the first non-eos token of each row names its source
-        for row in b["input_ids"].tolist():
+        # the first non-eos token of each row names its source, as does the batch's "source"
+        for row, s in zip(b["input_ids"].tolist(), b["source"].tolist()):
             t = next(t for t in row if t != EOS)
             out.append(chr(t | 32))
+            assert loader.names[s] == out[-1]
     return out
 
 

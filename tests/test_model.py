@@ -188,6 +188,9 @@ def test_chunked_loss_and_gradients_equal_the_plain_formula(z_loss, monkeypatch)
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(aux["ce"], ce.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(aux["z_loss"], lse.pow(2).mean().detach(), rtol=1e-5, atol=1e-6)
+    per_token = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100, reduction="none").view(3, 17)
+    row_ce = per_token.sum(1) / (y != -100).sum(1)
+    torch.testing.assert_close(aux["row_ce"], row_ce.detach(), rtol=1e-5, atol=1e-6)
     for g, p in zip(ours, m.parameters()):
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
 
