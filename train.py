@@ -1,0 +1,915 @@
+"""
+train.py: the composition root and the playbook's "training marathon".
+
+The concept. A training run is a loop (batch, forward, backward, clip, step, schedule) wrapped
+in everything that keeps a long run alive and honest:
+- a preflight checklist before the first step: does the initial loss equal ln(vocab), does a
+  batch decode to text, are there NaNs, does a checkpoint reload to the same weights, does
+  evaluation run, how fast will it go (MFU), will it fit in memory and on disk, and under
+  torchrun: do all ranks hold the same weights and read different data. A FAIL stops the run.
+- monitoring: one console line and one metrics.jsonl line per step (loss, lr, grad norm,
+  tokens/s, MFU, memory, loss per data source), and detectors that raise alerts: loss and
+  grad-norm spikes, NaN/Inf, throughput drops, a stalled loss.
+- checkpoints, constantly and atomically, with exact resume: a run killed with `kill -9` and
+  resumed ends with the same weights, bit for bit, as one that never stopped. SIGTERM (a
+  preempted job) saves a checkpoint before exiting. NaN/Inf steps are skipped; several in a
+  row reload the last checkpoint and skip the offending batches (PaLM's remedy).
+- stages: pretraining on a mixture with a curriculum (SmolLM3's three stages), mid-training
+  from a checkpoint with a new mixture and a longer context (ABF: a new rope_theta; YaRN), and
+  the same loop drives sft.py, dpo.py and rl.py when they land (a stage gives the next batch,
+  the loss on a batch, and its evaluation).
+
+The playbook's lessons: do your preflight checklist or die; monitor like your GPUs depend on
+it; checkpoint constantly because something will crash; mid-training is not autopilot. AdamW
+(beta2 0.95, weight decay 0.1, none on embeddings, norms and biases), gradient clipping at
+1.0, warmup then WSD (warmup-stable-decay: a constant learning rate, then a decay over the
+last 10-20% to zero) as SmolLM3 did; WSD lets you branch a decay from any stable checkpoint.
+
+Papers: Loshchilov & Hutter 2019 (AdamW); Hu et al. 2024 (MiniCPM: WSD); Hagele et al. 2024
+(scaling laws and compute-optimal training beyond fixed durations: WSD vs cosine);
+Chowdhery et al. 2022 (PaLM: skipping spiking batches, MFU); Hugging Face 2025 (SmolLM3).
+
+Run:
+    python train.py                                   # tokenizer + built-in corpus + the tiny preset, a few CPU minutes
+    python train.py --max_steps 30 --out_dir runs/x   # any config field as --key value (model fields too: --n_layer 4)
+    python train.py --config run.toml --lr 1e-3       # a TOML file, then flags on top
+    python train.py --resume --out_dir runs/x         # continue from the latest checkpoint
+    python train.py --stage midtrain --init runs/x/ckpt/step_000200 --seq_len 512 --rope_theta 100000
+    torchrun --nproc_per_node=8 train.py --preset smollm2-135m --data_dir data/fineweb --tokenizer tok.json
+    python train.py --plot runs/x                     # loss / lr / grad-norm / throughput curves as PNG
+"""
+
+import contextlib
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from collections import deque
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import data
+import model as M
+
+
+# -----------------------------------------------------------------------------
+# Configuration
+
+@dataclass
+class TrainConfig:
+    preset: str = "tiny"                # the model preset; model fields override it (--n_layer 4)
+    stage: str = "pretrain"             # pretrain | midtrain (sft | dpo | rl with their files)
+    init: str = ""                      # start from: a checkpoint directory of this script, or a HF directory
+    out_dir: str = "runs/tiny"
+    resume: bool = False                # continue from the latest checkpoint in out_dir
+    seed: int = 1337
+    # data
+    data_dir: str = "data/builtin"      # shards from data.py; the built-in corpus is prepared here if missing
+    tokenizer: str = ""                 # tokenizer.py's tok.json; "" = <data_dir>/tok.json (trained if missing); "bytes"
+    vocab_size: int = 4096              # of a tokenizer trained here
+    mixture: str = ""                   # "" = the stage's default; "smollm3", "natural", or "code=0.5,prose=0.5"
+    seq_len: int = 256
+    batch_size: int = 8                 # sequences per micro-batch and process
+    total_batch_tokens: int = 4096      # the global batch; gradient accumulation reaches it
+    # optimisation
+    max_steps: int = 200
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.0           # the schedule ends at lr * min_lr_ratio
+    warmup_steps: int = 20
+    schedule: str = "wsd"               # wsd | cosine
+    decay_frac: float = 0.2             # WSD: the share of steps spent decaying
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_embeddings: bool = False      # the playbook: no weight decay on embeddings
+    grad_clip: float = 1.0
+    compile: bool = False
+    device: str = "auto"                # auto | cpu | cuda
+    # evaluation, logging, checkpoints
+    eval_every: int = 50
+    eval_batches: int = 4
+    ckpt_every: int = 100
+    keep_last: int = 2
+    sample_tokens: int = 48             # a sample at the end of the run
+    # preflight, monitoring, alerts
+    preflight: bool = True
+    ignore_preflight: bool = False      # run despite FAILs
+    peak_flops: float = 0.0             # the device's peak FLOP/s for MFU; 0 = known GPUs only
+    alert_cmd: str = ""                 # a shell command that receives each alert as JSON on stdin
+    nan_patience: int = 3               # non-finite steps in a row before reloading the last checkpoint
+    spike_sigma: float = 6.0            # spike = this many robust standard deviations over the recent median
+    stall_steps: int = 200              # loss not improving for this many steps raises an alert
+
+
+STAGES = ("pretrain", "midtrain", "sft", "dpo", "rl")
+MODEL_FIELDS = {f.name for f in fields(M.ModelConfig)}
+TRAIN_FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+
+def _parse_value(key, text, default):
+    """A command-line string as the type of the field's default."""
+    try:
+        if isinstance(default, bool):
+            if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError("expected true or false")
+            return text.lower() in ("1", "true", "yes")
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+        if isinstance(default, str):
+            return text
+        return json.loads(text)            # model fields: numbers, null, lists, {"rope_type": ...}
+    except (ValueError, json.JSONDecodeError) as e:
+        if default is None or not isinstance(default, (bool, int, float, str)):
+            return text                   # a model field given as a plain string
+        raise SystemExit(f"--{key} {text!r}: {e}")
+
+
+def parse_config(argv):
+    """[--config FILE.toml] [--key value ...] -> (TrainConfig, model overrides dict). Keys are
+    TrainConfig fields or ModelConfig fields; a bare boolean flag means true."""
+    values, i = {}, 0
+    pairs = []
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise SystemExit(f"unexpected argument {arg!r}: options are --key value")
+        key = arg[2:].replace("-", "_")
+        if "=" in key:
+            key, val = key.split("=", 1)
+            i += 1
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            val, i = argv[i + 1], i + 2
+        else:
+            val, i = "true", i + 1
+        pairs.append((key, val))
+    for key, val in pairs:
+        if key == "config":
+            with open(val, "rb") as f:
+                try:
+                    table = tomllib.load(f)
+                except tomllib.TOMLDecodeError as e:
+                    raise SystemExit(f"{val}: {e}")
+            table = {**{k: v for k, v in table.items() if k != "model"}, **table.get("model", {})}
+            for k in table:
+                _check_key(k, where=val)
+            values.update(table)
+    for key, val in pairs:
+        if key == "config":
+            continue
+        _check_key(key)
+        default = getattr(TrainConfig, key, None) if key in TRAIN_FIELDS else None
+        values[key] = _parse_value(key, val, default)
+    cfg = TrainConfig(**{k: v for k, v in values.items() if k in TRAIN_FIELDS})
+    overrides = {k: v for k, v in values.items() if k in MODEL_FIELDS and k not in TRAIN_FIELDS}
+    if cfg.stage not in STAGES:
+        raise SystemExit(f"--stage {cfg.stage!r}: must be one of {', '.join(STAGES)}")
+    if cfg.schedule not in ("wsd", "cosine"):
+        raise SystemExit(f"--schedule {cfg.schedule!r}: must be wsd or cosine")
+    return cfg, overrides
+
+
+def _check_key(key, where="the command line"):
+    if key not in TRAIN_FIELDS and key not in MODEL_FIELDS:
+        raise SystemExit(f"unknown key {key!r} in {where}. Training keys: {', '.join(TRAIN_FIELDS)}. "
+                         f"Model keys: {', '.join(sorted(MODEL_FIELDS))}")
+
+
+# -----------------------------------------------------------------------------
+# Optimizer and schedule
+
+def param_groups(model, weight_decay, decay_embeddings=False):
+    """AdamW groups: weight decay on the matrices of the blocks (and the head), none on norms
+    and biases (decay pulls a norm's gain toward 0, which is not a simpler model), and none on
+    embeddings unless asked (the playbook: decaying rare tokens' rows toward 0 hurts them).
+    A tied head is the embedding, so it follows the embedding's rule."""
+    decay, no_decay, seen = [], [], set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        is_embedding = name.startswith("embed_")
+        if p.dim() < 2 or "norm" in name or (is_embedding and not decay_embeddings):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step, cfg):
+    """Linear warmup, then WSD (constant, then a linear decay over the last decay_frac of the
+    run) or cosine, ending at lr * min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    floor = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "wsd":
+        decay_start = cfg.max_steps - int(cfg.decay_frac * cfg.max_steps)
+        if step < decay_start:
+            return cfg.lr
+        return floor + (cfg.lr - floor) * (cfg.max_steps - step) / max(cfg.max_steps - decay_start, 1)
+    progress = (step - cfg.warmup_steps) / max(cfg.max_steps - cfg.warmup_steps, 1)
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+# -----------------------------------------------------------------------------
+# Monitoring: detectors and alerts
+
+class Monitor:
+    """Detectors over the recent history of a run. Each returns alerts as (kind, message).
+    Spikes compare with the median and a robust spread (1.4826 x the median absolute
+    deviation, floored at 2% of the median) of the last `window` steps, so one outlier does
+    not hide the next; a throughput drop is under half the recent median; a stall is no new
+    best (by 1%) of the smoothed loss for stall_steps steps."""
+
+    def __init__(self, sigma=6.0, window=50, min_history=10, stall_steps=200):
+        self.sigma, self.window, self.min_history, self.stall_steps = sigma, window, min_history, stall_steps
+        self.history = {"loss": deque(maxlen=window), "grad_norm": deque(maxlen=window),
+                        "tokens_per_s": deque(maxlen=window)}
+        self.ema, self.best, self.best_step = None, float("inf"), 0
+
+    def _spike(self, key, value):
+        h = self.history[key]
+        if len(h) < self.min_history:
+            return None
+        med = statistics.median(h)
+        spread = max(1.4826 * statistics.median(abs(x - med) for x in h), 0.02 * abs(med))
+        if value > med + self.sigma * spread:
+            return f"{key} {value:.4g} is {(value - med) / spread:.1f} sigma above the recent median {med:.4g}"
+        return None
+
+    def update(self, step, loss, grad_norm, tokens_per_s):
+        alerts = []
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            return [("nonfinite", f"loss {loss}, grad norm {grad_norm}: update skipped")]
+        for kind, key, value in (("loss_spike", "loss", loss), ("grad_norm_spike", "grad_norm", grad_norm)):
+            message = self._spike(key, value)
+            if message:
+                alerts.append((kind, message))
+        h = self.history["tokens_per_s"]
+        if tokens_per_s is not None and len(h) >= self.min_history and tokens_per_s < 0.5 * statistics.median(h):
+            alerts.append(("throughput_drop", f"{tokens_per_s:,.0f} tokens/s, under half the recent median "
+                                              f"{statistics.median(h):,.0f}"))
+        self.ema = loss if self.ema is None else 0.9 * self.ema + 0.1 * loss
+        if self.ema < 0.99 * self.best:
+            self.best, self.best_step = self.ema, step
+        elif step - self.best_step >= self.stall_steps:
+            alerts.append(("loss_stalled", f"smoothed loss {self.ema:.4f} has not improved on {self.best:.4f} "
+                                           f"since step {self.best_step}"))
+            self.best_step = step        # alert again only after another stall_steps
+        for key, value in (("loss", loss), ("grad_norm", grad_norm), ("tokens_per_s", tokens_per_s)):
+            if value is not None:
+                self.history[key].append(value)
+        return alerts
+
+    def state_dict(self):
+        return {"history": {k: list(v) for k, v in self.history.items()}, "ema": self.ema, "best": self.best,
+                "best_step": self.best_step}
+
+    def load_state_dict(self, state):
+        for k, v in state["history"].items():
+            self.history[k].extend(v)
+        self.ema, self.best, self.best_step = state["ema"], state["best"], state["best_step"]
+
+
+def alert(run_dir, cmd, step, kind, message):
+    """An alert goes to stderr, to alerts.jsonl, and as JSON on stdin to the user's command."""
+    record = {"time": time.time(), "step": step, "kind": kind, "message": message}
+    print(f"ALERT step {step} {kind}: {message}", file=sys.stderr, flush=True)
+    with open(os.path.join(run_dir, "alerts.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if cmd:
+        try:
+            subprocess.run(cmd, shell=True, input=json.dumps(record), text=True, timeout=30, check=True)
+        except (subprocess.SubprocessError, OSError) as e:
+            print(f"alert_cmd failed: {e}", file=sys.stderr)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: a directory per step, written under a temporary name and renamed
+
+def _model_state(model):
+    """Weights to save: a tied head is the embedding, stored once (safetensors refuses aliases)."""
+    state = model.state_dict()
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight")
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def save_checkpoint(path, model, optimizer, trainer_state):
+    """path/{model.safetensors, optimizer.safetensors, trainer.json}: weights, AdamW moments and
+    step counts, and everything else as JSON (config, loader and monitor state, RNG states).
+    No pickle anywhere. Written to path's temporary sibling, then renamed."""
+    from safetensors.torch import save_file
+    parent, name = os.path.split(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=parent)
+    try:
+        save_file(_model_state(model), os.path.join(tmp, "model.safetensors"))
+        opt_tensors, opt_meta = {}, {"groups": [], "param_count": 0}
+        if optimizer is not None:
+            sd = optimizer.state_dict()
+            for pid, st in sd["state"].items():
+                for k, v in st.items():
+                    opt_tensors[f"{pid}.{k}"] = v.detach().contiguous().cpu()
+            opt_meta["groups"] = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
+            opt_meta["param_count"] = sum(len(g["params"]) for g in sd["param_groups"])
+        save_file(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        save_file(rng, os.path.join(tmp, "rng.safetensors"))
+        state = {**trainer_state, "optimizer": opt_meta, "python_random": _jsonable(random.getstate()),
+                 "model_config": asdict(model.config)}
+        with open(os.path.join(tmp, "trainer.json"), "w") as f:
+            json.dump(state, f, indent=1)
+        for fname in os.listdir(tmp):          # durable before the rename makes it visible
+            with open(os.path.join(tmp, fname), "rb") as f:
+                os.fsync(f.fileno())
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _jsonable(x):
+    return [_jsonable(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def load_checkpoint(path, model, optimizer=None):
+    """Load weights (and optimizer state, RNG states) saved by save_checkpoint; returns trainer.json."""
+    from safetensors.torch import load_file
+    with open(os.path.join(path, "trainer.json")) as f:
+        state = json.load(f)
+    weights = load_file(os.path.join(path, "model.safetensors"))
+    expected = set(_model_state(model))
+    if set(weights) != expected:
+        raise ValueError(f"{path}: weights do not match the model: missing {sorted(expected - set(weights))[:10]}, "
+                         f"unexpected {sorted(set(weights) - expected)[:10]}")
+    model.load_state_dict(weights, strict=False)
+    if optimizer is not None:
+        tensors = load_file(os.path.join(path, "optimizer.safetensors"))
+        sd = optimizer.state_dict()
+        if state["optimizer"]["param_count"] != sum(len(g["params"]) for g in sd["param_groups"]):
+            raise ValueError(f"{path}: optimizer state is for a different set of parameters")
+        per_param = {}
+        for key, v in tensors.items():
+            pid, name = key.split(".", 1)
+            per_param.setdefault(int(pid), {})[name] = v
+        sd["state"] = per_param
+        for g, saved in zip(sd["param_groups"], state["optimizer"]["groups"]):
+            g.update(saved)
+        optimizer.load_state_dict(sd)
+        rng = load_file(os.path.join(path, "rng.safetensors"))
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+        random.setstate(_as_tuple(state["python_random"]))
+    return state
+
+
+def _as_tuple(x):
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, list) else x
+
+
+def checkpoints(run_dir):
+    """The step directories in run_dir/ckpt, oldest first."""
+    d = os.path.join(run_dir, "ckpt")
+    if not os.path.isdir(d):
+        return []
+    return sorted(os.path.join(d, n) for n in os.listdir(d) if n.startswith("step_"))
+
+
+# -----------------------------------------------------------------------------
+# The pretraining / mid-training stage
+
+class PretrainStage:
+    """The stage contract: next_batch(), loss(model, batch) -> (loss, aux), evaluate(model),
+    state_dict() / load_state_dict(). Pretraining and mid-training differ only in the
+    mixture, the context length and where the weights start."""
+
+    def __init__(self, cfg, rank=0, world_size=1, total_tokens=0):
+        self.cfg = cfg
+        weights = self.mixture(cfg, total_tokens)
+        self.loader = data.Loader(cfg.data_dir, cfg.batch_size, cfg.seq_len, weights=weights, seed=cfg.seed,
+                                  rank=rank, world_size=world_size)
+        self.names = self.loader.names
+        self.rank, self.world_size = rank, world_size
+
+    def mixture(self, cfg, total_tokens):
+        with open(os.path.join(cfg.data_dir, "manifest.json")) as f:
+            names = list(json.load(f)["sources"])
+        spec = cfg.mixture or ("smollm3" if cfg.stage == "pretrain" else "prose=0.4,code=0.3,math=0.3")
+        if spec == "natural":
+            return None
+        if spec == "smollm3":
+            if not {"prose", "code", "math"} <= set(names):
+                return None       # not the built-in corpus: in proportion to size
+            return data.schedule(data.SMOLLM3_SCHEDULE, total_tokens, web="prose")
+        weights = {}
+        for part in spec.split(","):
+            name, _, w = part.partition("=")
+            try:
+                weights[name.strip()] = float(w)
+            except ValueError:
+                raise SystemExit(f"--mixture {spec!r}: expected smollm3, natural or name=weight,... ({part!r})")
+        return {n: weights.get(n, 0.0) for n in names} if set(weights) <= set(names) else weights
+
+    def next_batch(self):
+        return next(self.loader)
+
+    def loss(self, model, batch):
+        _, loss, aux = model(batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"])
+        return loss, aux
+
+    @torch.no_grad()
+    def evaluate(self, model, device, n_batches):
+        """Validation loss over the same n_batches every time (a fresh loader on the val split),
+        overall and per source."""
+        loader = data.Loader(self.cfg.data_dir, self.cfg.batch_size, self.cfg.seq_len, seed=self.cfg.seed,
+                             rank=self.rank, world_size=self.world_size, split="val")
+        sums = torch.zeros(len(self.names) + 1, 2, device=device)
+        for _ in range(n_batches):
+            b = {k: v.to(device) for k, v in next(loader).items()}
+            _, _, aux = model(b["input_ids"], labels=b["labels"], position_ids=b["position_ids"])
+            n_tok = (b["labels"] != -100).sum(1).float()
+            for s in range(len(self.names)):
+                m = b["source"] == s
+                sums[s] += torch.stack([(aux["row_ce"] * n_tok)[m].sum(), n_tok[m].sum()])
+            sums[-1] += torch.stack([(aux["row_ce"] * n_tok).sum(), n_tok.sum()])
+        if dist.is_initialized():
+            dist.all_reduce(sums)
+        out = {"val_loss": (sums[-1, 0] / sums[-1, 1].clamp(min=1)).item()}
+        for s, name in enumerate(self.names):
+            if sums[s, 1] > 0:
+                out[f"val_loss/{name}"] = (sums[s, 0] / sums[s, 1]).item()
+        return out
+
+    def state_dict(self):
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state):
+        self.loader.load_state_dict(state)
+
+
+# -----------------------------------------------------------------------------
+# Set-up: devices, tokenizer, data, model
+
+def setup_distributed(cfg):
+    """(rank, world_size, device). torchrun sets RANK / WORLD_SIZE / LOCAL_RANK."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if world > 1:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if want_cuda:
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if want_cuda else "gloo")
+        return dist.get_rank(), world, torch.device(f"cuda:{local}" if want_cuda else "cpu")
+    return 0, 1, torch.device("cuda" if want_cuda else "cpu")
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def get_tokenizer(cfg, rank):
+    """The tokenizer (an object with encode/decode and n_vocab or vocab_size): `bytes`, a
+    tokenizer.py file, or one trained here on the built-in corpus when missing."""
+    if cfg.tokenizer == "bytes":
+        return data.ByteTokenizer()
+    path = cfg.tokenizer or os.path.join(cfg.data_dir, "tok.json")
+    if not os.path.exists(path) and not cfg.tokenizer:
+        if rank == 0:
+            import tokenizer as tokenizer_py
+            print(f"training a {cfg.vocab_size}-token tokenizer on the built-in corpus -> {path}", flush=True)
+            texts = [tokenizer_py._read_text(p) for p in data.stdlib_files()[::4]]
+            texts += [data.math_document(i) for i in range(2000)]
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            tokenizer_py.Tokenizer.train(texts, cfg.vocab_size, verbose=False).save(path.removesuffix(".json"))
+        barrier()
+    return data.load_tokenizer(path)
+
+
+def vocab_size_of(tok):
+    return getattr(tok, "n_vocab", None) or tok.vocab_size
+
+
+def prepare_data(cfg, tok, rank):
+    """Prepare the built-in corpus into data_dir when it holds no manifest yet (the default
+    run); real data is prepared beforehand with `python data.py prepare`."""
+    if not os.path.exists(os.path.join(cfg.data_dir, "manifest.json")):
+        if rank == 0:
+            print(f"preparing the built-in corpus (code, prose, math) into {cfg.data_dir}", flush=True)
+            data.prepare(data.BUILTIN_SOURCES, cfg.data_dir, tok, verbose=False)
+        barrier()
+
+
+def build_model(cfg, overrides, vocab_size):
+    """A fresh model from the preset and overrides, or the --init weights. From a checkpoint
+    only position fields may change: mid-training extends the context with a new rope_theta
+    (ABF), rope_scaling (YaRN) and max_seq_len."""
+    if not cfg.init:
+        return M.Model(M.preset(cfg.preset, **{"vocab_size": vocab_size, **overrides}))
+    if os.path.exists(os.path.join(cfg.init, "trainer.json")):
+        with open(os.path.join(cfg.init, "trainer.json")) as f:
+            mc = json.load(f)["model_config"]
+        model = M.Model(M.ModelConfig(**mc))
+        load_checkpoint(cfg.init, model)
+    else:
+        model = M.Model.from_pretrained(cfg.init)
+    allowed = {"rope_theta", "rope_scaling", "max_seq_len", "z_loss", "attn_impl"}
+    if set(overrides) - allowed:
+        raise SystemExit(f"--init {cfg.init}: cannot change {sorted(set(overrides) - allowed)} of a trained model "
+                         f"(allowed: {', '.join(sorted(allowed))})")
+    if overrides:
+        c = M.ModelConfig(**{**asdict(model.config), **overrides})
+        new = M.Model(c)
+        new.load_state_dict(model.state_dict())
+        model = new
+    return model
+
+
+# -----------------------------------------------------------------------------
+# Preflight
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}  # dense bf16
+
+
+def peak_flops(cfg, device):
+    if cfg.peak_flops:
+        return cfg.peak_flops
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in PEAK_FLOPS.items() if k in name), 0.0)
+    return 0.0
+
+
+def available_memory(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+    except (OSError, StopIteration):
+        return None
+
+
+def peak_memory(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux reports KiB
+
+
+def preflight(t):
+    """The checklist. Returns the list of (status, item, detail); prints it as it goes."""
+    cfg, model, device = t.cfg, t.raw_model, t.device
+    results = []
+
+    def report(status, item, detail):
+        results.append((status, item, detail))
+        if t.rank == 0:
+            print(f"  [{len(results):2d}] {status:4s} {item}: {detail}", flush=True)
+
+    if t.rank == 0:
+        print("preflight checklist:")
+    loader_state = t.stage.state_dict()
+    batch = {k: v.to(device) for k, v in t.stage.next_batch().items()}
+    t.stage.load_state_dict(loader_state)        # the run itself starts from this same batch
+    V = model.config.padded_vocab    # the softmax runs over the padded rows too
+    # 1. the initial loss of a fresh model is ln(vocab): it knows nothing and claims nothing
+    model.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    with t.autocast:
+        loss, aux = t.stage.loss(model, batch)
+    loss.backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    step_time = time.perf_counter() - t0
+    lv = loss.item()
+    if cfg.init or t.start_step:
+        report("PASS", "initial loss", f"{lv:.3f} (a trained model: ln(vocab) = {math.log(V):.3f} not expected)")
+    else:
+        off = abs(lv - math.log(V))
+        report("PASS" if off < 0.5 else "WARN" if off < 1.5 else "FAIL", "initial loss",
+               f"{lv:.3f}, ln(vocab {V}) = {math.log(V):.3f}" + ("" if off < 0.5 else
+               ": far from it; check the init scale (init_std), the labels and the vocabulary size"))
+    # 2. the batch is text, and its masked share is what the stage expects
+    masked = (batch["labels"] == -100).float().mean().item()
+    text = t.decode(batch["input_ids"][0, :160].tolist())
+    printable = sum(ch.isprintable() or ch in "\n\t" for ch in text) / max(len(text), 1)
+    status = "FAIL" if masked == 1.0 or printable < 0.5 else "WARN" if masked > 0.5 or printable < 0.9 else "PASS"
+    report(status, "batch", f"{masked:.1%} of labels masked, {printable:.0%} printable; row 0 reads: "
+           f"{text[:100]!r}" + (" -- every label is -100: nothing to learn" if masked == 1.0 else ""))
+    # 3. no NaN or Inf in the loss or any gradient
+    bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    report("PASS" if math.isfinite(lv) and not bad else "FAIL", "forward/backward finite",
+           "loss and every gradient finite" if math.isfinite(lv) and not bad else f"loss {lv}, non-finite grads {bad[:5]}")
+    model.zero_grad(set_to_none=True)
+    # 4. a checkpoint saves and reloads to identical weights
+    if t.rank == 0:
+        with tempfile.TemporaryDirectory(dir=cfg.out_dir) as d:
+            save_checkpoint(os.path.join(d, "step"), model, None, {"step": 0})
+            copy = M.Model(model.config)
+            load_checkpoint(os.path.join(d, "step"), copy)
+            same = all(torch.equal(a.cpu(), b) for a, b in zip(model.state_dict().values(), copy.state_dict().values()))
+            size = sum(os.path.getsize(os.path.join(d, "step", f)) for f in os.listdir(os.path.join(d, "step")))
+        report("PASS" if same else "FAIL", "checkpoint round trip",
+               f"weights identical after save and load ({size / 1e6:.1f} MB without optimizer state)" if same
+               else "weights differ after reload")
+    # 5. evaluation runs
+    try:
+        ev = t.stage.evaluate(model, device, 1)
+        report("PASS", "evaluation", ", ".join(f"{k} {v:.3f}" for k, v in ev.items()))
+    except Exception as e:   # noqa: BLE001 (any failure here is the finding)
+        report("FAIL", "evaluation", f"{type(e).__name__}: {e}")
+    # 6. throughput and MFU, from the step above
+    tokens = batch["input_ids"].numel()
+    tps = tokens / step_time
+    peak = peak_flops(cfg, device)
+    mfu = model.flops_per_token(cfg.seq_len) * tps / peak if peak else None
+    total = cfg.max_steps * t.accum * tokens * t.world_size
+    report("PASS", "throughput", f"~{tps * t.world_size:,.0f} tokens/s (first step, cold), "
+           f"{'MFU ~%.0f%%' % (100 * mfu) if mfu else 'MFU n/a (set --peak_flops for this device)'}; "
+           f"{total / 1e6:.2f}M tokens would take ~{total / (tps * t.world_size) / 60:.1f} min")
+    # 7. memory: weights, gradients and AdamW's two moments in fp32, plus activations (an estimate)
+    c = model.config
+    n_params = model.num_params()[0]
+    act = cfg.batch_size * cfg.seq_len * c.n_layer * (14 * c.dim + 3 * c.mlp_dim) * 4
+    need, have = 16 * n_params + act, available_memory(device)
+    status = "WARN" if have is None else "FAIL" if need > have else "WARN" if need > 0.8 * have else "PASS"
+    report(status, "memory", f"~{need / 2 ** 30:.2f} GiB needed (16 B/param + activations), "
+           f"{'unknown' if have is None else '%.1f GiB' % (have / 2 ** 30)} available")
+    # 8. disk for keep_last + 1 checkpoints (weights + two AdamW moments)
+    need = (cfg.keep_last + 1) * 12 * n_params
+    free = shutil.disk_usage(cfg.out_dir).free
+    report("FAIL" if need > free else "PASS", "disk", f"{need / 2 ** 30:.2f} GiB for {cfg.keep_last + 1} "
+           f"checkpoints, {free / 2 ** 30:.1f} GiB free in {cfg.out_dir}")
+    # 9. under torchrun: the same weights everywhere, different data on each rank
+    if t.world_size > 1:
+        checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).to(device)
+        sums = [torch.zeros_like(checksum) for _ in range(t.world_size)]
+        dist.all_gather(sums, checksum)
+        same = all(torch.equal(s, sums[0]) for s in sums)
+        report("PASS" if same else "FAIL", "identical initial weights",
+               f"{t.world_size} ranks agree" if same else "ranks hold different weights: seed every rank alike")
+        h = torch.tensor([hash(tuple(batch["input_ids"].flatten().tolist())) % (2 ** 61)], device=device)
+        hashes = [torch.zeros_like(h) for _ in range(t.world_size)]
+        dist.all_gather(hashes, h)
+        distinct = len({int(x) for x in hashes}) == t.world_size
+        report("PASS" if distinct else "FAIL", "different data per rank",
+               "every rank's first batch differs" if distinct else "ranks read the same batch: check rank sharding")
+    else:
+        report("PASS", "ranks", "one process (no cross-rank checks)")
+    return results
+
+
+# -----------------------------------------------------------------------------
+# The trainer
+
+class Trainer:
+    def __init__(self, cfg, overrides):
+        self.cfg = cfg
+        self.rank, self.world_size, self.device = setup_distributed(cfg)
+        torch.manual_seed(cfg.seed)           # the same init on every rank
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        self.tok = get_tokenizer(cfg, self.rank)
+        prepare_data(cfg, self.tok, self.rank)
+        if cfg.stage in ("sft", "dpo", "rl"):
+            raise SystemExit(f"--stage {cfg.stage}: arrives with {cfg.stage}.py (a later issue)")
+        if cfg.stage == "midtrain" and not cfg.init and not cfg.resume:
+            raise SystemExit("--stage midtrain continues a trained model: give --init CHECKPOINT")
+        self.raw_model = build_model(cfg, overrides, vocab_size_of(self.tok)).to(self.device)
+        if cfg.seq_len > self.raw_model.config.max_seq_len:
+            raise SystemExit(f"--seq_len {cfg.seq_len} exceeds the model's max_seq_len "
+                             f"{self.raw_model.config.max_seq_len}; raise --max_seq_len (with --rope_theta or "
+                             "--rope_scaling to extend a trained model's context)")
+        per_step = cfg.batch_size * cfg.seq_len * self.world_size
+        if cfg.total_batch_tokens % per_step:
+            raise SystemExit(f"--total_batch_tokens {cfg.total_batch_tokens} is not a multiple of batch_size x "
+                             f"seq_len x processes = {per_step}")
+        self.accum = cfg.total_batch_tokens // per_step
+        self.stage = PretrainStage(cfg, self.rank, self.world_size, cfg.max_steps * cfg.total_batch_tokens)
+        self.optimizer = torch.optim.AdamW(param_groups(self.raw_model, cfg.weight_decay, cfg.decay_embeddings),
+                                           lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+        self.model = self.raw_model
+        if self.world_size > 1:
+            self.model = torch.nn.parallel.DistributedDataParallel(self.raw_model)
+        if cfg.compile:
+            self.model = torch.compile(self.model)
+        self.autocast = (torch.autocast("cuda", torch.bfloat16) if self.device.type == "cuda"
+                         else contextlib.nullcontext())
+        self.monitor = Monitor(cfg.spike_sigma, stall_steps=cfg.stall_steps)
+        self.start_step, self.nan_streak, self.stop_signal = 0, 0, None
+        self.flops_per_token = self.raw_model.flops_per_token(cfg.seq_len)
+        if cfg.resume and checkpoints(cfg.out_dir):
+            self.restore(checkpoints(cfg.out_dir)[-1], loader=True)
+        elif cfg.resume:
+            self.log(f"--resume: no checkpoint in {cfg.out_dir}/ckpt yet, starting fresh")
+
+    def decode(self, ids):
+        return self.tok.decode([i for i in ids if i < vocab_size_of(self.tok)])
+
+    def log(self, *a):
+        if self.rank == 0:
+            print(*a, flush=True)
+
+    def restore(self, path, loader):
+        """Model, optimizer, RNG and step from a checkpoint; the loader too unless we are
+        skipping past bad batches."""
+        state = load_checkpoint(path, self.raw_model, self.optimizer)
+        self.start_step = state["step"]
+        self.monitor.load_state_dict(state["monitor"])
+        if loader:
+            self.stage.load_state_dict(state["stage"])
+        self.log(f"restored {path} (step {self.start_step})")
+        return state
+
+    def save(self, step):
+        if self.rank == 0:
+            path = os.path.join(self.cfg.out_dir, "ckpt", f"step_{step:06d}")
+            save_checkpoint(path, self.raw_model, self.optimizer,
+                            {"step": step, "config": asdict(self.cfg), "stage": self.stage.state_dict(),
+                             "monitor": self.monitor.state_dict()})
+            for old in checkpoints(self.cfg.out_dir)[:-self.cfg.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier()
+
+    def alert(self, step, kind, message):
+        if self.rank == 0:
+            alert(self.cfg.out_dir, self.cfg.alert_cmd, step, kind, message)
+
+    def train(self):
+        cfg, model = self.cfg, self.model
+        c = self.raw_model.config
+        total, non_emb = self.raw_model.num_params()
+        if self.rank == 0:
+            with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+                json.dump({"train": asdict(cfg), "model": asdict(c)}, f, indent=1)
+            print(f"config: {json.dumps(asdict(cfg))}\nmodel: {json.dumps(asdict(c))}")
+            print(f"model: {total:,} parameters ({non_emb:,} non-embedding), {self.flops_per_token / 1e6:.1f} "
+                  f"MFLOPs/token; batch: {cfg.batch_size} x {cfg.seq_len} x {self.world_size} processes x "
+                  f"{self.accum} accumulation = {cfg.total_batch_tokens:,} tokens/step; {cfg.max_steps} steps = "
+                  f"{cfg.max_steps * cfg.total_batch_tokens / 1e6:.2f}M tokens; device {self.device}")
+        if cfg.preflight:
+            results = preflight(self)
+            failed = [item for status, item, _ in results if status == "FAIL"]
+            if failed and not cfg.ignore_preflight:
+                raise SystemExit(f"preflight FAILED: {', '.join(failed)} (fix it, or --ignore_preflight to run anyway)")
+        if not checkpoints(cfg.out_dir):
+            self.save(0)      # something to return to if the first steps go non-finite
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: setattr(self, "stop_signal", signum))
+
+        peak = peak_flops(cfg, self.device)
+        metrics_file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if self.rank == 0 else None
+        step = self.start_step
+        while step < cfg.max_steps:
+            lr = lr_at(step, cfg)
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+            t0 = time.perf_counter()
+            stats = torch.zeros(len(self.stage.names) + 1, 2, device=self.device)   # per-source (sum, count)
+            for micro in range(self.accum):
+                batch = {k: v.to(self.device) for k, v in self.stage.next_batch().items()}
+                # DDP all-reduces gradients in backward: only on the last micro-batch
+                sync = micro == self.accum - 1 or self.world_size == 1
+                with contextlib.nullcontext() if sync else model.no_sync():
+                    with self.autocast:
+                        loss, aux = self.stage.loss(model, batch)
+                    (loss / self.accum).backward()
+                stats[-1] += torch.stack([loss.detach().float(), torch.ones((), device=self.device)])
+                n_tok = (batch["labels"] != -100).sum(1).float()
+                if "source" in batch:
+                    stats[:-1, 0].index_add_(0, batch["source"], aux["row_ce"].float() * n_tok)
+                    stats[:-1, 1].index_add_(0, batch["source"], n_tok)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
+            if dist.is_initialized():
+                dist.all_reduce(stats)
+            loss_value = (stats[-1, 0] / stats[-1, 1]).item()
+            gn = grad_norm.item()
+            if math.isfinite(loss_value) and math.isfinite(gn):
+                self.optimizer.step()
+                self.nan_streak = 0
+            else:
+                self.nan_streak += 1   # skip the update; the gradients are discarded below
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            step += 1
+            tps = cfg.total_batch_tokens / dt
+            record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": gn, "tokens_per_s": tps,
+                      "mfu": self.flops_per_token * tps / peak if peak else None,
+                      "peak_memory_gb": peak_memory(self.device) / 2 ** 30, "tokens": step * cfg.total_batch_tokens}
+            for s, name in enumerate(self.stage.names):
+                if stats[s, 1] > 0:
+                    record[f"loss/{name}"] = (stats[s, 0] / stats[s, 1]).item()
+            for kind, message in self.monitor.update(step, loss_value, gn, tps):
+                self.alert(step, kind, message)
+            if self.nan_streak >= cfg.nan_patience:
+                path = checkpoints(cfg.out_dir)[-1]
+                skipped = self.stage.loader.batches
+                self.alert(step, "rollback", f"{self.nan_streak} non-finite steps in a row: reloading {path} and "
+                                             f"skipping the batches read since it")
+                state = self.restore(path, loader=False)   # the loader stays put: those batches are skipped
+                self.log(f"  skipped {skipped - state['stage']['batches']} loader batches")
+                step, self.nan_streak = self.start_step, 0
+                continue
+            if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                record.update(self.stage.evaluate(self.raw_model, self.device, cfg.eval_batches))
+            if self.rank == 0:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+                mfu = f" mfu {100 * record['mfu']:.1f}%" if record["mfu"] else ""
+                sources = " ".join(f"{k[5:]} {v:.3f}" for k, v in record.items() if k.startswith("loss/"))
+                val = " ".join(f"{k} {v:.3f}" for k, v in record.items() if k.startswith("val_loss"))
+                print(f"step {step:5d}/{cfg.max_steps} loss {loss_value:.4f} lr {lr:.2e} gnorm {gn:.3f} "
+                      f"{tps:,.0f} tok/s{mfu} mem {record['peak_memory_gb']:.2f}GB | {sources}"
+                      + (f" | {val}" if val else ""), flush=True)
+            if step % cfg.ckpt_every == 0 or step == cfg.max_steps or self.stop_signal:
+                self.save(step)
+            if self.stop_signal:
+                self.log(f"signal {self.stop_signal}: saved step {step}, exiting (resume with --resume)")
+                break
+        if metrics_file:
+            metrics_file.close()
+        return step
+
+
+def sample(t, prompt="def ", n_tokens=48):
+    ids = t.tok.encode(prompt)
+    out = t.raw_model.generate([ids], max_new_tokens=n_tokens, temperature=0.8, top_k=50,
+                               generator=torch.Generator(device=t.device).manual_seed(0))[0]
+    return prompt + t.decode(out)
+
+
+# -----------------------------------------------------------------------------
+# Plots
+
+def plot(run_dir):
+    """metrics.jsonl -> run_dir/curves.png (loss, lr, grad norm, throughput)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plotting needs matplotlib: pip install matplotlib", file=sys.stderr)
+        return None
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    for ax, key in zip(axes.flat, ("loss", "lr", "grad_norm", "tokens_per_s")):
+        ax.plot([r["step"] for r in rows], [r[key] for r in rows], lw=1)
+        if key == "loss":
+            val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+            if val:
+                ax.plot(*zip(*val), "o-", ms=3, label="val")
+                ax.legend()
+        ax.set_title(key)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    out = os.path.join(run_dir, "curves.png")
+    fig.savefig(out, dpi=100)
+    print(f"wrote {out}")
+    return out
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--plot"]:
+        if len(argv) != 2:
+            raise SystemExit("usage: python train.py --plot RUN_DIR")
+        plot(argv[1])
+        return
+    cfg, overrides = parse_config(argv)
+    t = Trainer(cfg, overrides)
+    try:
+        step = t.train()
+        if t.rank == 0 and step >= cfg.max_steps:
+            if cfg.sample_tokens:
+                print(f"sample: {sample(t, n_tokens=cfg.sample_tokens)!r}")
+            plot(cfg.out_dir)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
