@@ -12,6 +12,8 @@ Benchmarks (more arrive with the files they measure):
                                 # throughput (tokens/s) vs a nanoGPT-style loader and vs training
     python bench.py model       # forward+backward time of model.Model vs transformers'
                                 # LlamaForCausalLM, same config, weights and batch
+    python bench.py train       # training tokens/s and MFU of a preset (the tiny one by default),
+                                # against this device's measured matmul peak (CPU) or its spec (GPU)
 
 The baselines are benchmark-only tools, not dependencies of the project:
     pip install rustbpe tokenizers
@@ -310,6 +312,54 @@ def bench_model(args):
           f"{'bf16 autocast' if device == 'cuda' else 'float32'}, median of {args.rounds} interleaved rounds")
 
 
+# -----------------------------------------------------------------------------
+# Training throughput and MFU
+
+def bench_train(args):
+    import torch
+
+    import train
+
+    torch.manual_seed(0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # The denominator of MFU. On a GPU: the datasheet's dense bf16 peak. A CPU has no such
+    # number here, so measure one: the best of a few large float32 matmuls in this process.
+    n = 2048
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    best = min(timed(lambda: (a @ b).sum().item())[0] for _ in range(5))
+    measured = 2 * n ** 3 / best
+    cfg = train.TrainConfig(compile=args.compile)
+    peak = train.peak_flops(cfg, device) or measured
+    print(f"matmul {n}x{n} float32: {measured / 1e9:,.0f} GFLOP/s measured; MFU denominator "
+          f"{peak / 1e12:.1f} TFLOP/s ({'datasheet' if peak != measured else 'measured'})")
+    for name in args.presets:
+        m = model.Model(model.preset(name, max_seq_len=max(args.seq_len, 1024))).to(device)
+        opt = torch.optim.AdamW(train.param_groups(m, 0.1), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+        net = torch.compile(m) if args.compile else m
+        autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+        x = torch.randint(0, m.config.vocab_size, (args.batch_size, args.seq_len + 1), device=device)
+
+        def step():
+            with autocast:
+                _, loss, _ = net(x[:, :-1], labels=x[:, 1:])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+
+        for _ in range(args.warmup):
+            step()
+        times = [timed(step)[0] for _ in range(args.steps)]
+        tps = args.batch_size * args.seq_len / statistics.median(times)
+        mfu = m.flops_per_token(args.seq_len) * tps / peak
+        print(f"| {name} | {args.batch_size} x {args.seq_len} | {m.num_params()[0] / 1e6:.1f}M | "
+              f"{m.flops_per_token(args.seq_len) / 1e6:.1f} MFLOPs | {tps:,.0f} tokens/s | MFU {100 * mfu:.1f}% |")
+    print(f"\nmachine: {machine()}, {device}, {'bf16 autocast' if device.type == 'cuda' else 'float32'}"
+          f"{', torch.compile' if args.compile else ''}, median of {args.steps} steps after {args.warmup} warm-up")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -328,8 +378,15 @@ def main():
     m.add_argument("--batch-size", type=int, default=4)
     m.add_argument("--seq-len", type=int, default=512)
     m.add_argument("--rounds", type=int, default=5)
+    tr = sub.add_parser("train", help="training tokens/s and MFU")
+    tr.add_argument("--presets", nargs="+", default=["tiny"], choices=sorted(model.PRESETS))
+    tr.add_argument("--batch-size", type=int, default=8)
+    tr.add_argument("--seq-len", type=int, default=256)
+    tr.add_argument("--steps", type=int, default=10)
+    tr.add_argument("--warmup", type=int, default=3)
+    tr.add_argument("--compile", action="store_true")
     args = ap.parse_args()
-    {"tokenizer": bench_tokenizer, "data": bench_data, "model": bench_model}[args.cmd](args)
+    {"tokenizer": bench_tokenizer, "data": bench_data, "model": bench_model, "train": bench_train}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ class TrainConfig:
     eval_every: int = 50
     eval_batches: int = 4
     ckpt_every: int = 100
-    keep_last: int = 2
+    keep_last: int = 2                  # checkpoints kept (0 = all)
     sample_tokens: int = 48             # a sample at the end of the run
     # preflight, monitoring, alerts
     preflight: bool = True
@@ -117,6 +117,7 @@ class TrainConfig:
 STAGES = ("pretrain", "midtrain", "sft", "dpo", "rl")
 MODEL_FIELDS = {f.name for f in fields(M.ModelConfig)}
 TRAIN_FIELDS = {f.name: f for f in fields(TrainConfig)}
+BOOL_DEFAULTS = {f.name: f.default for f in fields(M.ModelConfig) + fields(TrainConfig) if isinstance(f.default, bool)}
 
 
 def _parse_value(key, text, default):
@@ -148,14 +149,17 @@ def parse_config(argv):
         arg = argv[i]
         if not arg.startswith("--"):
             raise SystemExit(f"unexpected argument {arg!r}: options are --key value")
-        key = arg[2:].replace("-", "_")
-        if "=" in key:
-            key, val = key.split("=", 1)
+        key, eq, val = arg[2:].partition("=")
+        key = key.replace("-", "_")              # --max-steps == --max_steps; the value stays as given
+        if eq:
             i += 1
         elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
             val, i = argv[i + 1], i + 2
         else:
-            val, i = "true", i + 1
+            _check_key(key)
+            if not isinstance(BOOL_DEFAULTS.get(key), bool):
+                raise SystemExit(f"--{key} needs a value")
+            val, i = "true", i + 1               # a bare boolean flag: --resume, --qk_norm
         pairs.append((key, val))
     for key, val in pairs:
         if key == "config":
@@ -165,8 +169,12 @@ def parse_config(argv):
                 except tomllib.TOMLDecodeError as e:
                     raise SystemExit(f"{val}: {e}")
             table = {**{k: v for k, v in table.items() if k != "model"}, **table.get("model", {})}
-            for k in table:
+            for k, v in table.items():
                 _check_key(k, where=val)
+                default = getattr(TrainConfig, k, None) if k in TRAIN_FIELDS else None
+                if default is not None and not (isinstance(v, type(default)) or
+                                                (isinstance(default, float) and type(v) is int)):
+                    raise SystemExit(f"{val}: {k} = {v!r} should be a {type(default).__name__}")
             values.update(table)
     for key, val in pairs:
         if key == "config":
@@ -212,12 +220,13 @@ def param_groups(model, weight_decay, decay_embeddings=False):
 
 def lr_at(step, cfg):
     """Linear warmup, then WSD (constant, then a linear decay over the last decay_frac of the
-    run) or cosine, ending at lr * min_lr_ratio."""
+    run, at least one step) or cosine, both heading for lr * min_lr_ratio at max_steps (the
+    last update runs one decay step above it)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     floor = cfg.lr * cfg.min_lr_ratio
     if cfg.schedule == "wsd":
-        decay_start = cfg.max_steps - int(cfg.decay_frac * cfg.max_steps)
+        decay_start = cfg.max_steps - math.ceil(cfg.decay_frac * cfg.max_steps)   # at least one step decays
         if step < decay_start:
             return cfg.lr
         return floor + (cfg.lr - floor) * (cfg.max_steps - step) / max(cfg.max_steps - decay_start, 1)
@@ -281,6 +290,7 @@ class Monitor:
 
     def load_state_dict(self, state):
         for k, v in state["history"].items():
+            self.history[k].clear()
             self.history[k].extend(v)
         self.ema, self.best, self.best_step = state["ema"], state["best"], state["best_step"]
 
@@ -339,9 +349,13 @@ def save_checkpoint(path, model, optimizer, trainer_state):
         for fname in os.listdir(tmp):          # durable before the rename makes it visible
             with open(os.path.join(tmp, fname), "rb") as f:
                 os.fsync(f.fileno())
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        if os.path.exists(path):       # overwrite (a step redone after a rollback) without a gap
+            old = tempfile.mkdtemp(prefix=f".{name}.old.", dir=parent)
+            os.replace(path, os.path.join(old, name))
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -391,7 +405,8 @@ def checkpoints(run_dir):
     d = os.path.join(run_dir, "ckpt")
     if not os.path.isdir(d):
         return []
-    return sorted(os.path.join(d, n) for n in os.listdir(d) if n.startswith("step_"))
+    names = [n for n in os.listdir(d) if n.startswith("step_") and n[5:].isdigit()]
+    return [os.path.join(d, n) for n in sorted(names, key=lambda n: int(n[5:]))]
 
 
 # -----------------------------------------------------------------------------
@@ -688,14 +703,19 @@ class Trainer:
         torch.manual_seed(cfg.seed)           # the same init on every rank
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
+        if cfg.stage in ("sft", "dpo", "rl"):
+            raise SystemExit(f"--stage {cfg.stage}: arrives with {cfg.stage}.py (a later issue)")
+        if checkpoints(cfg.out_dir) and not cfg.resume:
+            raise SystemExit(f"{cfg.out_dir} already holds checkpoints: --resume to continue that run, or a new --out_dir")
         os.makedirs(cfg.out_dir, exist_ok=True)
         self.tok = get_tokenizer(cfg, self.rank)
         prepare_data(cfg, self.tok, self.rank)
-        if cfg.stage in ("sft", "dpo", "rl"):
-            raise SystemExit(f"--stage {cfg.stage}: arrives with {cfg.stage}.py (a later issue)")
         if cfg.stage == "midtrain" and not cfg.init and not cfg.resume:
             raise SystemExit("--stage midtrain continues a trained model: give --init CHECKPOINT")
         self.raw_model = build_model(cfg, overrides, vocab_size_of(self.tok)).to(self.device)
+        if vocab_size_of(self.tok) > self.raw_model.config.padded_vocab:
+            raise SystemExit(f"the tokenizer has {vocab_size_of(self.tok)} tokens but the model's embedding only "
+                             f"{self.raw_model.config.padded_vocab} rows (--init {cfg.init}): use its tokenizer")
         if cfg.seq_len > self.raw_model.config.max_seq_len:
             raise SystemExit(f"--seq_len {cfg.seq_len} exceeds the model's max_seq_len "
                              f"{self.raw_model.config.max_seq_len}; raise --max_seq_len (with --rope_theta or "
@@ -716,7 +736,7 @@ class Trainer:
         self.autocast = (torch.autocast("cuda", torch.bfloat16) if self.device.type == "cuda"
                          else contextlib.nullcontext())
         self.monitor = Monitor(cfg.spike_sigma, stall_steps=cfg.stall_steps)
-        self.start_step, self.nan_streak, self.stop_signal = 0, 0, None
+        self.start_step, self.nan_streak, self.rollbacks, self.stop_signal = 0, 0, 0, None
         self.flops_per_token = self.raw_model.flops_per_token(cfg.seq_len)
         if cfg.resume and checkpoints(cfg.out_dir):
             self.restore(checkpoints(cfg.out_dir)[-1], loader=True)
@@ -747,8 +767,13 @@ class Trainer:
             save_checkpoint(path, self.raw_model, self.optimizer,
                             {"step": step, "config": asdict(self.cfg), "stage": self.stage.state_dict(),
                              "monitor": self.monitor.state_dict()})
-            for old in checkpoints(self.cfg.out_dir)[:-self.cfg.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+            if self.cfg.keep_last > 0:     # 0 keeps every checkpoint
+                for old in checkpoints(self.cfg.out_dir)[:-self.cfg.keep_last]:
+                    shutil.rmtree(old, ignore_errors=True)
+            ckpt_dir = os.path.dirname(path)   # a save killed half-way left a hidden temporary
+            for name in os.listdir(ckpt_dir):
+                if name.startswith(".step_"):
+                    shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
         barrier()
 
     def alert(self, step, kind, message):
@@ -756,8 +781,8 @@ class Trainer:
             alert(self.cfg.out_dir, self.cfg.alert_cmd, step, kind, message)
 
     def train(self):
-        cfg, model = self.cfg, self.model
-        c = self.raw_model.config
+        """Preflight, then the loop; returns the last step done."""
+        cfg, c = self.cfg, self.raw_model.config
         total, non_emb = self.raw_model.num_params()
         if self.rank == 0:
             with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
@@ -768,15 +793,27 @@ class Trainer:
                   f"{self.accum} accumulation = {cfg.total_batch_tokens:,} tokens/step; {cfg.max_steps} steps = "
                   f"{cfg.max_steps * cfg.total_batch_tokens / 1e6:.2f}M tokens; device {self.device}")
         if cfg.preflight:
-            results = preflight(self)
+            # The checks build a model (a fresh init draws random numbers): keep the run's RNG
+            # where it was, so that a resumed run and an uninterrupted one stay identical.
+            py_state = random.getstate()
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                results = preflight(self)
+            random.setstate(py_state)
             failed = [item for status, item, _ in results if status == "FAIL"]
             if failed and not cfg.ignore_preflight:
                 raise SystemExit(f"preflight FAILED: {', '.join(failed)} (fix it, or --ignore_preflight to run anyway)")
         if not checkpoints(cfg.out_dir):
             self.save(0)      # something to return to if the first steps go non-finite
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda signum, frame: setattr(self, "stop_signal", signum))
+        previous = {sig: signal.signal(sig, lambda signum, frame: setattr(self, "stop_signal", signum))
+                    for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            return self._loop()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
+    def _loop(self):
+        cfg, model = self.cfg, self.model
         peak = peak_flops(cfg, self.device)
         metrics_file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if self.rank == 0 else None
         step = self.start_step
@@ -785,7 +822,9 @@ class Trainer:
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
             t0 = time.perf_counter()
-            stats = torch.zeros(len(self.stage.names) + 1, 2, device=self.device)   # per-source (sum, count)
+            # per-source (loss sum, tokens), then (mean-loss sum, micro-batches), then (stop, -):
+            # one all-reduce carries them all, so every rank agrees on the loss and on stopping
+            stats = torch.zeros(len(self.stage.names) + 2, 2, device=self.device)
             for micro in range(self.accum):
                 batch = {k: v.to(self.device) for k, v in self.stage.next_batch().items()}
                 # DDP all-reduces gradients in backward: only on the last micro-batch
@@ -794,15 +833,17 @@ class Trainer:
                     with self.autocast:
                         loss, aux = self.stage.loss(model, batch)
                     (loss / self.accum).backward()
-                stats[-1] += torch.stack([loss.detach().float(), torch.ones((), device=self.device)])
+                stats[-2] += torch.stack([loss.detach().float(), torch.ones((), device=self.device)])
                 n_tok = (batch["labels"] != -100).sum(1).float()
                 if "source" in batch:
-                    stats[:-1, 0].index_add_(0, batch["source"], aux["row_ce"].float() * n_tok)
-                    stats[:-1, 1].index_add_(0, batch["source"], n_tok)
+                    stats[:-2, 0].index_add_(0, batch["source"], aux["row_ce"].float() * n_tok)
+                    stats[:-2, 1].index_add_(0, batch["source"], n_tok)
+            stats[-1, 0] = float(self.stop_signal is not None)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
             if dist.is_initialized():
                 dist.all_reduce(stats)
-            loss_value = (stats[-1, 0] / stats[-1, 1]).item()
+            loss_value = (stats[-2, 0] / stats[-2, 1]).item()
+            stop = stats[-1, 0].item() > 0
             gn = grad_norm.item()
             if math.isfinite(loss_value) and math.isfinite(gn):
                 self.optimizer.step()
@@ -824,6 +865,9 @@ class Trainer:
             for kind, message in self.monitor.update(step, loss_value, gn, tps):
                 self.alert(step, kind, message)
             if self.nan_streak >= cfg.nan_patience:
+                self.rollbacks += 1
+                if self.rollbacks > 3:   # not the data: the model or the learning rate
+                    raise SystemExit(f"step {step}: non-finite again after 3 rollbacks; lower --lr or check the model")
                 path = checkpoints(cfg.out_dir)[-1]
                 skipped = self.stage.loader.batches
                 self.alert(step, "rollback", f"{self.nan_streak} non-finite steps in a row: reloading {path} and "
@@ -835,7 +879,8 @@ class Trainer:
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
                 record.update(self.stage.evaluate(self.raw_model, self.device, cfg.eval_batches))
             if self.rank == 0:
-                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.write(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None
+                                               for k, v in record.items()}) + "\n")   # NaN is not JSON
                 metrics_file.flush()
                 mfu = f" mfu {100 * record['mfu']:.1f}%" if record["mfu"] else ""
                 sources = " ".join(f"{k[5:]} {v:.3f}" for k, v in record.items() if k.startswith("loss/"))
@@ -843,10 +888,10 @@ class Trainer:
                 print(f"step {step:5d}/{cfg.max_steps} loss {loss_value:.4f} lr {lr:.2e} gnorm {gn:.3f} "
                       f"{tps:,.0f} tok/s{mfu} mem {record['peak_memory_gb']:.2f}GB | {sources}"
                       + (f" | {val}" if val else ""), flush=True)
-            if step % cfg.ckpt_every == 0 or step == cfg.max_steps or self.stop_signal:
+            if step % cfg.ckpt_every == 0 or step == cfg.max_steps or stop:
                 self.save(step)
-            if self.stop_signal:
-                self.log(f"signal {self.stop_signal}: saved step {step}, exiting (resume with --resume)")
+            if stop:
+                self.log(f"stop signal: saved step {step}, exiting (resume with --resume)")
                 break
         if metrics_file:
             metrics_file.close()
@@ -873,7 +918,12 @@ def plot(run_dir):
         print("plotting needs matplotlib: pip install matplotlib", file=sys.stderr)
         return None
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+        by_step = {}
+        for line in f:               # a resumed run redoes steps: the last record of a step wins
+            if line.strip():
+                r = json.loads(line)
+                by_step[r["step"]] = r
+    rows = [by_step[k] for k in sorted(by_step)]
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
     for ax, key in zip(axes.flat, ("loss", "lr", "grad_norm", "tokens_per_s")):
         ax.plot([r["step"] for r in rows], [r[key] for r in rows], lw=1)

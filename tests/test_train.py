@@ -1,0 +1,684 @@
+"""Tests for train.py's pieces, in process: the command line and TOML config, AdamW's
+parameter groups, the learning-rate schedules, the monitor's detectors, alerts, checkpoints
+(exact optimizer and RNG state, no pickle, atomic), a short run's metrics and checkpoints,
+preflight failures, the NaN skip and rollback path, set-up errors, and plot().
+
+End-to-end subprocess runs (kill -9 and resume, SIGTERM, torchrun) live in test_train_runs.py."""
+
+import builtins
+import json
+import math
+import os
+import random
+import re
+import signal
+from dataclasses import asdict
+
+import pytest
+import torch
+
+import data
+import model as M
+import train
+
+SMALL = dict(vocab_size=100, n_layer=2, dim=32, n_head=2, n_kv_head=1, mlp_dim=64, max_seq_len=32)
+
+
+def small_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return M.Model(M.ModelConfig(**{**SMALL, **kw}))
+
+
+def cfg_of(*argv):
+    return train.parse_config(list(argv))[0]
+
+
+# -----------------------------------------------------------------------------
+# 1. parse_config
+
+def test_parse_config_flags_types_and_model_fields():
+    """--key value, --key=value, dashes in keys, bare booleans, int/float/bool/str types, and
+    model fields (JSON values: numbers, lists, dicts, booleans, plain strings) as overrides."""
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}
+    cfg, ov = train.parse_config([
+        "--max_steps", "7", "--lr=0.01", "--resume", "--out_dir", "runs/x", "--compile", "false",
+        "--warmup-steps", "5", "--decay_embeddings", "yes", "--n_layer", "3", "--nope_layers", "[1, 2]",
+        "--rope_scaling", json.dumps(yarn), "--qk_norm", "true", "--attn_impl", "eager", "--rope_theta", "1e5"])
+    assert cfg.max_steps == 7 and type(cfg.max_steps) is int
+    assert cfg.lr == 0.01 and type(cfg.lr) is float
+    assert cfg.resume is True and cfg.compile is False and cfg.decay_embeddings is True
+    assert cfg.out_dir == "runs/x" and cfg.warmup_steps == 5
+    assert cfg.seq_len == train.TrainConfig.seq_len          # untouched defaults stay
+    assert ov == {"n_layer": 3, "nope_layers": [1, 2], "rope_scaling": yarn, "qk_norm": True,
+                  "attn_impl": "eager", "rope_theta": 1e5}
+    assert train.parse_config(["--resume", "no"])[0].resume is False
+    assert train.parse_config([]) == (train.TrainConfig(), {})
+
+
+def test_parse_config_equals_form_keeps_dashes_in_the_value():
+    """--out_dir=runs/my-run keeps the value as given; --lr=-1e-3 is a negative number."""
+    assert cfg_of("--out_dir=runs/my-run").out_dir == "runs/my-run"
+    assert cfg_of("--lr=-1e-3").lr == -1e-3
+
+
+def test_parse_config_toml_file_with_model_table_and_flags_on_top(tmp_path):
+    """--config FILE.toml: top-level train keys and a [model] table; flags override the file,
+    whether they come before or after --config."""
+    path = tmp_path / "run.toml"
+    path.write_text('max_steps = 11\nlr = 0.002\nout_dir = "from_toml"\nschedule = "cosine"\n'
+                    '[model]\nn_layer = 3\ndim = 128\nnope_layers = [1]\n')
+    cfg, ov = train.parse_config(["--config", str(path), "--lr", "0.005", "--dim", "64"])
+    assert (cfg.max_steps, cfg.lr, cfg.out_dir, cfg.schedule) == (11, 0.005, "from_toml", "cosine")
+    assert ov == {"n_layer": 3, "dim": 64, "nope_layers": [1]}
+    cfg, ov = train.parse_config(["--lr", "0.005", "--config", str(path)])
+    assert cfg.lr == 0.005 and ov["dim"] == 128
+    # an unknown key in the file names the file; a broken file is a clean exit
+    path.write_text("max_step = 3\n")
+    with pytest.raises(SystemExit, match="max_step.*run.toml"):
+        train.parse_config(["--config", str(path)])
+    path.write_text("max_steps = = 3\n")
+    with pytest.raises(SystemExit, match="run.toml"):
+        train.parse_config(["--config", str(path)])
+
+
+def test_parse_config_errors_are_clean_exits():
+    """An unknown key lists the valid keys; a bad value, --stage, --schedule or a positional
+    argument exits with a message naming it."""
+    with pytest.raises(SystemExit) as e:
+        train.parse_config(["--learning_rate", "1e-3"])
+    msg = str(e.value)
+    assert "learning_rate" in msg and "lr" in msg.split("Training keys:")[1] and "n_layer" in msg.split("Model keys:")[1]
+    with pytest.raises(SystemExit, match="--max_steps 'abc'"):
+        train.parse_config(["--max_steps", "abc"])
+    with pytest.raises(SystemExit, match="--lr"):
+        train.parse_config(["--lr", "fast"])
+    with pytest.raises(SystemExit, match="--resume 'maybe'"):
+        train.parse_config(["--resume", "maybe"])
+    with pytest.raises(SystemExit, match="--stage 'finetune'.*pretrain"):
+        train.parse_config(["--stage", "finetune"])
+    with pytest.raises(SystemExit, match="--schedule 'linear'.*wsd or cosine"):
+        train.parse_config(["--schedule", "linear"])
+    with pytest.raises(SystemExit, match="unexpected argument 'runs/x'"):
+        train.parse_config(["runs/x"])
+
+
+def test_parse_config_bare_model_boolean_flag():
+    """A bare boolean model field means true, like a bare training flag."""
+    cfg, ov = train.parse_config(["--qk_norm", "--attn_bias", "--resume"])
+    assert ov == {"qk_norm": True, "attn_bias": True} and cfg.resume is True
+
+
+def test_parse_config_bare_flag_only_for_booleans():
+    """`--init` or `--out_dir` with no value is an error, not the path 'true'."""
+    with pytest.raises(SystemExit, match="--init"):
+        train.parse_config(["--init", "--resume"])
+
+
+def test_parse_config_toml_values_are_type_checked(tmp_path):
+    """max_steps = "ten" in the TOML file is a clean exit naming the key, as on the command line."""
+    path = tmp_path / "run.toml"
+    path.write_text('max_steps = "ten"\n')
+    with pytest.raises(SystemExit, match="max_steps"):
+        train.parse_config(["--config", str(path)])
+
+
+# -----------------------------------------------------------------------------
+# 2. param_groups
+
+@pytest.mark.parametrize("kw", [dict(), dict(tie_embeddings=False, qk_norm=True, attn_bias=True),
+                                dict(positions="learned")], ids=["tied", "untied-qknorm-bias", "learned-pos"])
+@pytest.mark.parametrize("decay_embeddings", [False, True])
+def test_param_groups_decay_only_matrices(kw, decay_embeddings):
+    """Decay: exactly the 2-D block matrices (+ an untied head; + the embeddings when asked);
+    no decay: norms, biases, embeddings. Every parameter appears exactly once."""
+    m = small_model(**kw)
+    groups = train.param_groups(m, 0.1, decay_embeddings=decay_embeddings)
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    name = {id(p): n for n, p in m.named_parameters()}
+    decay = {name[id(p)] for p in groups[0]["params"]}
+    no_decay = {name[id(p)] for p in groups[1]["params"]}
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(m.parameters()))
+    embeddings = {"embed_tokens.weight"} | ({"embed_positions.weight"} if kw.get("positions") == "learned" else set())
+    expect = {n for n, p in m.named_parameters() if n.startswith("layers.") and p.dim() == 2}
+    assert len(expect) == 2 * 7
+    if not kw.get("tie_embeddings", True):
+        expect.add("lm_head.weight")
+    if decay_embeddings:
+        expect |= embeddings
+    assert decay == expect
+    assert no_decay == {n for n, _ in m.named_parameters()} - expect
+    assert {"norm.weight", "layers.1.input_layernorm.weight", "layers.0.post_attention_layernorm.weight"} <= no_decay
+    if kw.get("attn_bias"):
+        assert {"layers.0.self_attn.q_proj.bias", "layers.1.self_attn.v_proj.bias",
+                "layers.0.self_attn.q_norm.weight", "layers.1.self_attn.k_norm.weight"} <= no_decay
+    assert embeddings <= (decay if decay_embeddings else no_decay)
+
+
+# -----------------------------------------------------------------------------
+# 3. lr_at
+
+def test_lr_warmup_then_wsd():
+    """Warmup rises linearly from lr/warmup to lr; WSD stays at lr until max_steps - decay_frac *
+    max_steps, then falls linearly; the last step's lr is small but above the floor."""
+    cfg = cfg_of("--lr", "1e-3", "--warmup_steps", "10", "--max_steps", "100", "--decay_frac", "0.2",
+                 "--min_lr_ratio", "0.1")
+    lrs = [train.lr_at(s, cfg) for s in range(100)]
+    assert lrs[:10] == pytest.approx([1e-3 * (s + 1) / 10 for s in range(10)])
+    assert lrs[10:81] == [1e-3] * 71                     # stable (step 80 opens the decay at lr)
+    floor = 1e-4
+    assert lrs[80:] == pytest.approx([floor + (1e-3 - floor) * (100 - s) / 20 for s in range(80, 100)])
+    assert all(a > b for a, b in zip(lrs[80:], lrs[81:]))  # strictly falling, linearly
+    assert floor < lrs[-1] < floor + 0.1 * (1e-3 - floor)
+    assert all(a <= b for a, b in zip(lrs[:10], lrs[1:11])) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    cfg.min_lr_ratio = 0.0
+    assert 0 < train.lr_at(99, cfg) == pytest.approx(1e-3 / 20)
+
+
+def test_lr_cosine():
+    """Cosine starts at lr right after warmup, falls monotonically, halves at mid-way and ends
+    near lr * min_lr_ratio, never below it."""
+    for ratio in (0.0, 0.1):
+        cfg = cfg_of("--lr", "2e-3", "--warmup_steps", "10", "--max_steps", "110", "--schedule", "cosine",
+                     "--min_lr_ratio", str(ratio))
+        lrs = [train.lr_at(s, cfg) for s in range(110)]
+        floor = 2e-3 * ratio
+        assert lrs[9] == lrs[10] == pytest.approx(2e-3)
+        assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+        assert lrs[60] == pytest.approx(floor + (2e-3 - floor) / 2)
+        assert floor <= lrs[-1] < floor + 0.001 * 2e-3
+        assert min(lrs) >= floor
+
+
+# -----------------------------------------------------------------------------
+# 4. Monitor
+
+def run_monitor(mon, series, start=1):
+    """Feed (loss, grad_norm, tokens_per_s) rows; returns [(step, kind)] of the alerts."""
+    out = []
+    for i, (loss, gn, tps) in enumerate(series):
+        out += [(start + i, kind) for kind, _ in mon.update(start + i, loss, gn, tps)]
+    return out
+
+
+def smooth(n=300, seed=0):
+    rng = random.Random(seed)
+    return [(1 + 4 * math.exp(-i / 80) + rng.gauss(0, 0.02), 1 + rng.gauss(0, 0.03), 1000 + rng.gauss(0, 20))
+            for i in range(n)]
+
+
+def test_monitor_quiet_on_a_healthy_run():
+    """A smooth, noisy, decreasing loss with steady grad norm and throughput raises nothing."""
+    assert run_monitor(train.Monitor(stall_steps=10_000), smooth()) == []
+
+
+def test_monitor_detects_spikes_and_throughput_drops():
+    """A single 3x loss spike, a 10x grad-norm spike and throughput at 30% each raise exactly
+    one alert of their kind at their step."""
+    s = smooth()
+    s[150] = (3 * s[150][0], s[150][1], s[150][2])
+    s[200] = (s[200][0], 10 * s[200][1], s[200][2])
+    s[250] = (s[250][0], s[250][1], 0.3 * s[250][2])
+    assert run_monitor(train.Monitor(stall_steps=10_000), s) == [
+        (151, "loss_spike"), (201, "grad_norm_spike"), (251, "throughput_drop")]
+
+
+def test_monitor_stall_alerts_once_per_stall_steps():
+    """A flat loss raises loss_stalled every stall_steps steps, no more."""
+    alerts = run_monitor(train.Monitor(stall_steps=50), [(3.0, 1.0, 1000.0)] * 300)
+    assert alerts == [(51, "loss_stalled"), (101, "loss_stalled"), (151, "loss_stalled"), (201, "loss_stalled"),
+                      (251, "loss_stalled")]
+
+
+def test_monitor_nonfinite_and_history_untouched():
+    """NaN or Inf returns only 'nonfinite' and leaves the history as it was."""
+    mon = train.Monitor()
+    run_monitor(mon, smooth(20))
+    before = mon.state_dict()
+    assert [k for k, _ in mon.update(21, float("nan"), 1.0, 1000.0)] == ["nonfinite"]
+    assert [k for k, _ in mon.update(22, 2.0, float("inf"), 1000.0)] == ["nonfinite"]
+    assert mon.state_dict() == before
+
+
+def future():
+    s = smooth(200, seed=1)
+    s[40] = (5 * s[40][0], s[40][1], s[40][2])
+    s[90] = (s[90][0], 8 * s[90][1], 0.2 * s[90][2])
+    return s + [(s[-1][0], 1.0, 1000.0)] * 150          # then a stall
+
+
+def test_monitor_state_round_trip():
+    """state_dict -> JSON -> load_state_dict into a fresh Monitor gives the same future alerts."""
+    a = train.Monitor(stall_steps=60)
+    run_monitor(a, smooth(100))
+    b = train.Monitor(stall_steps=60)
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    assert b.state_dict() == a.state_dict()
+    got_a, got_b = run_monitor(a, future(), start=101), run_monitor(b, future(), start=101)
+    assert got_a == got_b
+    assert {k for _, k in got_a} == {"loss_spike", "grad_norm_spike", "throughput_drop", "loss_stalled"}
+
+
+def test_monitor_load_state_replaces_history():
+    """Loading a state into a Monitor that already has history gives exactly that state."""
+    a = train.Monitor()
+    run_monitor(a, smooth(30))
+    saved = json.loads(json.dumps(a.state_dict()))
+    run_monitor(a, [(9.0, 9.0, 9.0)] * 5, start=31)      # the run goes on, then rolls back
+    a.load_state_dict(saved)
+    assert a.state_dict() == saved
+
+
+# -----------------------------------------------------------------------------
+# 5. alert()
+
+def test_alert_writes_jsonl_and_pipes_json_to_the_command(tmp_path, capsys):
+    """Each alert appends a JSON line (kind, step, message, time) and feeds the same JSON to
+    alert_cmd on stdin; it is printed to stderr too."""
+    got = tmp_path / "got.json"
+    train.alert(str(tmp_path), f"cat > {got}", 7, "loss_spike", "loss 9 is 12 sigma above")
+    train.alert(str(tmp_path), "", 8, "nonfinite", "loss nan")
+    lines = [json.loads(x) for x in (tmp_path / "alerts.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["kind"], r["message"]) for r in lines] == [
+        (7, "loss_spike", "loss 9 is 12 sigma above"), (8, "nonfinite", "loss nan")]
+    assert all(isinstance(r["time"], float) for r in lines)
+    assert json.loads(got.read_text()) == lines[0]
+    assert "ALERT step 7 loss_spike" in capsys.readouterr().err
+
+
+def test_alert_command_failure_does_not_raise(tmp_path, capsys):
+    """A failing or missing alert_cmd is reported on stderr; the alert is still written."""
+    train.alert(str(tmp_path), "exit 3", 1, "x", "a")
+    train.alert(str(tmp_path), "/nonexistent/command/xyz", 2, "y", "b")
+    assert len((tmp_path / "alerts.jsonl").read_text().splitlines()) == 2
+    assert capsys.readouterr().err.count("alert_cmd failed") == 2
+
+
+# -----------------------------------------------------------------------------
+# 6. Checkpoints
+
+def adamw(m):
+    return torch.optim.AdamW(train.param_groups(m, 0.1), lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+
+
+def steps(m, opt, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        x = torch.randint(0, SMALL["vocab_size"], (2, 16), generator=g)
+        _, loss, _ = m(x, labels=x.roll(-1, 1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def as_tuples(group):
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in group.items() if k != "params"}
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_checkpoint_round_trip_is_exact(tmp_path, tie):
+    """Weights, AdamW moments and step counts, group hyperparameters and RNG states come back
+    exactly, so the next step matches; only .safetensors and .json files, no temporary left."""
+    m = small_model(0, tie_embeddings=tie)
+    opt = adamw(m)
+    steps(m, opt, 3, seed=1)
+    opt.param_groups[0]["lr"] = 7e-4                     # a scheduled lr is saved too
+    path = tmp_path / "ckpt" / "step_000003"
+    train.save_checkpoint(str(path), m, opt, {"step": 3, "note": "hi"})
+
+    m2 = small_model(1, tie_embeddings=tie)
+    opt2 = adamw(m2)
+    assert not torch.equal(m2.layers[0].mlp.up_proj.weight, m.layers[0].mlp.up_proj.weight)
+    state = train.load_checkpoint(str(path), m2, opt2)
+    assert state["step"] == 3 and state["note"] == "hi" and M.ModelConfig(**state["model_config"]) == m.config
+    for (n1, a), (n2, b) in zip(m.state_dict().items(), m2.state_dict().items()):
+        assert n1 == n2 and torch.equal(a, b), n1
+    assert (m2.lm_head.weight is m2.embed_tokens.weight) == tie
+    for p1, p2 in zip(m.parameters(), m2.parameters()):
+        s1, s2 = opt.state[p1], opt2.state[p2]
+        assert set(s1) == set(s2) == {"step", "exp_avg", "exp_avg_sq"}
+        assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    assert [as_tuples(g) for g in opt2.param_groups] == [as_tuples(g) for g in opt.param_groups]
+    assert opt2.param_groups[0]["lr"] == 7e-4
+    # the next steps agree bit for bit
+    steps(m, opt, 2, seed=9)
+    steps(m2, opt2, 2, seed=9)
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))
+    # no pickle, no temporary directory; saving over the same path works
+    assert sorted(os.listdir(path)) == ["model.safetensors", "optimizer.safetensors", "rng.safetensors",
+                                        "trainer.json"]
+    train.save_checkpoint(str(path), m, opt, {"step": 5})
+    assert os.listdir(tmp_path / "ckpt") == ["step_000003"]
+    assert train.load_checkpoint(str(path), m2)["step"] == 5
+
+
+def test_failed_save_leaves_the_old_checkpoint_and_no_temporary(tmp_path):
+    """A save that fails while writing (here: trainer state JSON cannot encode) raises, removes
+    its temporary directory and leaves the checkpoint already at that path untouched."""
+    m = small_model()
+    path = tmp_path / "ckpt" / "step_000001"
+    train.save_checkpoint(str(path), m, None, {"step": 1})
+    with pytest.raises(TypeError):
+        train.save_checkpoint(str(path), m, None, {"step": 2, "bad": object()})
+    assert os.listdir(tmp_path / "ckpt") == ["step_000001"]
+    assert train.load_checkpoint(str(path), small_model(1))["step"] == 1
+
+
+def test_checkpoint_restores_rng_states(tmp_path):
+    """load_checkpoint with an optimizer puts torch's and Python's RNGs back where they were."""
+    m = small_model()
+    opt = adamw(m)
+    torch.manual_seed(3)
+    random.seed(3)
+    train.save_checkpoint(str(tmp_path / "c"), m, opt, {"step": 0})
+    expect = (torch.rand(5), random.random())
+    torch.manual_seed(99)
+    random.seed(99)
+    train.load_checkpoint(str(tmp_path / "c"), m, opt)
+    got = (torch.rand(5), random.random())
+    assert torch.equal(got[0], expect[0]) and got[1] == expect[1]
+
+
+def test_checkpoint_mismatch_raises(tmp_path):
+    """Weights for another shape of model raise ValueError naming the keys; optimizer state
+    for another set of parameters too."""
+    m = small_model()
+    opt = adamw(m)
+    steps(m, opt, 1, seed=0)
+    train.save_checkpoint(str(tmp_path / "c"), m, opt, {"step": 1})
+    with pytest.raises(ValueError, match=r"missing \['layers\.2\."):
+        train.load_checkpoint(str(tmp_path / "c"), small_model(n_layer=3))
+    with pytest.raises(ValueError, match=r"missing \['lm_head\.weight'\]"):
+        train.load_checkpoint(str(tmp_path / "c"), small_model(tie_embeddings=False))
+    m2 = small_model()
+    with pytest.raises(ValueError, match="different set of parameters"):
+        train.load_checkpoint(str(tmp_path / "c"), m2, torch.optim.AdamW(list(m2.parameters())[:3]))
+
+
+def test_checkpoints_lists_steps_oldest_first(tmp_path):
+    """checkpoints(run_dir): step_* directories in step order, temporaries ('.step_...') left out."""
+    assert train.checkpoints(str(tmp_path)) == []
+    for n in ("step_000010", "step_000002", ".step_000011.abc", "step_000001", "notes"):
+        os.makedirs(tmp_path / "ckpt" / n)
+    assert [os.path.basename(p) for p in train.checkpoints(str(tmp_path))] == [
+        "step_000001", "step_000002", "step_000010"]
+
+
+def test_checkpoints_order_past_a_million_steps(tmp_path):
+    """Step 1,000,000 comes after step 999,999."""
+    for n in ("step_999999", "step_1000000"):
+        os.makedirs(tmp_path / "ckpt" / n)
+    assert os.path.basename(train.checkpoints(str(tmp_path))[-1]) == "step_1000000"
+
+
+# -----------------------------------------------------------------------------
+# In-process Trainer runs
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    data.prepare(out=str(d), tokenizer=data.ByteTokenizer(), max_docs=60, verbose=False)
+    return str(d)
+
+
+@pytest.fixture(autouse=True)
+def _restore_signals():
+    """Trainer.train() installs SIGTERM/SIGINT handlers; give pytest its own back."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for s, h in saved.items():
+        signal.signal(s, h)
+
+
+def trainer(data_dir, out_dir, *extra):
+    cfg, ov = train.parse_config([
+        "--data_dir", data_dir, "--tokenizer", "bytes", "--out_dir", str(out_dir), "--max_steps", "6",
+        "--seq_len", "64", "--batch_size", "4", "--total_batch_tokens", "512", "--n_layer", "2",
+        "--nope_layers", "[1]", "--warmup_steps", "2", "--eval_every", "100", "--sample_tokens", "0", *extra])
+    return train.Trainer(cfg, ov)
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_run_writes_metrics_config_and_checkpoints(data_dir, tmp_path, capsys):
+    """A 6-step run: one metrics line per step with the documented keys and per-source losses,
+    the scheduled lr, a falling loss, config.json, the printed config, and only keep_last
+    checkpoints (the last one holds step 6 and the loader's position)."""
+    out = tmp_path / "run"
+    t = trainer(data_dir, out, "--ckpt_every", "2", "--keep_last", "2")
+    assert t.accum == 2
+    assert t.train() == 6
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    for r in rows:
+        assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_gb", "mfu", "tokens"} <= set(r)
+        assert r["lr"] == train.lr_at(r["step"] - 1, t.cfg) and r["tokens"] == 512 * r["step"]
+        assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("loss", "grad_norm", "tokens_per_s", "peak_memory_gb"))
+        per_source = {k[5:] for k in r if k.startswith("loss/")}
+        assert per_source and per_source <= set(t.stage.names)
+    assert set().union(*({k[5:] for k in r if k.startswith("loss/")} for r in rows)) == {"code", "prose", "math"}
+    assert "val_loss" in rows[-1] and "val_loss" not in rows[0]      # evaluated at the last step
+    assert rows[-1]["loss"] < rows[0]["loss"] - 1.0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["train"] == asdict(t.cfg) and saved["model"]["n_layer"] == 2
+    assert [os.path.basename(p) for p in train.checkpoints(str(out))] == ["step_000004", "step_000006"]
+    state = json.loads((out / "ckpt" / "step_000006" / "trainer.json").read_text())
+    assert state["step"] == 6 and state["stage"]["batches"] == 12 and state["config"]["max_steps"] == 6
+    assert not [n for n in os.listdir(out / "ckpt") if n.startswith(".")]
+    printed = capsys.readouterr().out
+    line = next(x for x in printed.splitlines() if x.startswith("config: "))
+    assert json.loads(line[len("config: "):]) == asdict(t.cfg)
+    assert "preflight checklist:" in printed and "step     6/6 loss" in printed
+
+
+def test_preflight_passes_on_a_healthy_setup_and_leaves_no_trace(data_dir, tmp_path):
+    """preflight() on a fresh run: every item present, none FAIL, the loader still at its first
+    batch, no gradients left, no temporary checkpoint left in out_dir."""
+    t = trainer(data_dir, tmp_path / "run")
+    results = train.preflight(t)
+    assert [item for _, item, _ in results] == ["initial loss", "batch", "forward/backward finite",
+                                                "checkpoint round trip", "evaluation", "throughput", "memory",
+                                                "disk", "ranks"]
+    assert [s for s, _, _ in results[:6]] == ["PASS"] * 6 and "FAIL" not in {s for s, _, _ in results}
+    assert t.stage.loader.batches == 0
+    assert all(p.grad is None for p in t.raw_model.parameters())
+    assert os.listdir(tmp_path / "run") == []
+
+
+def test_preflight_fails_when_every_label_is_masked(data_dir, tmp_path, monkeypatch, capsys):
+    """Batches whose labels are all -100 stop the run before the first step: the batch check
+    (and the initial loss) FAIL."""
+    real = train.PretrainStage.next_batch
+
+    def masked(self):
+        b = real(self)
+        return {**b, "labels": torch.full_like(b["labels"], -100)}
+
+    monkeypatch.setattr(train.PretrainStage, "next_batch", masked)
+    t = trainer(data_dir, tmp_path / "run")
+    with pytest.raises(SystemExit) as e:
+        t.train()
+    assert str(e.value).startswith("preflight FAILED:") and "batch" in str(e.value)
+    assert "every label is -100" in capsys.readouterr().out
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() and train.checkpoints(str(tmp_path / "run")) == []
+
+
+def test_preflight_fails_on_a_wrong_initial_loss(data_dir, tmp_path, capsys):
+    """--init_std 1.0 gives an initial loss far from ln(padded vocab): FAIL on 'initial loss' only."""
+    t = trainer(data_dir, tmp_path / "run", "--init_std", "1.0")
+    with pytest.raises(SystemExit, match=r"^preflight FAILED: initial loss \("):
+        t.train()
+    loss = float(re.search(r"FAIL initial loss: ([\d.]+)", capsys.readouterr().out).group(1))
+    assert abs(loss - math.log(t.raw_model.config.padded_vocab)) > 1.5 and t.raw_model.config.padded_vocab == 384
+
+
+def test_ignore_preflight_runs_anyway(data_dir, tmp_path, capsys):
+    """--ignore_preflight: the same FAIL is printed but the run goes on."""
+    t = trainer(data_dir, tmp_path / "run", "--init_std", "1.0", "--ignore_preflight", "--max_steps", "2")
+    assert t.train() == 2
+    assert "FAIL initial loss" in capsys.readouterr().out
+    assert len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == 2
+
+
+def test_train_restores_signal_handlers(data_dir, tmp_path):
+    """After train() returns, SIGINT and SIGTERM are handled as before it started."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    t = trainer(data_dir, tmp_path / "run", "--preflight", "false", "--max_steps", "1")
+    assert t.train() == 1
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_preflight_leaves_the_rng_where_it_was(data_dir, tmp_path):
+    """The loop starts with the same torch and Python RNG states with or without preflight
+    (preflight builds a model, which draws random numbers): a resumed run stays exact."""
+    states = {}
+    for pf in ("true", "false"):
+        t = trainer(data_dir, tmp_path / pf, "--preflight", pf, "--max_steps", "1")
+        next_batch = t.stage.next_batch
+
+        def record(pf=pf, next_batch=next_batch):
+            states[pf] = (torch.get_rng_state(), random.getstate())   # the last call is the loop's
+            return next_batch()
+
+        t.stage.next_batch = record
+        t.train()
+    assert torch.equal(states["true"][0], states["false"][0]) and states["true"][1] == states["false"][1]
+
+
+def test_stop_flag_saves_and_returns(data_dir, tmp_path):
+    """A stop signal noticed during step 3 (what the SIGTERM handler sets) ends the run after
+    that step with a checkpoint of it."""
+    out = tmp_path / "run"
+    t = trainer(data_dir, out, "--preflight", "false")
+    next_batch = t.stage.next_batch
+
+    def signalled():
+        b = next_batch()
+        if t.stage.loader.batches == 5:
+            t.stop_signal = signal.SIGTERM
+        return b
+
+    t.stage.next_batch = signalled
+    assert t.train() == 3
+    assert [os.path.basename(p) for p in train.checkpoints(str(out))] == ["step_000000", "step_000003"]
+    assert len(read_jsonl(out / "metrics.jsonl")) == 3
+
+
+def instrument(t, nan_batches, snap_at):
+    """Make the loss NaN while the loader's batch counter is in nan_batches; record the counter
+    after every training batch and the weights when it reaches a batch in snap_at."""
+    seen, snaps = [], {}
+    next_batch, loss = t.stage.next_batch, t.stage.loss
+
+    def patched_next():
+        b = next_batch()
+        n = t.stage.loader.batches
+        seen.append(n)
+        if len(seen) > 60:                   # a rollback that replays the bad batches would loop forever
+            raise RuntimeError(f"runaway run: batches read {seen}")
+        if n in snap_at:
+            snaps[n] = {k: v.detach().clone() for k, v in t.raw_model.state_dict().items()}
+        return b
+
+    def patched_loss(model, batch):
+        value, aux = loss(model, batch)
+        return (value * float("nan") if t.stage.loader.batches in nan_batches else value), aux
+
+    t.stage.next_batch, t.stage.loss = patched_next, patched_loss
+    return seen, snaps
+
+
+def same(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nonfinite_step_is_skipped(data_dir, tmp_path):
+    """A NaN loss on step 3 leaves the weights and AdamW untouched and writes a 'nonfinite'
+    alert; the run finishes."""
+    out = tmp_path / "run"
+    t = trainer(data_dir, out, "--preflight", "false")
+    seen, snaps = instrument(t, nan_batches={5}, snap_at={3, 5, 7})   # step k reads batches 2k-1, 2k
+    assert t.train() == 6
+    assert not same(snaps[3], snaps[5])          # step 2 did change the weights
+    assert same(snaps[5], snaps[7])              # step 3 did not
+    assert seen == list(range(1, 13))
+    assert all(int(s["step"]) == 5 for s in t.optimizer.state.values())   # 6 steps, one skipped
+    alerts = read_jsonl(out / "alerts.jsonl")
+    assert [(a["step"], a["kind"]) for a in alerts] == [(3, "nonfinite")]
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 7)) and rows[2]["loss"] is None   # NaN is written as null
+
+
+def test_nan_patience_rolls_back_and_skips_the_batches(data_dir, tmp_path):
+    """nan_patience=2 and NaN on steps 5 and 6: a 'rollback' alert, the weights go back to the
+    step-3 checkpoint, the loader does not rewind (batches 9-12 are skipped, not replayed), and
+    the run still ends at max_steps."""
+    out = tmp_path / "run"
+    t = trainer(data_dir, out, "--preflight", "false", "--nan_patience", "2", "--ckpt_every", "3",
+                "--keep_last", "10")
+    seen, snaps = instrument(t, nan_batches={9, 10, 11, 12}, snap_at={9, 13})
+    assert t.train() == 6
+    ref = M.Model(t.raw_model.config)
+    state = train.load_checkpoint(str(out / "ckpt" / "step_000003"), ref)
+    assert state["step"] == 3 and state["stage"]["batches"] == 6
+    assert same(snaps[13], ref.state_dict())     # right after the rollback: the checkpoint's weights
+    assert not same(snaps[9], snaps[13])         # which differ from where the run was (after step 4)
+    assert seen == list(range(1, 19))            # never rewound: 6 + 2 NaN + 3 more steps, 2 batches each
+    assert all(int(s["step"]) == 6 for s in t.optimizer.state.values())  # 3 restored + 3 after the rollback
+    alerts = [(a["step"], a["kind"]) for a in read_jsonl(out / "alerts.jsonl")]
+    assert alerts == [(5, "nonfinite"), (6, "nonfinite"), (6, "rollback")]
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3, 4, 5, 4, 5, 6]
+    last = json.loads((out / "ckpt" / "step_000006" / "trainer.json").read_text())
+    assert last["step"] == 6 and last["stage"]["batches"] == 18
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--stage", "sft"], "--stage sft: arrives with sft.py"),
+    (["--stage", "midtrain"], "--stage midtrain continues a trained model: give --init"),
+    (["--max_seq_len", "32"], "--seq_len 64 exceeds the model's max_seq_len 32"),
+    (["--total_batch_tokens", "500"], "--total_batch_tokens 500 is not a multiple of batch_size x seq_len"),
+])
+def test_setup_errors_are_clean_exits(data_dir, tmp_path, extra, message):
+    """Unsupported stages, mid-training without --init, a too long seq_len and a global batch
+    that is not a multiple of the micro-batch exit with a message saying so."""
+    with pytest.raises(SystemExit) as e:
+        trainer(data_dir, tmp_path / "run", *extra)
+    assert message in str(e.value)
+
+
+# -----------------------------------------------------------------------------
+# 11. plot()
+
+def test_plot_without_matplotlib(tmp_path, monkeypatch, capsys):
+    """No matplotlib: plot() prints how to install it and returns None."""
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *a, **kw):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    assert train.plot(str(tmp_path)) is None
+    assert "pip install matplotlib" in capsys.readouterr().err
+    assert not (tmp_path / "curves.png").exists()
+
+
+def test_plot_writes_curves(tmp_path):
+    """With matplotlib: metrics.jsonl -> curves.png."""
+    pytest.importorskip("matplotlib")
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for s in range(1, 6):
+            f.write(json.dumps({"step": s, "loss": 5 - s / 2, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 1e3,
+                                **({"val_loss": 4.0} if s == 5 else {})}) + "\n")
+    assert train.plot(str(tmp_path)) == str(tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_main_plot_usage():
+    """`train.py --plot` without a run directory is a usage error."""
+    with pytest.raises(SystemExit, match="usage"):
+        train.main(["--plot"])

@@ -1,0 +1,542 @@
+"""End-to-end runs of train.py as subprocesses: exact resume after `kill -9`, SIGTERM
+(preemption) saving a checkpoint, torchrun with 2 processes matching 1 process on the same
+global batch, mid-training from a checkpoint and from a Hugging Face directory, the command
+line (unknown keys, TOML configs) and --plot.
+
+Every run is tiny (byte tokenizer, 2 layers, 512 tokens per step, a few steps) and uses
+OMP_NUM_THREADS=1 so that two runs of the same flags compute the same floats."""
+
+import contextlib
+import importlib.util
+import json
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import fields
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "train.py")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+LN_V = math.log(384)          # the byte vocabulary (257) padded to a multiple of 128
+
+# the model: 2 layers (the tiny preset's NoPE layer 3 does not exist then)
+MODEL = ["--seq_len", "64", "--n_layer", "2", "--nope_layers", "[1]"]
+
+
+def common(d):
+    """Flags for a fast run on the prepared bytes data in d (no model fields: --init refuses those)."""
+    return ["--data_dir", str(d), "--tokenizer", "bytes", "--batch_size", "4", "--total_batch_tokens", "512",
+            "--warmup_steps", "2", "--eval_every", "100", "--sample_tokens", "0"]
+
+
+def run_train(args, cwd, timeout=90):
+    """Run train.py to completion; returns the CompletedProcess (stdout and stderr as text)."""
+    return subprocess.run([sys.executable, TRAIN] + [str(a) for a in args], cwd=cwd, env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def check(proc):
+    assert proc.returncode == 0, (f"train.py exited {proc.returncode}\n--- stdout (tail)\n{proc.stdout[-3000:]}"
+                                  f"\n--- stderr (tail)\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def start_train(args, cwd, log):
+    """Start train.py in the background, stdout and stderr to the file `log` (a pipe nobody
+    reads could fill up and block the run)."""
+    f = open(log, "w")
+    proc = subprocess.Popen([sys.executable, TRAIN] + [str(a) for a in args], cwd=cwd, env=ENV, stdout=f,
+                            stderr=subprocess.STDOUT)
+    f.close()          # the child holds its own descriptor
+    return proc
+
+
+def read_metrics(out):
+    """Complete lines of out/metrics.jsonl (a line being written is ignored)."""
+    path = os.path.join(out, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        text = f.read()
+    return [json.loads(line) for line in text.split("\n")[:-1] if line.strip()]
+
+
+def by_step(rows):
+    """step -> row, the last occurrence winning (a resumed run appends the steps it redoes)."""
+    return {r["step"]: r for r in rows}
+
+
+def wait_for_step(proc, out, step, log, timeout=60):
+    """Poll metrics.jsonl until it shows a step >= `step`; returns that step. Fails clearly if
+    the process ends first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = read_metrics(out)
+        if rows and rows[-1]["step"] >= step:
+            return rows[-1]["step"]
+        if proc.poll() is not None:
+            with open(log) as f:
+                tail = f.read()[-3000:]
+            pytest.fail(f"train.py exited ({proc.returncode}) before metrics.jsonl showed step {step} "
+                        f"(last step seen: {rows[-1]['step'] if rows else None}); output:\n{tail}")
+        time.sleep(0.005)
+    pytest.fail(f"metrics.jsonl did not reach step {step} within {timeout} s")   # the caller ends the process
+
+
+def ckpt_steps(out):
+    d = os.path.join(out, "ckpt")
+    return sorted(int(n[len("step_"):]) for n in os.listdir(d) if n.startswith("step_")) if os.path.isdir(d) else []
+
+
+def ckpt(out, step):
+    return os.path.join(out, "ckpt", f"step_{step:06d}")
+
+
+def trainer_json(path):
+    with open(os.path.join(path, "trainer.json")) as f:
+        return json.load(f)
+
+
+def config_json(out):
+    with open(os.path.join(out, "config.json")) as f:
+        return json.load(f)
+
+
+def assert_bitwise(a, b, what):
+    assert set(a) == set(b), f"{what}: different tensors: {sorted(set(a) ^ set(b))[:10]}"
+    differ = [k for k in a if not (a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k]))]
+    assert not differ, f"{what}: {len(differ)} of {len(a)} tensors differ, e.g. {differ[:5]}"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_torchrun(args, cwd, nproc=2, timeout=120):
+    """torchrun --nproc_per_node=nproc train.py args; returns (returncode, output). On a timeout
+    the workers are ended by pid before torchrun (a killed torchrun leaves them running)."""
+    log = os.path.join(cwd, "torchrun.log")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port",
+           str(free_port()), TRAIN] + [str(a) for a in args]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        end_torchrun(proc)
+        pytest.fail(f"torchrun did not finish in {timeout} s:\n{open(log).read()[-3000:]}")
+    with open(log) as f:
+        return proc.returncode, f.read()
+
+
+def end_torchrun(proc, workers=()):
+    """SIGKILL torchrun's workers (they run in sessions of their own and outlive a killed
+    torchrun), then torchrun itself; everything by pid."""
+    if proc.poll() is not None:
+        return
+    for pid in list(workers) or list(_children(proc.pid)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.kill()
+    proc.wait()
+
+
+def _children(pid):
+    """Processes whose parent is pid (Linux /proc), as {pid: environ dict}."""
+    kids = {}
+    if not os.path.isdir("/proc"):
+        return kids
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid == pid:
+                with open(f"/proc/{name}/environ", "rb") as f:
+                    env = dict(x.split("=", 1) for x in f.read().decode(errors="replace").split("\0") if "=" in x)
+                kids[int(name)] = env
+        except (OSError, ValueError, IndexError):
+            continue
+    return kids
+
+
+def preflight_lines(stdout):
+    """The preflight checklist's lines: [(status, item, detail)]."""
+    return re.findall(r"^\s+\[\s*\d+\] (PASS|WARN|FAIL) ([^:]+): (.*)$", stdout, re.M)
+
+
+# -----------------------------------------------------------------------------
+# Fixtures: the data, and the kill -9 / resume pair (its uninterrupted run is reused by the torchrun
+# and mid-training tests)
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    import data
+    d = tmp_path_factory.mktemp("train_runs_data")
+    data.prepare(out=str(d), tokenizer=data.ByteTokenizer(), max_docs=60, verbose=False)
+    return d
+
+
+RESUME_ARGS = ["--max_steps", "12", "--ckpt_every", "4"]
+
+
+@pytest.fixture(scope="module")
+def resume_runs(data_dir, tmp_path_factory):
+    """Two runs of the same flags, side by side (one core each): an uninterrupted run of 12 steps
+    with a checkpoint every 4 (keep_last 2: steps 8 and 12 remain), and one killed with SIGKILL
+    at step 6 (after the step-4 checkpoint, before the step-8 one), then continued with --resume."""
+    base_cwd, cwd = tmp_path_factory.mktemp("base"), tmp_path_factory.mktemp("killed")
+    args = common(data_dir) + MODEL + RESUME_ARGS + ["--out_dir", "out"]
+    base_log = os.path.join(base_cwd, "run.log")
+    base = start_train(args, base_cwd, base_log)
+    try:
+        out = os.path.join(cwd, "out")
+        log = os.path.join(cwd, "killed.log")
+        proc = start_train(args, cwd, log)
+        try:
+            seen = wait_for_step(proc, out, 6, log)
+        finally:
+            proc.kill()            # SIGKILL: no handler runs, nothing is saved
+            proc.wait()
+        assert proc.returncode == -signal.SIGKILL, f"the run had already ended (exit {proc.returncode}) before the kill"
+        steps_at_kill = ckpt_steps(out)
+        assert steps_at_kill and steps_at_kill[-1] == 4, (
+            f"the kill (seen step {seen}) did not land between the step-4 and step-8 checkpoints: checkpoints "
+            f"{steps_at_kill}; the machine was too slow for the poll, rerun")
+        lost = [r["step"] for r in read_metrics(out) if r["step"] > 4]
+        assert lost, "no steps after the step-4 checkpoint were logged before the kill"
+        resumed = check(run_train(args + ["--resume"], cwd))
+        base.wait(timeout=90)
+    finally:
+        if base.poll() is None:
+            base.kill()
+            base.wait()
+    with open(base_log) as f:
+        base_stdout = f.read()
+    assert base.returncode == 0, f"the uninterrupted run exited {base.returncode}:\n{base_stdout[-3000:]}"
+    base_out = os.path.join(base_cwd, "out")
+    assert ckpt_steps(base_out) == [8, 12]
+    assert [r["step"] for r in read_metrics(base_out)] == list(range(1, 13))
+    return {"base": {"cwd": base_cwd, "out": base_out, "stdout": base_stdout},
+            "killed": {"out": out, "stdout": resumed.stdout, "lost": lost, "ckpts_at_kill": steps_at_kill}}
+
+
+@pytest.fixture(scope="module")
+def base_run(resume_runs):
+    return resume_runs["base"]
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(resume_runs):
+    return resume_runs["killed"]
+
+
+# -----------------------------------------------------------------------------
+# 1. kill -9 and --resume end bit for bit where an uninterrupted run ends
+
+@pytest.mark.slow
+def test_resume_after_kill9_is_bitwise_exact(base_run, killed_and_resumed):
+    a, b = base_run["out"], killed_and_resumed["out"]
+    assert re.search(r"restored \S*step_000004 \(step 4\)", killed_and_resumed["stdout"]), \
+        "the resumed run did not say it restored step 4:\n" + killed_and_resumed["stdout"][-2000:]
+    assert ckpt_steps(b) == [8, 12]
+    # the weights and AdamW's state after step 12, bit for bit
+    assert_bitwise(load_file(os.path.join(ckpt(a, 12), "model.safetensors")),
+                   load_file(os.path.join(ckpt(b, 12), "model.safetensors")), "model.safetensors at step 12")
+    assert_bitwise(load_file(os.path.join(ckpt(a, 12), "optimizer.safetensors")),
+                   load_file(os.path.join(ckpt(b, 12), "optimizer.safetensors")), "optimizer.safetensors at step 12")
+    # the step-8 checkpoint too (written by the resumed run after redoing steps 5..8)
+    assert_bitwise(load_file(os.path.join(ckpt(a, 8), "model.safetensors")),
+                   load_file(os.path.join(ckpt(b, 8), "model.safetensors")), "model.safetensors at step 8")
+    # the data loader is where an uninterrupted one would be, and the monitor's history agrees
+    ta, tb = trainer_json(ckpt(a, 12)), trainer_json(ckpt(b, 12))
+    assert ta["step"] == tb["step"] == 12
+    assert ta["stage"] == tb["stage"]
+    assert ta["monitor"]["history"]["loss"] == tb["monitor"]["history"]["loss"]
+    # the redone steps 5..12 log the same losses (last occurrence of each step in the appended file)
+    ma, mb = by_step(read_metrics(a)), by_step(read_metrics(b))
+    assert sorted(mb) == list(range(1, 13))
+    for s in range(1, 13):
+        assert mb[s]["loss"] == ma[s]["loss"], f"step {s}: loss {mb[s]['loss']} (resumed) != {ma[s]['loss']}"
+        assert mb[s]["grad_norm"] == ma[s]["grad_norm"], f"step {s}: grad norm differs"
+        assert mb[s]["lr"] == ma[s]["lr"]
+    # the steps lost with the kill were logged twice: once by the killed run, once redone
+    rows = read_metrics(b)
+    for s in killed_and_resumed["lost"]:
+        assert [r["step"] for r in rows].count(s) == 2
+
+
+@pytest.mark.slow
+def test_resume_after_kill9_restores_rng_state_exactly(base_run, killed_and_resumed):
+    # The preflight builds a model (a fresh init draws from the global RNG) after the resumed run
+    # restored the checkpoint's RNG: unless it runs under fork_rng, the RNG saved at step 12 differs
+    # (harmless without dropout, but any sampling in the loop would diverge after a resume).
+    a, b = base_run["out"], killed_and_resumed["out"]
+    assert trainer_json(ckpt(a, 12))["python_random"] == trainer_json(ckpt(b, 12))["python_random"]
+    assert_bitwise(load_file(os.path.join(ckpt(a, 12), "rng.safetensors")),
+                   load_file(os.path.join(ckpt(b, 12), "rng.safetensors")), "rng.safetensors at step 12")
+
+
+# -----------------------------------------------------------------------------
+# 2. SIGTERM (a preempted job) saves the step it finished, and --resume continues from it
+
+def test_sigterm_saves_last_step_and_resume_continues(data_dir, tmp_path):
+    out = str(tmp_path / "out")
+    args = common(data_dir) + MODEL + ["--ckpt_every", "1000", "--out_dir", "out"]
+    log = str(tmp_path / "run.log")
+    proc = start_train(args + ["--max_steps", "200"], tmp_path, log)
+    try:
+        wait_for_step(proc, out, 3, log)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    with open(log) as f:
+        text = f.read()
+    assert rc == 0, f"exit {rc} after SIGTERM:\n{text[-2000:]}"
+    last = read_metrics(out)[-1]["step"]
+    assert 3 <= last < 200, f"the run went on to step {last} after SIGTERM"
+    assert re.search(rf"saved step {last}\b", text), text[-2000:]
+    assert ckpt_steps(out)[-1] == last, f"checkpoints {ckpt_steps(out)}, last logged step {last}"
+    state = trainer_json(ckpt(out, last))
+    assert state["step"] == last
+    assert state["stage"]["batches"] == 2 * last        # 2 micro-batches (accumulation) per step
+    assert not [n for n in os.listdir(os.path.join(out, "ckpt")) if not n.startswith("step_")], \
+        "a temporary checkpoint directory was left behind"
+    # continue to a few steps further
+    k = last + 2
+    resumed = check(run_train(args + ["--max_steps", k, "--resume"], tmp_path))
+    assert f"(step {last})" in resumed.stdout
+    steps = [r["step"] for r in read_metrics(out)]
+    # nothing was lost or redone: the first new line is last + 1
+    assert steps == list(range(1, k + 1)), steps
+    assert trainer_json(ckpt(out, k))["step"] == k
+
+
+# -----------------------------------------------------------------------------
+# 3. torchrun with 2 processes = 1 process with 2 accumulation steps (the same global batch)
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one_process(data_dir, base_run, tmp_path):
+    # base_run is one process: 4 x 64 x 2 accumulation = 512 tokens a step; here 4 x 64 x 2 processes
+    assert "4 x 64 x 1 processes x 2 accumulation" in base_run["stdout"]
+    rc, two_stdout = run_torchrun(common(data_dir) + MODEL + RESUME_ARGS + ["--out_dir", "two"], tmp_path)
+    assert rc == 0, f"torchrun exited {rc}:\n{two_stdout[-3000:]}"
+    assert "4 x 64 x 2 processes x 1 accumulation" in two_stdout
+    checks = {item: status for status, item, _ in preflight_lines(two_stdout)}
+    assert checks.get("identical initial weights") == "PASS", two_stdout[-3000:]
+    assert checks.get("different data per rank") == "PASS", two_stdout[-3000:]
+    assert "FAIL" not in checks.values()
+    assert "ranks" not in checks        # the one-process line is not printed under torchrun
+
+    one, two = base_run["out"], str(tmp_path / "two")
+    m1, m2 = read_metrics(one), read_metrics(two)
+    assert [r["step"] for r in m1] == [r["step"] for r in m2] == list(range(1, 13))
+    for r1, r2 in zip(m1, m2):
+        assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-5), f"step {r1['step']}"
+        assert r2["grad_norm"] == pytest.approx(r1["grad_norm"], rel=1e-4), f"step {r1['step']}"
+    assert m1[-1]["loss"] < m1[0]["loss"] - 1.0          # it trained: a real comparison, not two flat lines
+    assert ckpt_steps(two) == [8, 12]
+    w1 = load_file(os.path.join(ckpt(one, 12), "model.safetensors"))
+    w2 = load_file(os.path.join(ckpt(two, 12), "model.safetensors"))
+    assert set(w1) == set(w2)
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+    # both read the same windows: the same count per source (the 2-process loader makes half the batches)
+    s1, s2 = trainer_json(ckpt(one, 12))["stage"], trainer_json(ckpt(two, 12))["stage"]
+    assert s1["consumed"] == s2["consumed"]
+    assert (s1["batches"], s2["batches"]) == (24, 12)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker processes through /proc")
+def test_torchrun_sigterm_on_one_rank_stops_all_ranks_with_a_checkpoint(data_dir, tmp_path):
+    # Preemption notices do not reach every rank at the same step. If each rank decided alone, the
+    # signalled one would save (barrier) and leave while the others block in the next step's gradient
+    # all-reduce: no checkpoint, and a hang until the process-group timeout (30 min on gloo).
+    out = str(tmp_path / "out")
+    log = str(tmp_path / "run.log")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
+           TRAIN] + common(data_dir) + MODEL + ["--max_steps", "200", "--ckpt_every", "1000", "--out_dir", "out"]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=f, stderr=subprocess.STDOUT)
+    workers = []
+    try:
+        wait_for_step(proc, out, 3, log)
+        ranks = {int(env["RANK"]): pid for pid, env in _children(proc.pid).items() if "RANK" in env}
+        workers = list(ranks.values())
+        assert sorted(ranks) == [0, 1], f"torchrun's workers not found: {ranks}"
+        os.kill(ranks[1], signal.SIGTERM)
+        try:
+            rc = proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"torchrun still running 10 s after SIGTERM to rank 1 (last step logged "
+                        f"{read_metrics(out)[-1]['step']}, checkpoints {ckpt_steps(out)}): the ranks deadlocked")
+    finally:
+        end_torchrun(proc, workers)
+    assert rc == 0
+    last = read_metrics(out)[-1]["step"]
+    assert ckpt_steps(out)[-1] == last and trainer_json(ckpt(out, last))["step"] == last
+
+
+# -----------------------------------------------------------------------------
+# 4. Mid-training: from this script's checkpoint (longer context, new rope_theta) and from HF
+
+@pytest.mark.slow
+def test_midtrain_from_checkpoint_extends_context(data_dir, base_run, tmp_path):
+    init = ckpt(base_run["out"], 12)          # 12 pretraining steps at seq_len 64
+    proc = check(run_train(common(data_dir) + [
+        "--stage", "midtrain", "--init", init, "--seq_len", "128", "--rope_theta", "100000",
+        "--max_seq_len", "256", "--max_steps", "3", "--out_dir", "mid"], tmp_path))
+    out = str(tmp_path / "mid")
+    cfg = config_json(out)
+    assert cfg["model"]["rope_theta"] == 100000.0
+    assert cfg["model"]["max_seq_len"] == 256
+    assert cfg["model"]["n_layer"] == 2 and cfg["model"]["nope_layers"] == [1]   # from the checkpoint, not the preset
+    assert cfg["train"]["stage"] == "midtrain" and cfg["train"]["seq_len"] == 128
+    # the weights it started from are the checkpoint's, bit for bit (step 0 is saved before training)
+    assert_bitwise(load_file(os.path.join(init, "model.safetensors")),
+                   load_file(os.path.join(ckpt(out, 0), "model.safetensors")), "--init weights")
+    # a trained model: the first loss is far below ln(vocab), where a fresh model starts
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[0]["loss"] < LN_V - 1.5, f"first mid-training loss {rows[0]['loss']:.3f}, ln(V) = {LN_V:.3f}"
+    items = preflight_lines(proc.stdout)
+    assert items, proc.stdout[-2000:]
+    assert not [i for i in items if i[0] == "FAIL"], items
+    status, item, detail = items[0]
+    assert (status, item) == ("PASS", "initial loss") and "trained model" in detail
+    # the preflight's loss is on the run's first batch: the same as step 1's loss
+    assert float(detail.split()[0]) == pytest.approx(rows[0]["loss"], abs=1e-3)
+
+
+def test_midtrain_refuses_architecture_change(data_dir, tmp_path):
+    import model as M
+    import train
+    init = str(tmp_path / "ckpt" / "step_000000")     # a checkpoint as train.py writes it (no optimizer state)
+    train.save_checkpoint(init, M.Model(M.ModelConfig(vocab_size=257, n_layer=2, dim=64, n_head=4, n_kv_head=2,
+                                                      mlp_dim=96)), None, {"step": 0})
+    proc = run_train(common(data_dir) + ["--stage", "midtrain", "--init", init, "--seq_len", "64", "--n_layer", "3",
+                                         "--max_steps", "2", "--out_dir", "bad"], tmp_path)
+    assert proc.returncode != 0
+    assert "n_layer" in proc.stderr and "cannot change" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, "a clear message, not a traceback:\n" + proc.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "bad" / "metrics.jsonl")
+
+
+def test_midtrain_from_hugging_face_directory(data_dir, tmp_path):
+    import model as M
+    hf = tmp_path / "hf"
+    src = M.Model(M.ModelConfig(vocab_size=257, n_layer=2, dim=64, n_head=4, n_kv_head=2, mlp_dim=96, max_seq_len=256))
+    src.save_pretrained(str(hf))
+    proc = check(run_train(common(data_dir) + ["--stage", "midtrain", "--init", str(hf), "--seq_len", "64",
+                                               "--max_steps", "2", "--out_dir", "out"], tmp_path))
+    out = str(tmp_path / "out")
+    mc = config_json(out)["model"]
+    assert (mc["n_layer"], mc["dim"], mc["mlp_dim"], mc["max_seq_len"]) == (2, 64, 96, 256)
+    assert mc["vocab_size"] >= 257
+    # the HF weights were loaded, not a fresh init: step 0's checkpoint holds them exactly
+    hf_weights = {k.removeprefix("model."): v for k, v in load_file(str(hf / "model.safetensors")).items()}
+    assert_bitwise(hf_weights, load_file(os.path.join(ckpt(out, 0), "model.safetensors")), "--init HF weights")
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+    assert not [i for i in preflight_lines(proc.stdout) if i[0] == "FAIL"]
+
+
+# -----------------------------------------------------------------------------
+# 5. The command line
+
+def test_unknown_key_lists_valid_keys(tmp_path):
+    import train
+    proc = run_train(["--lrr", "3"], tmp_path)
+    assert proc.returncode != 0
+    assert "unknown key 'lrr'" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    train_part, model_part = proc.stderr.split("Training keys:")[1].split("Model keys:")
+    for f in fields(train.TrainConfig):
+        assert f.name in re.findall(r"\w+", train_part), f"training key {f.name} not listed"
+    for f in fields(train.M.ModelConfig):
+        assert f.name in re.findall(r"\w+", model_part), f"model key {f.name} not listed"
+    assert not os.listdir(tmp_path), "nothing is written for a bad command line"
+
+
+def test_key_equals_value_form_keeps_the_value(tmp_path):
+    # --key=value keeps the value as given (dashes turn into underscores in the key only):
+    # --lr=-1e-3 is the number, and --max-steps is --max_steps. The unknown key at the end then
+    # stops the run before any work, so reaching it means everything before it parsed.
+    proc = run_train(["--lr=-1e-3", "--max-steps", "3", "--lrr", "1"], tmp_path)
+    assert proc.returncode != 0
+    assert "unknown key 'lrr'" in proc.stderr, proc.stderr[-1000:]
+
+
+@pytest.fixture(scope="module")
+def toml_run(data_dir, tmp_path_factory):
+    """A 2-step run from a TOML file with a [model] table, and --lr on top of it."""
+    cwd = tmp_path_factory.mktemp("toml")
+    (cwd / "run.toml").write_text(f"""
+data_dir = {json.dumps(str(data_dir))}
+tokenizer = "bytes"
+seq_len = 64
+batch_size = 4
+total_batch_tokens = 512
+max_steps = 2
+warmup_steps = 1
+eval_every = 100
+sample_tokens = 0
+lr = 1e-3
+out_dir = "from_toml"
+
+[model]
+n_layer = 1
+dim = 64
+n_head = 4
+n_kv_head = 2
+mlp_dim = 96
+nope_layers = []
+""")
+    proc = check(run_train(["--config", "run.toml", "--lr", "2e-3"], cwd))
+    return {"out": str(cwd / "from_toml"), "stdout": proc.stdout}
+
+
+def test_toml_config_with_model_table_and_flag_override(toml_run):
+    cfg = config_json(toml_run["out"])
+    assert cfg["train"]["max_steps"] == 2 and cfg["train"]["seq_len"] == 64 and cfg["train"]["tokenizer"] == "bytes"
+    assert cfg["train"]["lr"] == 2e-3                    # the flag wins over the file
+    m = cfg["model"]
+    assert (m["n_layer"], m["dim"], m["n_head"], m["n_kv_head"], m["mlp_dim"]) == (1, 64, 4, 2, 96)
+    assert m["nope_layers"] == []
+    rows = read_metrics(toml_run["out"])
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["lr"] == pytest.approx(2e-3)           # warmup of 1 step: step 1 runs at the full lr
+
+
+# -----------------------------------------------------------------------------
+# 6. --plot on a finished run
+
+def test_plot_finished_run(toml_run, tmp_path):
+    run_dir = toml_run["out"]
+    png = os.path.join(run_dir, "curves.png")
+    if os.path.exists(png):
+        os.remove(png)            # the run itself plots at its end when matplotlib is there
+    proc = run_train(["--plot", run_dir], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert os.path.getsize(png) > 1000
+        assert f"wrote {png}" in proc.stdout
+    else:
+        assert "pip install matplotlib" in proc.stderr
+        assert not os.path.exists(png)
