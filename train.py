@@ -539,7 +539,10 @@ def build_model(cfg, overrides, vocab_size):
     only position fields may change: mid-training extends the context with a new rope_theta
     (ABF), rope_scaling (YaRN) and max_seq_len."""
     if not cfg.init:
-        return M.Model(M.preset(cfg.preset, **{"vocab_size": vocab_size, **overrides}))
+        try:
+            return M.Model(M.preset(cfg.preset, **{"vocab_size": vocab_size, **overrides}))
+        except (ValueError, TypeError) as e:      # a bad --preset or model field: say which
+            raise SystemExit(str(e))
     if os.path.exists(os.path.join(cfg.init, "trainer.json")):
         with open(os.path.join(cfg.init, "trainer.json")) as f:
             mc = json.load(f)["model_config"]
@@ -707,11 +710,19 @@ class Trainer:
             raise SystemExit(f"--stage {cfg.stage}: arrives with {cfg.stage}.py (a later issue)")
         if checkpoints(cfg.out_dir) and not cfg.resume:
             raise SystemExit(f"{cfg.out_dir} already holds checkpoints: --resume to continue that run, or a new --out_dir")
+        if cfg.stage == "midtrain" and not cfg.init and not cfg.resume:
+            raise SystemExit("--stage midtrain continues a trained model: give --init CHECKPOINT")
+        if not cfg.init and cfg.preset not in M.PRESETS:
+            raise SystemExit(f"--preset {cfg.preset!r}: presets are {', '.join(M.PRESETS)}")
+        per_step = cfg.batch_size * cfg.seq_len * self.world_size
+        if cfg.total_batch_tokens % per_step:
+            raise SystemExit(f"--total_batch_tokens {cfg.total_batch_tokens} is not a multiple of batch_size x "
+                             f"seq_len x processes = {per_step}")
+        self.accum = cfg.total_batch_tokens // per_step
+        # (the checks above are cheap; the tokenizer and data below may take a while the first time)
         os.makedirs(cfg.out_dir, exist_ok=True)
         self.tok = get_tokenizer(cfg, self.rank)
         prepare_data(cfg, self.tok, self.rank)
-        if cfg.stage == "midtrain" and not cfg.init and not cfg.resume:
-            raise SystemExit("--stage midtrain continues a trained model: give --init CHECKPOINT")
         self.raw_model = build_model(cfg, overrides, vocab_size_of(self.tok)).to(self.device)
         if vocab_size_of(self.tok) > self.raw_model.config.padded_vocab:
             raise SystemExit(f"the tokenizer has {vocab_size_of(self.tok)} tokens but the model's embedding only "
@@ -720,11 +731,6 @@ class Trainer:
             raise SystemExit(f"--seq_len {cfg.seq_len} exceeds the model's max_seq_len "
                              f"{self.raw_model.config.max_seq_len}; raise --max_seq_len (with --rope_theta or "
                              "--rope_scaling to extend a trained model's context)")
-        per_step = cfg.batch_size * cfg.seq_len * self.world_size
-        if cfg.total_batch_tokens % per_step:
-            raise SystemExit(f"--total_batch_tokens {cfg.total_batch_tokens} is not a multiple of batch_size x "
-                             f"seq_len x processes = {per_step}")
-        self.accum = cfg.total_batch_tokens // per_step
         self.stage = PretrainStage(cfg, self.rank, self.world_size, cfg.max_steps * cfg.total_batch_tokens)
         self.optimizer = torch.optim.AdamW(param_groups(self.raw_model, cfg.weight_decay, cfg.decay_embeddings),
                                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
