@@ -23,7 +23,9 @@ The playbook's lessons, as they show up here:
 
 The loss never holds the whole (tokens x vocabulary) float32 logit matrix: it walks over
 chunks of tokens and computes each chunk's gradient right away (the "fused linear
-cross-entropy" idea of Liger Kernel and Cut Cross-Entropy, here in plain PyTorch).
+cross-entropy" idea of Liger Kernel and Cut Cross-Entropy, here in plain PyTorch). On CUDA,
+RMSNorm runs as a Triton kernel (one read and one write per row, forward and backward) beside
+its PyTorch reference; the tests run it under Triton's interpreter on the CPU.
 
 Papers: Vaswani et al. 2017; Radford et al. 2019 (GPT-2 init); Zhang & Sennrich 2019
 (RMSNorm); Shazeer 2020 (SwiGLU); Press & Wolf 2017 (tied embeddings); Chowdhery et al.
@@ -44,7 +46,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attention import MLA, Attention, KVCache, RMSNorm, Rotary, attention_mask
+import attention
+from attention import MLA, Attention, KVCache, Rotary, attention_mask
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:     # macOS, or a CPU-only install: the PyTorch references run
+    triton = None
 
 
 # -----------------------------------------------------------------------------
@@ -140,6 +149,84 @@ def preset(name, **overrides):
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")
     return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+# -----------------------------------------------------------------------------
+# RMSNorm as a Triton kernel (CUDA). The reference is attention.RMSNorm: three elementwise
+# passes and a reduction in eager PyTorch, each a round trip to GPU memory. The kernel reads
+# each row once, keeps it in registers, and writes the result once: RMSNorm is memory-bound,
+# so fewer passes is the whole win.
+
+if triton is not None:
+    @triton.jit
+    def _rms_norm_fwd(X, W, Y, RSTD, N, eps, BLOCK: tl.constexpr):
+        # one program per row; 1/rms is saved for the backward pass
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < N
+        x = tl.load(X + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Y + row * N + cols, (x * rstd * w).to(Y.dtype.element_ty), mask=mask)
+        tl.store(RSTD + row, rstd)
+
+    @triton.jit
+    def _rms_norm_bwd(DY, X, W, RSTD, DX, DW, N, n_rows, rows_per_program, BLOCK: tl.constexpr):
+        # each program takes a block of rows and sums its share of dW in registers
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < N
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        dw = tl.zeros([BLOCK], dtype=tl.float32)
+        start = pid * rows_per_program
+        for row in range(start, tl.minimum(start + rows_per_program, n_rows)):
+            x = tl.load(X + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + row)
+            xhat = x * rstd
+            wdy = w * dy
+            c = tl.sum(xhat * wdy, axis=0) / N
+            tl.store(DX + row * N + cols, ((wdy - xhat * c) * rstd).to(DX.dtype.element_ty), mask=mask)
+            dw += dy * xhat
+        tl.store(DW + pid * N + cols, dw, mask=mask)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """y = x / rms(x) * weight over the last dimension, by the kernels above. Backward, with
+    xhat = x / rms(x): dx = (w dy - xhat * mean(xhat * w dy)) / rms(x), dw = sum over rows of
+    dy * xhat (each program sums its block of rows; torch adds the blocks)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        shape, N = x.shape, x.shape[-1]
+        x2 = x.reshape(-1, N).contiguous()
+        y = torch.empty(x2.shape, dtype=torch.result_type(x, weight), device=x.device)
+        rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
+        _rms_norm_fwd[(x2.shape[0],)](x2, weight, y, rstd, N, eps, BLOCK=triton.next_power_of_2(N))
+        ctx.save_for_backward(x2, weight, rstd)
+        ctx.shape = shape
+        return y.view(shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, rstd = ctx.saved_tensors
+        n_rows, N = x2.shape
+        dx = torch.empty_like(x2)
+        programs = min(n_rows, 256)
+        dw = torch.empty(programs, N, dtype=torch.float32, device=x2.device)
+        _rms_norm_bwd[(programs,)](dy.reshape(n_rows, N).contiguous(), x2, weight, rstd, dx, dw, N, n_rows,
+                                   -(-n_rows // programs), BLOCK=triton.next_power_of_2(N))
+        return dx.view(ctx.shape), dw.sum(0).to(weight.dtype), None
+
+
+class RMSNorm(attention.RMSNorm):
+    """attention.py's RMSNorm (same parameters, same names), run by the Triton kernel on CUDA;
+    elsewhere, or without Triton, the PyTorch reference."""
+
+    def forward(self, x):
+        if triton is not None and x.is_cuda:
+            return RMSNormFunction.apply(x, self.weight, self.eps)
+        return super().forward(x)
 
 
 # -----------------------------------------------------------------------------

@@ -358,3 +358,33 @@ def test_demo(capsys):
     M._demo()
     out = capsys.readouterr().out
     assert "134,515,008" in out and "3,075,098,624" in out and "greedy" in out
+
+
+# -----------------------------------------------------------------------------
+# The Triton RMSNorm kernel (run by Triton's interpreter on machines without CUDA)
+
+@pytest.mark.parametrize("shape", [(3, 7, 48), (5, 33), (1, 1, 64), (301, 16)])   # 301 rows: blocks of 2 rows
+def test_triton_rms_norm_equals_the_reference(shape, monkeypatch):
+    pytest.importorskip("triton")
+    from attention import RMSNorm as Reference
+    ref = Reference(shape[-1], eps=1e-5)
+    with torch.no_grad():
+        ref.weight.copy_(torch.randn(shape[-1]))
+    x = (torch.randn(*shape) * 3).requires_grad_()
+    g = torch.randn(*shape)
+    ref(x).backward(g)
+    want = [ref(x).detach(), x.grad.clone(), ref.weight.grad.clone()]
+    x.grad, ref.weight.grad = None, None
+    empty = torch.empty   # poison every buffer the kernel allocates: an unwritten element shows as NaN
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
+    monkeypatch.setattr(torch, "empty_like", lambda t, **k: empty(t.shape, dtype=t.dtype).fill_(float("nan")))
+    y = M.RMSNormFunction.apply(x, ref.weight, ref.eps)
+    y.backward(g)
+    for got, expected in zip([y.detach(), x.grad, ref.weight.grad], want):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_model_norms_use_the_kernel_class_with_reference_names():
+    m = Model(ModelConfig(**SMALL))
+    assert isinstance(m.norm, M.RMSNorm) and isinstance(m.layers[0].input_layernorm, M.RMSNorm)
+    assert "layers.0.input_layernorm.weight" in m.state_dict()
