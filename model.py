@@ -24,8 +24,10 @@ The playbook's lessons, as they show up here:
 The loss never holds the whole (tokens x vocabulary) float32 logit matrix: it walks over
 chunks of tokens and computes each chunk's gradient right away (the "fused linear
 cross-entropy" idea of Liger Kernel and Cut Cross-Entropy, here in plain PyTorch). On CUDA,
-RMSNorm runs as a Triton kernel (one read and one write per row, forward and backward) beside
-its PyTorch reference; the tests run it under Triton's interpreter on the CPU.
+two Triton kernels take over (`kernels_on`): RMSNorm (one read and one write per row, forward
+and backward), and each chunk's cross-entropy (an online logsumexp over vocabulary tiles, so
+the fp32 softmax is never materialised; the gradient overwrites the logits in place). Their
+PyTorch references stay beside them; the tests run the kernels under Triton's interpreter.
 
 Papers: Vaswani et al. 2017; Radford et al. 2019 (GPT-2 init); Zhang & Sennrich 2019
 (RMSNorm); Shazeer 2020 (SwiGLU); Press & Wolf 2017 (tied embeddings); Chowdhery et al.
@@ -54,6 +56,12 @@ try:
     import triton.language as tl
 except ImportError:     # macOS, or a CPU-only install: the PyTorch references run
     triton = None
+
+
+def kernels_on(t):
+    """Whether the Triton kernels run for tensor t: on CUDA, when Triton is installed. (The
+    tests turn them on for CPU tensors under Triton's interpreter.)"""
+    return triton is not None and t.is_cuda
 
 
 # -----------------------------------------------------------------------------
@@ -224,7 +232,7 @@ class RMSNorm(attention.RMSNorm):
     elsewhere, or without Triton, the PyTorch reference."""
 
     def forward(self, x):
-        if triton is not None and x.is_cuda:
+        if kernels_on(x):
             return RMSNormFunction.apply(x, self.weight, self.eps)
         return super().forward(x)
 
@@ -583,18 +591,26 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         step = _chunk_rows(weight.shape[0])
         for s in range(0, h.shape[0], step):
             hc, y = h[s:s + step], labels[s:s + step]
-            logits = (hc @ w.t()).float()
-            rows = torch.arange(y.numel(), device=y.device)
-            logp = torch.log_softmax(logits, dim=-1)           # one fused pass over the chunk
-            lse = logits[rows, y] - logp[rows, y]              # log-sum-exp, read off one column
-            token_ce[s:s + len(y)] = -logp[rows, y]
+            logits = hc @ w.t()
+            if kernels_on(logits):
+                # The Triton kernel reads the logits in their own dtype, keeps the running max
+                # and sum in fp32 registers, and overwrites the logits with their gradient.
+                token_ce[s:s + len(y)], lse = cross_entropy_rows(logits, y, z_coef, 1 / n, grad)
+                g = logits
+            else:
+                logits = logits.float()
+                rows = torch.arange(y.numel(), device=y.device)
+                logp = torch.log_softmax(logits, dim=-1)           # one fused pass over the chunk
+                lse = logits[rows, y] - logp[rows, y]              # log-sum-exp, read off one column
+                token_ce[s:s + len(y)] = -logp[rows, y]
+                del logits
+                if grad:
+                    g = logp.exp_()                                # softmax, in logp's own memory
+                    g.mul_((1 + 2 * z_coef * lse)[:, None] / n)
+                    g[rows, y] -= 1 / n
+                    g = g.to(h.dtype)
             z += lse.pow(2).sum()
-            del logits
             if grad:
-                g = logp.exp_()                                # softmax, in logp's own memory
-                g.mul_((1 + 2 * z_coef * lse)[:, None] / n)
-                g[rows, y] -= 1 / n
-                g = g.to(h.dtype)
                 dh[s:s + len(y)] = g @ w
                 dw = (g.t() @ hc).float() if dw is None else dw.add_(g.t() @ hc)
         if grad and dw is None:   # no labelled token at all
@@ -609,6 +625,53 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_token_ce, _grad_z):
         dh, dw = ctx.saved_tensors
         return dh * grad_loss.to(dh.dtype), (dw * grad_loss).to(ctx.weight_dtype), None, None, None
+
+
+# -----------------------------------------------------------------------------
+# Cross-entropy as a Triton kernel (CUDA): one program per token row walks the vocabulary in
+# tiles with a running max and sum (the online softmax), so the fp32 softmax over the whole
+# vocabulary never exists; a second walk writes the gradient over the logits, in place.
+
+if triton is not None:
+    @triton.jit
+    def _cross_entropy(LOGITS, LABELS, CE, LSE, V, stride, z_coef, inv_n, GRAD: tl.constexpr,
+                       BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        base = LOGITS + row.to(tl.int64) * stride
+        label = tl.load(LABELS + row)
+        cols = tl.arange(0, BLOCK)
+        m = tl.full([], float("-inf"), tl.float32)
+        s = tl.zeros([], tl.float32)
+        for start in range(0, V, BLOCK):
+            x = tl.load(base + start + cols, mask=start + cols < V, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)   # rescale the old sum
+            m = m_new
+        lse = m + tl.log(s)
+        valid = label != -100
+        target = tl.load(base + tl.where(valid, label, 0)).to(tl.float32)
+        tl.store(CE + row, tl.where(valid, lse - target, 0.0))
+        tl.store(LSE + row, lse)
+        if GRAD:   # d/dlogits of (ce + z lse^2) / n = (softmax (1 + 2 z lse) - onehot) / n
+            scale = tl.where(valid, inv_n, 0.0)
+            for start in range(0, V, BLOCK):
+                idx = start + cols
+                x = tl.load(base + idx, mask=idx < V, other=0.0).to(tl.float32)
+                g = tl.exp(x - lse) * (1.0 + 2.0 * z_coef * lse) * scale
+                g = tl.where(idx == label, g - scale, g)
+                tl.store(base + idx, g.to(LOGITS.dtype.element_ty), mask=idx < V)
+
+
+def cross_entropy_rows(logits, labels, z_coef=0.0, inv_n=1.0, grad=False):
+    """Per-row cross-entropy and logsumexp of logits (rows, V) by the Triton kernel; label
+    -100 gives 0 and no gradient. With grad, logits is overwritten by d(sum(ce + z_coef *
+    lse^2) * inv_n)/d logits."""
+    rows, V = logits.shape
+    ce = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    _cross_entropy[(rows,)](logits, labels, ce, lse, V, logits.stride(0), float(z_coef), float(inv_n),
+                            GRAD=bool(grad), BLOCK=min(4096, triton.next_power_of_2(V)))
+    return ce, lse
 
 
 def _label_log_probs(h, weight, labels, temperature):
