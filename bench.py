@@ -274,8 +274,7 @@ def bench_model(args):
         ours = model.Model(c).to(device)
         hf_config = transformers.AutoConfig.for_model(**model.config_to_hf(c))
         theirs = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa").to(device)
-        theirs.load_state_dict({("" if k == "lm_head.weight" else "model.") + k: v
-                                for k, v in ours.state_dict().items()})
+        theirs.load_state_dict({model.hf_name(k): v for k, v in ours.state_dict().items()})
         B, T = args.batch_size, args.seq_len
         x = torch.randint(0, c.vocab_size, (B, T), device=device)
         labels = torch.cat([x[:, 1:], torch.full((B, 1), -100, device=device)], dim=1)   # ours come shifted

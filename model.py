@@ -398,6 +398,14 @@ class Model(nn.Module):
             next_pos = next_pos + 1
         return out
 
+    def weights(self):
+        """The state dict with each tensor once (a tied head is the embedding, and safetensors
+        refuses aliases), detached, contiguous, on the CPU: what checkpoints store."""
+        state = self.state_dict()
+        if self.config.tie_embeddings:
+            state.pop("lm_head.weight")
+        return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
     def num_params(self):
         """(total, non-embedding): each tensor once (a tied head is the embedding); non-embedding
         leaves out the lookup tables, but an untied head is a matmul and counts."""
@@ -443,7 +451,7 @@ class Model(nn.Module):
                 state[k[len("model."):] if k.startswith("model.") else k] = t
         if model.config.tie_embeddings:
             state.pop("lm_head.weight", None)   # some tied checkpoints store the copy too
-        expected = {k for k in model.state_dict() if not (model.config.tie_embeddings and k == "lm_head.weight")}
+        expected = set(model.weights())
         missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
         if missing or unexpected:
             raise ValueError(f"{path}: checkpoint does not match {hf.get('architectures', ['?'])[0]}: "
@@ -459,9 +467,7 @@ class Model(nn.Module):
         from safetensors.torch import save_file
         hf = config_to_hf(self.config)
         os.makedirs(path, exist_ok=True)
-        state = {("" if k == "lm_head.weight" else "model.") + k: t.detach().contiguous().cpu()
-                 for k, t in self.state_dict().items()
-                 if not (self.config.tie_embeddings and k == "lm_head.weight")}
+        state = {hf_name(k): t for k, t in self.weights().items()}
         shards, size = [{}], 0
         for k, t in state.items():   # greedy shards of at most max_shard_bytes (one tensor may exceed it)
             nbytes = t.numel() * t.element_size()
@@ -486,6 +492,11 @@ class Model(nn.Module):
             finally:
                 if os.path.exists(tmp):
                     os.remove(tmp)
+
+
+def hf_name(key):
+    """Our parameter name -> transformers' (everything but the head lives under "model.")."""
+    return key if key == "lm_head.weight" else "model." + key
 
 
 def _write_json(path, obj):

@@ -311,14 +311,6 @@ def alert(run_dir, cmd, step, kind, message):
 # -----------------------------------------------------------------------------
 # Checkpoints: a directory per step, written under a temporary name and renamed
 
-def _model_state(model):
-    """Weights to save: a tied head is the embedding, stored once (safetensors refuses aliases)."""
-    state = model.state_dict()
-    if model.config.tie_embeddings:
-        state.pop("lm_head.weight")
-    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
-
-
 def save_checkpoint(path, model, optimizer, trainer_state):
     """path/{model.safetensors, optimizer.safetensors, trainer.json}: weights, AdamW moments and
     step counts, and everything else as JSON (config, loader and monitor state, RNG states).
@@ -328,7 +320,7 @@ def save_checkpoint(path, model, optimizer, trainer_state):
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=parent)
     try:
-        save_file(_model_state(model), os.path.join(tmp, "model.safetensors"))
+        save_file(model.weights(), os.path.join(tmp, "model.safetensors"))
         opt_tensors, opt_meta = {}, {"groups": [], "param_count": 0}
         if optimizer is not None:
             sd = optimizer.state_dict()
@@ -370,7 +362,7 @@ def load_checkpoint(path, model, optimizer=None):
     with open(os.path.join(path, "trainer.json")) as f:
         state = json.load(f)
     weights = load_file(os.path.join(path, "model.safetensors"))
-    expected = set(_model_state(model))
+    expected = set(model.weights())
     if set(weights) != expected:
         raise ValueError(f"{path}: weights do not match the model: missing {sorted(expected - set(weights))[:10]}, "
                          f"unexpected {sorted(set(weights) - expected)[:10]}")

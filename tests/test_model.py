@@ -48,7 +48,9 @@ def test_vocab_is_padded_to_a_multiple_of_128():
     m = Model(ModelConfig(**{**SMALL, "vocab_size": 257}))
     assert m.embed_tokens.weight.shape[0] == m.lm_head.weight.shape[0] == 384
     assert m.lm_head.weight is m.embed_tokens.weight                     # tied
-    assert Model(ModelConfig(**{**SMALL, "tie_embeddings": False})).lm_head.weight is not None
+    untied = Model(ModelConfig(**{**SMALL, "tie_embeddings": False}))
+    assert untied.lm_head.weight is not untied.embed_tokens.weight
+    assert set(untied.weights()) - set(m.weights()) == {"lm_head.weight"}   # stored only when untied
 
 
 def test_flops_per_token_is_6n_plus_attention():
@@ -394,7 +396,7 @@ def test_model_norms_use_the_kernel_class_with_reference_names():
 def test_triton_cross_entropy_rows_equal_the_formula(V, z_coef, block, monkeypatch):
     """Per-row ce and lse, and the gradient written over the logits, against autograd on the
     plain formula; ignored rows give 0; vocabularies that are not a multiple of the tile."""
-    pytest.importorskip("triton")
+    triton = pytest.importorskip("triton")
     logits = torch.randn(7, V) * 3
     y = torch.randint(0, V, (7,))
     y[2] = -100
@@ -406,18 +408,13 @@ def test_triton_cross_entropy_rows_equal_the_formula(V, z_coef, block, monkeypat
     ((ce.sum() + z_coef * lse[valid].pow(2).sum()) / n).backward()
     empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
-    monkeypatch.setattr(triton_module(), "next_power_of_2", lambda v: block)   # force several tiles
+    monkeypatch.setattr(triton, "next_power_of_2", lambda v: block)   # force several tiles
     buf = logits.clone()
     got_ce, got_lse = M.cross_entropy_rows(buf, y, z_coef, 1 / n, grad=True)
     torch.testing.assert_close(got_ce, ce.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_lse, lse.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(buf, x.grad, rtol=1e-5, atol=1e-7)
     assert torch.equal(buf[2], torch.zeros(V))
-
-
-def triton_module():
-    import triton
-    return triton
 
 
 @pytest.mark.parametrize("z_loss", [0.0, 1e-2])

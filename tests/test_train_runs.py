@@ -177,6 +177,13 @@ def preflight_lines(stdout):
     return re.findall(r"^\s+\[\s*\d+\] (PASS|WARN|FAIL) ([^:]+): (.*)$", stdout, re.M)
 
 
+def reap(proc):
+    """Kill a run that is still going (a failed assertion must not leave it behind) and wait."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
 # -----------------------------------------------------------------------------
 # Fixtures: the data, and the kill -9 / resume pair (its uninterrupted run is reused by the torchrun
 # and mid-training tests)
@@ -220,9 +227,7 @@ def resume_runs(data_dir, tmp_path_factory):
         resumed = check(run_train(args + ["--resume"], cwd))
         base.wait(timeout=90)
     finally:
-        if base.poll() is None:
-            base.kill()
-            base.wait()
+        reap(base)
     with open(base_log) as f:
         base_stdout = f.read()
     assert base.returncode == 0, f"the uninterrupted run exited {base.returncode}:\n{base_stdout[-3000:]}"
@@ -302,9 +307,7 @@ def test_sigterm_saves_last_step_and_resume_continues(data_dir, tmp_path):
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
     with open(log) as f:
         text = f.read()
     assert rc == 0, f"exit {rc} after SIGTERM:\n{text[-2000:]}"
