@@ -47,6 +47,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:     # macOS, or a CPU-only install: the PyTorch references run
+    triton = None
+
+
+def kernels_on(t):
+    """Whether the Triton kernels run for tensor t: on CUDA, when Triton is installed. (The
+    tests turn them on for CPU tensors under Triton's interpreter.)"""
+    return triton is not None and t.is_cuda
+
 
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in float32 (the mean of squares loses precision in bf16)."""
@@ -172,20 +184,28 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
 
 
-def attention_mask(position_ids, cache=None):
+def document_ids(position_ids, start=0):
+    """Each token's document: a new one starts wherever position_ids is 0, counting from
+    start + 1; a negative position marks padding and gets -1. (B, T) int64."""
+    doc = start + (position_ids == 0).long().cumsum(1)
+    return torch.where(position_ids < 0, torch.full_like(doc, -1), doc)
+
+
+def attention_mask(position_ids, cache=None, flash=False):
     """The boolean mask (B, 1, T, S) of which keys each query may read: earlier or equal
     tokens of the same document. A document starts wherever position_ids is 0; a negative
     position marks padding (left-padded prompts), which no real token reads. Returns None
     when the plain causal mask is all that is needed (one document per row, no cache, no
     padding), so that sdpa can take its fastest path. With a cache, the new tokens' ids are
-    appended to it here, once for all layers."""
+    appended to it here, once for all layers. flash=True (no cache): return position_ids
+    themselves instead of the mask, for `flash_attention` to find the documents tile by tile."""
     past = None if cache is None or not len(cache) else cache.doc
     # New tokens continue the last cached document until a position restarts at 0.
-    start = torch.zeros_like(position_ids[:, :1]) if past is None else past.max(1, keepdim=True).values.clamp(min=0)
-    doc = start + (position_ids == 0).long().cumsum(1)
-    doc = torch.where(position_ids < 0, torch.full_like(doc, -1), doc)
+    doc = document_ids(position_ids, 0 if past is None else past.max(1, keepdim=True).values.clamp(min=0))
     if cache is None and not (position_ids[:, 1:] == 0).any() and not (position_ids < 0).any():
         return None
+    if flash and cache is None:
+        return position_ids
     keys = doc if past is None else torch.cat([past, doc], dim=1)
     if cache is not None:
         cache.doc = keys
@@ -199,14 +219,21 @@ def attention_mask(position_ids, cache=None):
 
 def attend(q, k, v, mask=None, impl="sdpa"):
     """softmax(q k^T / sqrt(D) + mask) v for q (B, H, T, D), k (B, Hkv, S, D) and v (B, Hkv, S, Dv),
-    each K/V head serving H / Hkv query heads. mask: None (causal) or boolean (B, 1, T, S)."""
+    each K/V head serving H / Hkv query heads. mask: None (causal) or boolean (B, 1, T, S), or
+    for impl="triton" also the position_ids (B, T) from attention_mask(..., flash=True).
+    impl: "eager" (the reference below), "sdpa" (torch's fused kernels) or "triton" (this
+    file's flash_attention; with a cache, where T != S, sdpa)."""
+    if impl == "triton":
+        if (mask is None or mask.dtype != torch.bool) and q.shape[2] == k.shape[2]:
+            return flash_attention(q, k, v, position_ids=mask)
+        impl = "sdpa"
     if impl == "sdpa":
         if mask is None and q.shape[2] != k.shape[2]:  # sdpa's is_causal aligns top-left; a cache needs bottom-right
             mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - q.shape[2])
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                               enable_gqa=k.shape[1] != q.shape[1])
     if impl != "eager":
-        raise ValueError(f"attention impl must be 'eager' or 'sdpa', not {impl!r}")
+        raise ValueError(f"attention impl must be 'eager', 'sdpa' or 'triton', not {impl!r}")
     # The readable reference. Query heads are grouped by the K/V head they share, so K and V
     # broadcast over the group instead of being repeated.
     B, H, T, D = q.shape
@@ -346,6 +373,270 @@ class MLA(nn.Module):
 def mla_bytes_per_token(n_layers, kv_lora_rank, qk_rope_head_dim, bytes_per_value=2):
     """What an MLA cache holds for one token: the latent and the shared rope key, per layer."""
     return n_layers * (kv_lora_rank + qk_rope_head_dim) * bytes_per_value
+
+
+# -----------------------------------------------------------------------------
+# Flash attention: a Triton kernel (CUDA)
+#
+# `attend` writes the (T x S) matrix of scores to GPU memory, reads it back for the softmax,
+# writes the weights, and reads them again for the sum of values: O(T^2) bytes moved for
+# O(T^2 D) FLOPs, so at D = 64..128 the GPU waits on memory. Flash attention (Dao et al. 2022,
+# 2023) never writes the scores. One program owns a tile of BLOCK_M queries, keeps it in SRAM
+# (registers and shared memory), and walks over the keys BLOCK_N at a time; the softmax is
+# computed online: a running max m and a running sum l per query, and whenever a new tile
+# raises the max, what was accumulated so far is rescaled by exp(m_old - m_new). Memory
+# traffic falls to O(T D) per query tile, and the only thing saved for the backward pass is
+# one number per query, the log-sum-exp (lse), from which any tile of softmax weights can be
+# recomputed: p = exp(s - lse).
+#
+# Backward (FlashAttention-2's split): with delta_i = sum_d dO_id O_id = sum_j p_ij dp_ij,
+#     dV = P^T dO,   dP = dO V^T,   dS = P * (dP - delta),   dQ = dS K scale,   dK = dS^T Q scale.
+# One kernel owns a tile of keys and loops over queries (dK, dV accumulate in registers,
+# over every query head of its GQA group, so K/V are never repeated and nothing is summed
+# afterwards); a second owns a tile of queries and loops over keys (dQ). Each recomputes P;
+# neither needs atomics.
+#
+# Documents. A packed row holds several documents; a query reads only keys of its own one.
+# With `position_ids` the kernels get each token's document id and the span [first, last)
+# of its document. Every tile of keys outside the spans of a query tile is skipped without
+# being loaded: with documents of length L the work is O(T L), not O(T^2), which a dense
+# boolean mask given to SDPA can never exploit.
+#
+# Softmax in base 2: exp(x) = exp2(x log2 e), and exp2 is one instruction on the GPU, so
+# the scores are scaled by scale * log2(e) once and lse is kept in base 2.
+
+FLASH_BLOCK_M, FLASH_BLOCK_N = 64, 64   # tile sizes (untuned: no GPU ran them yet); tests use 16
+
+if triton is not None:
+    @triton.jit
+    def _flash_fwd(Q, K, V, O, LSE, DOC, FIRST, LAST,
+                   sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+                   H, G, T, D, DV, qk_scale,
+                   CAUSAL: tl.constexpr, DOCS: tl.constexpr, PREC: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr):
+        pid, bh = tl.program_id(0), tl.program_id(1)
+        b, h = bh // H, bh % H
+        hk = h // G                                   # the K/V head this query head shares
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        d, dv = tl.arange(0, BD), tl.arange(0, BDV)   # head dims padded to a power of 2, masked
+        row_ok = rows < T
+        q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqt + d[None, :],
+                    mask=row_ok[:, None] & (d < D)[None, :], other=0.0)
+        lo, hi = 0, T
+        if CAUSAL:
+            hi = tl.minimum(T, (pid + 1) * BLOCK_M)
+        if DOCS:
+            doc_q = tl.load(DOC + b * T + rows, mask=row_ok, other=-2)
+            lo = tl.min(tl.load(FIRST + b * T + rows, mask=row_ok, other=T), 0) // BLOCK_N * BLOCK_N
+            hi = tl.minimum(hi, tl.max(tl.load(LAST + b * T + rows, mask=row_ok, other=0), 0))
+        # Finite start for the running max: a row that has seen only masked keys then gets
+        # exp2(-inf - m) = 0 instead of exp2(-inf + inf) = NaN.
+        m = tl.full([BLOCK_M], -1.0e30, tl.float32)
+        l = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BDV], tl.float32)
+        for start in range(lo, hi, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            col_ok = cols < T
+            kt = tl.load(K + b * skb + hk * skh + cols[None, :] * skt + d[:, None],
+                         mask=col_ok[None, :] & (d < D)[:, None], other=0.0)        # (BD, BLOCK_N)
+            s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+            ok = col_ok[None, :]
+            if CAUSAL:
+                ok = ok & (rows[:, None] >= cols[None, :])
+            if DOCS:
+                ok = ok & (doc_q[:, None] == tl.load(DOC + b * T + cols, mask=col_ok, other=-3)[None, :])
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m - m_new)                # rescales what was summed under the old max
+            l = l * alpha + tl.sum(p, 1)
+            v = tl.load(V + b * svb + hk * svh + cols[:, None] * svt + dv[None, :],
+                        mask=col_ok[:, None] & (dv < DV)[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+            m = m_new
+        l = tl.where(l > 0, l, 1.0)                   # only tail rows (>= T), never stored, have l = 0
+        tl.store(O + b * sob + h * soh + rows[:, None] * sot + dv[None, :], (acc / l[:, None]).to(O.dtype.element_ty),
+                 mask=row_ok[:, None] & (dv < DV)[None, :])
+        tl.store(LSE + bh * T + rows, m + tl.log2(l), mask=row_ok)
+
+    @triton.jit
+    def _flash_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, DOC, FIRST, LAST,
+                      sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+                      H, G, T, D, DV, qk_scale, scale,
+                      CAUSAL: tl.constexpr, DOCS: tl.constexpr, PREC: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr):
+        # The forward's loop again, with p recomputed from lse: dQ = sum over key tiles of dS K.
+        pid, bh = tl.program_id(0), tl.program_id(1)
+        b, h = bh // H, bh % H
+        hk = h // G
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        d, dv = tl.arange(0, BD), tl.arange(0, BDV)
+        row_ok = rows < T
+        q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqt + d[None, :],
+                    mask=row_ok[:, None] & (d < D)[None, :], other=0.0)
+        do = tl.load(DO + b * sob + h * soh + rows[:, None] * sot + dv[None, :],
+                     mask=row_ok[:, None] & (dv < DV)[None, :], other=0.0)
+        lse = tl.load(LSE + bh * T + rows, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + bh * T + rows, mask=row_ok, other=0.0)
+        lo, hi = 0, T
+        if CAUSAL:
+            hi = tl.minimum(T, (pid + 1) * BLOCK_M)
+        if DOCS:
+            doc_q = tl.load(DOC + b * T + rows, mask=row_ok, other=-2)
+            lo = tl.min(tl.load(FIRST + b * T + rows, mask=row_ok, other=T), 0) // BLOCK_N * BLOCK_N
+            hi = tl.minimum(hi, tl.max(tl.load(LAST + b * T + rows, mask=row_ok, other=0), 0))
+        dq = tl.zeros([BLOCK_M, BD], tl.float32)
+        for start in range(lo, hi, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            col_ok = cols < T
+            kt = tl.load(K + b * skb + hk * skh + cols[None, :] * skt + d[:, None],
+                         mask=col_ok[None, :] & (d < D)[:, None], other=0.0)        # (BD, BLOCK_N)
+            vt = tl.load(V + b * svb + hk * svh + cols[None, :] * svt + dv[:, None],
+                         mask=col_ok[None, :] & (dv < DV)[:, None], other=0.0)      # (BDV, BLOCK_N)
+            ok = row_ok[:, None] & col_ok[None, :]
+            if CAUSAL:
+                ok = ok & (rows[:, None] >= cols[None, :])
+            if DOCS:
+                ok = ok & (doc_q[:, None] == tl.load(DOC + b * T + cols, mask=col_ok, other=-3)[None, :])
+            p = tl.where(ok, tl.exp2(tl.dot(q, kt, input_precision=PREC) * qk_scale - lse[:, None]), 0.0)
+            ds = p * (tl.dot(do, vt, input_precision=PREC) - delta[:, None])
+            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
+        tl.store(DQ + b * sqb + h * sqh + rows[:, None] * sqt + d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+                 mask=row_ok[:, None] & (d < D)[None, :])
+
+    @triton.jit
+    def _flash_bwd_dkdv(Q, K, V, DO, DK, DV_, LSE, DELTA, DOC, FIRST, LAST,
+                        sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+                        H, G, T, D, DV, qk_scale, scale,
+                        CAUSAL: tl.constexpr, DOCS: tl.constexpr, PREC: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr):
+        # One tile of keys of one K/V head; every query of every head in its group reads it.
+        # Everything is computed transposed (keys along rows) so that no tile needs a transpose
+        # before its dot: sT = K Q^T, dV += P^T dO, dK += dS^T Q.
+        pid, bhk = tl.program_id(0), tl.program_id(1)
+        b, hk = bhk // (H // G), bhk % (H // G)
+        cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        d, dv = tl.arange(0, BD), tl.arange(0, BDV)
+        col_ok = cols < T
+        k = tl.load(K + b * skb + hk * skh + cols[:, None] * skt + d[None, :],
+                    mask=col_ok[:, None] & (d < D)[None, :], other=0.0)
+        v = tl.load(V + b * svb + hk * svh + cols[:, None] * svt + dv[None, :],
+                    mask=col_ok[:, None] & (dv < DV)[None, :], other=0.0)
+        lo, hi = 0, T
+        if CAUSAL:                                    # queries before this tile never read it
+            lo = pid * BLOCK_N // BLOCK_M * BLOCK_M
+        if DOCS:
+            doc_k = tl.load(DOC + b * T + cols, mask=col_ok, other=-3)
+            first = tl.min(tl.load(FIRST + b * T + cols, mask=col_ok, other=T), 0) // BLOCK_M * BLOCK_M
+            lo = tl.maximum(lo, first)
+            hi = tl.max(tl.load(LAST + b * T + cols, mask=col_ok, other=0), 0)
+        dk = tl.zeros([BLOCK_N, BD], tl.float32)
+        dvacc = tl.zeros([BLOCK_N, BDV], tl.float32)
+        for g in range(G):
+            h = hk * G + g
+            for start in range(lo, hi, BLOCK_M):
+                rows = start + tl.arange(0, BLOCK_M)
+                row_ok = rows < T
+                q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqt + d[None, :],
+                            mask=row_ok[:, None] & (d < D)[None, :], other=0.0)
+                do = tl.load(DO + b * sob + h * soh + rows[:, None] * sot + dv[None, :],
+                             mask=row_ok[:, None] & (dv < DV)[None, :], other=0.0)
+                lse = tl.load(LSE + (b * H + h) * T + rows, mask=row_ok, other=0.0)
+                delta = tl.load(DELTA + (b * H + h) * T + rows, mask=row_ok, other=0.0)
+                ok = col_ok[:, None] & row_ok[None, :]
+                if CAUSAL:
+                    ok = ok & (rows[None, :] >= cols[:, None])
+                if DOCS:
+                    ok = ok & (doc_k[:, None] == tl.load(DOC + b * T + rows, mask=row_ok, other=-2)[None, :])
+                pt = tl.where(ok, tl.exp2(tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale - lse[None, :]), 0.0)
+                dvacc += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
+                dst = pt * (tl.dot(v, tl.trans(do), input_precision=PREC) - delta[None, :])
+                dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
+        tl.store(DK + b * skb + hk * skh + cols[:, None] * skt + d[None, :], (dk * scale).to(DK.dtype.element_ty),
+                 mask=col_ok[:, None] & (d < D)[None, :])
+        tl.store(DV_ + b * svb + hk * svh + cols[:, None] * svt + dv[None, :], dvacc.to(DV_.dtype.element_ty),
+                 mask=col_ok[:, None] & (dv < DV)[None, :])
+
+
+def document_spans(position_ids):
+    """For each token: its document id (as attention_mask numbers them; -1 for padding) and
+    the span [first, last) of the tokens that share that id, all int32 (B, T)."""
+    doc = document_ids(position_ids)
+    B, T = doc.shape
+    idx = torch.arange(T, device=doc.device).expand(B, T)
+    slot = doc + 1                                  # ids run from -1 to T
+    first = torch.full((B, T + 2), T, device=doc.device).scatter_reduce(1, slot, idx, "amin")
+    last = torch.zeros((B, T + 2), dtype=torch.long, device=doc.device).scatter_reduce(1, slot, idx + 1, "amax")
+    return [t.to(torch.int32).contiguous() for t in (doc, first.gather(1, slot), last.gather(1, slot))]
+
+
+def _dense(t):
+    """t itself when its elements tile memory without gaps, in any order of dims (then
+    empty_like copies its strides, and one set of strides serves t and its gradient: the
+    kernels take the model's (B, T, H, D) memory order as it comes); else a contiguous copy."""
+    return t if t.stride(-1) == 1 and torch.empty_like(t).stride() == t.stride() else t.contiguous()
+
+
+class FlashAttention(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, q, k, v, position_ids, causal):
+        B, H, T, D = q.shape
+        Hkv, DV = k.shape[1], v.shape[-1]
+        q, k, v = _dense(q), _dense(k), _dense(v)
+        o = torch.empty(B, T, H, DV, dtype=q.dtype, device=q.device).transpose(1, 2)  # the model's order
+        lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
+        docs = (document_spans(position_ids) if position_ids is not None
+                else [torch.zeros(1, dtype=torch.int32, device=q.device)] * 3)   # unread
+        ctx.meta = dict(H=H, G=H // Hkv, T=T, D=D, DV=DV, qk_scale=D ** -0.5 * 1.4426950408889634,
+                        CAUSAL=bool(causal), DOCS=position_ids is not None,
+                        PREC="ieee" if q.dtype == torch.float32 else "tf32",
+                        BLOCK_M=FLASH_BLOCK_M, BLOCK_N=FLASH_BLOCK_N,
+                        BD=max(16, triton.next_power_of_2(D)), BDV=max(16, triton.next_power_of_2(DV)))
+        _flash_fwd[(triton.cdiv(T, FLASH_BLOCK_M), B * H)](
+            q, k, v, o, lse, *docs, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], **ctx.meta)
+        ctx.save_for_backward(q, k, v, o, lse, *docs)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, *docs = ctx.saved_tensors
+        B, H, T, _ = q.shape
+        do = torch.empty_like(o).copy_(do) if do.stride() != o.stride() else do   # o's strides serve dO
+        delta = (do.float() * o.float()).sum(-1).contiguous()     # sum_j p_ij dp_ij, one per query
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        meta = dict(ctx.meta, scale=q.shape[-1] ** -0.5)
+        strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3])
+        _flash_bwd_dq[(triton.cdiv(T, FLASH_BLOCK_M), B * H)](q, k, v, do, dq, lse, delta, *docs, *strides, **meta)
+        _flash_bwd_dkdv[(triton.cdiv(T, FLASH_BLOCK_N), B * k.shape[1])](
+            q, k, v, do, dk, dv, lse, delta, *docs, *strides, **meta)
+        return dq, dk, dv, None, None
+
+
+def flash_attention(q, k, v, position_ids=None, causal=True):
+    """softmax(q k^T / sqrt(D) + mask) v without the (T x T) matrix: q (B, H, T, D), k (B, Hkv, T, D),
+    v (B, Hkv, T, Dv), H a multiple of Hkv. The mask: causal (or not), and, given position_ids
+    (B, T), only keys of the query's own document (a document starts where positions restart
+    at 0; negative positions are padding). The Triton kernels run where `kernels_on` says so
+    (CUDA); elsewhere the same attention is computed by `attend` with a dense mask."""
+    B, H, T, D = q.shape
+    if k.shape[:3] != (B, k.shape[1], T) or v.shape[:3] != k.shape[:3] or k.shape[-1] != D or H % k.shape[1]:
+        raise ValueError(f"flash_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: "
+                         "want q (B, H, T, D), k (B, Hkv, T, D), v (B, Hkv, T, Dv) with H a multiple of Hkv")
+    if position_ids is not None and position_ids.shape != (B, T):
+        raise ValueError(f"flash_attention: position_ids {tuple(position_ids.shape)}, want (B, T) = {(B, T)}")
+    if max(D, v.shape[-1]) > 256:
+        raise ValueError(f"flash_attention: head dims up to 256, not {max(D, v.shape[-1])}")
+    if kernels_on(q):
+        return FlashAttention.apply(q, k, v, position_ids, causal)
+    if position_ids is None and causal:
+        return attend(q, k, v, None, "sdpa")
+    mask = torch.ones(1, T, T, dtype=torch.bool, device=q.device)
+    mask = mask.tril() if causal else mask
+    if position_ids is not None:
+        doc = document_ids(position_ids)
+        mask = mask & (doc[:, :, None] == doc[:, None, :])
+    return attend(q, k, v, mask[:, None], "sdpa")
 
 
 def _demo():

@@ -28,6 +28,8 @@ two Triton kernels take over (`kernels_on`): RMSNorm (one read and one write per
 and backward), and each chunk's cross-entropy (an online logsumexp over vocabulary tiles, so
 the fp32 softmax is never materialised; the gradient overwrites the logits in place). Their
 PyTorch references stay beside them; the tests run the kernels under Triton's interpreter.
+Attention's own kernel (flash attention, with document masking) lives in attention.py and is
+the default `attn_impl` ("triton"); it, too, runs only on CUDA, sdpa elsewhere.
 
 Papers: Vaswani et al. 2017; Radford et al. 2019 (GPT-2 init); Zhang & Sennrich 2019
 (RMSNorm); Shazeer 2020 (SwiGLU); Press & Wolf 2017 (tied embeddings); Chowdhery et al.
@@ -49,19 +51,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import attention
-from attention import MLA, Attention, KVCache, Rotary, attention_mask
+from attention import MLA, Attention, KVCache, Rotary, attention_mask, kernels_on
 
 try:
     import triton
     import triton.language as tl
 except ImportError:     # macOS, or a CPU-only install: the PyTorch references run
     triton = None
-
-
-def kernels_on(t):
-    """Whether the Triton kernels run for tensor t: on CUDA, when Triton is installed. (The
-    tests turn them on for CPU tensors under Triton's interpreter.)"""
-    return triton is not None and t.is_cuda
 
 
 # -----------------------------------------------------------------------------
@@ -94,7 +90,7 @@ class ModelConfig:
     qk_rope_head_dim: int = 64
     qk_nope_head_dim: int = 128
     v_head_dim: int = 128
-    attn_impl: str = "sdpa"             # "sdpa" or "eager"
+    attn_impl: str = "triton"           # "triton" (flash kernel on CUDA, sdpa elsewhere), "sdpa", "eager"
     z_loss: float = 0.0
     init_std: float = 0.02
     # Per-layer pattern, one entry per layer (None: all "attention" / all "dense"). The MoE and
@@ -114,6 +110,8 @@ class ModelConfig:
             self.head_dim = self.dim // self.n_head
         if self.positions not in ("rope", "learned", "none"):
             bad("positions", f"must be 'rope', 'learned' or 'none', not {self.positions!r}")
+        if self.attn_impl not in ("triton", "sdpa", "eager"):
+            bad("attn_impl", f"must be 'triton', 'sdpa' or 'eager', not {self.attn_impl!r}")
         if self.attention not in ("gqa", "mla"):
             bad("attention", f"must be 'gqa' or 'mla', not {self.attention!r}")
         if any(not 0 <= i < self.n_layer for i in self.nope_layers):
@@ -321,7 +319,10 @@ class Model(nn.Module):
                              "rope_theta (ABF) or rope_scaling (YaRN) too)")
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
-        mask = attention_mask(position_ids, cache)   # also records the new tokens in the cache
+        # Also records the new tokens in the cache. The flash kernel takes position_ids instead
+        # of a (T x T) mask and skips the tiles that document boundaries mask out.
+        flash = self.config.attn_impl == "triton" and kernels_on(input_ids)
+        mask = attention_mask(position_ids, cache, flash)
         x = self.embed_tokens(input_ids)
         if self.embed_positions is not None:          # padding (position < 0) reads position 0
             x = x + self.embed_positions(position_ids.clamp(min=0))
