@@ -22,6 +22,10 @@ that core is a trade of memory for quality:
   from growing without bound and stabilises training.
 - Packed training sequences hold several documents: intra-document masking lets a token see
   only its own document. Here a document starts wherever `position_ids` restart at 0.
+- Flash attention computes the same thing without ever writing the (T x T) scores to GPU
+  memory: tiles of queries and keys meet in on-chip SRAM and the softmax is computed online.
+  Here it is a Triton kernel (forward and backward) that also skips every tile of keys that a
+  document boundary masks out, so packed documents cost attention over their own length only.
 
 The playbook's lessons: GQA matches MHA's quality at a fraction of its KV cache (SmolLM3 uses
 4 K/V heads for 16 query heads); test attention choices at small scale before trusting
@@ -32,16 +36,20 @@ Papers: Vaswani et al. 2017 (attention); Shazeer 2019 (MQA); Ainslie et al. 2023
 DeepSeek-AI 2024 (DeepSeek-V2: MLA); Su et al. 2021 (RoPE); Kazemnejad et al. 2023 and
 Yang et al. 2025 (NoPE, RNoPE); Xiong et al. 2023 (ABF); Peng et al. 2023 (YaRN);
 Grattafiori et al. 2024 (Llama 3, its RoPE scaling); Dehghani et al. 2023, Team OLMo 2024
-(QK-norm); Zhao et al. 2024 (intra-document masking).
+(QK-norm); Zhao et al. 2024 (intra-document masking); Dao et al. 2022, Dao 2023
+(FlashAttention, FlashAttention-2); Milakov & Gimelshein 2018 (online softmax).
 
 Run:
-    python attention.py        # KV-cache bytes per token for MHA/GQA/MQA/MLA; cached decoding == full forward
+    python attention.py        # KV-cache bytes per token for MHA/GQA/MQA/MLA; cached decoding == full
+                               # forward; the attention work that document masking lets flash skip
 
 Status: MHA/MQA/GQA, MLA (naive and absorbed), RoPE (default, partial, Llama 3, YaRN, ABF via
-rope_theta), NoPE, QK-norm, document masking, eager and sdpa, the KV cache.
+rope_theta), NoPE, QK-norm, document masking, eager, sdpa and the Triton flash kernel (tested
+under Triton's interpreter), the KV cache.
 """
 
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -55,9 +63,10 @@ except ImportError:     # macOS, or a CPU-only install: the PyTorch references r
 
 
 def kernels_on(t):
-    """Whether the Triton kernels run for tensor t: on CUDA, when Triton is installed. (The
-    tests turn them on for CPU tensors under Triton's interpreter.)"""
-    return triton is not None and t.is_cuda
+    """Whether the Triton kernels run for tensor t: on CUDA, when Triton is installed, unless
+    the environment says NANOPLAYBOOK_KERNELS=0 (to rule the kernels out when debugging).
+    The tests turn them on for CPU tensors under Triton's interpreter."""
+    return triton is not None and t.is_cuda and os.environ.get("NANOPLAYBOOK_KERNELS", "1") != "0"
 
 
 class RMSNorm(nn.Module):
@@ -668,6 +677,27 @@ def _demo():
                 outs.append(attn(x[:, a:b], rotary(pos[:, a:b]), attention_mask(pos[:, a:b], cache), cache))
         print(f"  tiny {name:14s} max |difference| = {(torch.cat(outs, 1) - full).abs().max():.2e}, "
               f"cache {cache.nbytes() // (2 * 12)} bytes/token (fp32)")
+    print("\nflash attention, tiles of 64 x 64 visited out of a 4096-token causal row:")
+    for name, lengths in [("one document", [4096]), ("documents of 512", [512] * 8),
+                          ("documents of 64..1024", torch.randint(64, 1025, (40,)).tolist())]:
+        pos = torch.cat([torch.arange(n) for n in lengths])[None, :4096]
+        print(f"  {name:22s} {flash_tiles(pos):6,d} of {flash_tiles(torch.arange(4096)[None]):,d}")
+    if kernels_on(torch.empty(0, device="cuda" if torch.cuda.is_available() else "cpu")):
+        q, k, v = (torch.randn(2, 8, 1000, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        pos = torch.cat([torch.arange(300), torch.arange(700)]).expand(2, 1000).cuda()
+        diff = (flash_attention(q, k, v, pos).float() - flash_attention(q.cpu().float(), k.cpu().float(),
+                                                                        v.cpu().float(), pos.cpu()).cuda()).abs().max()
+        print(f"  the kernel on {torch.cuda.get_device_name()}, bf16, vs the dense float32 reference: "
+              f"max |difference| = {diff:.2e}")
+
+
+def flash_tiles(position_ids, block_m=64, block_n=64):
+    """How many (query tile, key tile) pairs the causal flash kernel visits for row 0: the
+    same bounds as _flash_fwd (from the first token of the tile's first document to the
+    diagonal), counted here in Python."""
+    _, first, _ = document_spans(position_ids[:1])
+    T = position_ids.shape[1]
+    return sum(-(-min(T, m + block_m) // block_n) - first[0, m].item() // block_n for m in range(0, T, block_m))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ naive one."""
 import pytest
 import torch
 
+import attention as A
 from attention import MLA, Attention, KVCache, Rotary, apply_rope, attend, attention_mask, rope_inv_freq
 
 transformers = pytest.importorskip("transformers")
@@ -328,3 +329,162 @@ def test_demo(capsys):
     attention._demo()
     out = capsys.readouterr().out
     assert "GQA" in out and "MLA" in out and "max |difference|" in out
+
+
+# -----------------------------------------------------------------------------
+# Flash attention: the Triton kernels (run by Triton's interpreter on machines without CUDA)
+# against `attend`'s eager reference with the dense mask.
+
+def dense_reference(q, k, v, position_ids, causal):
+    T = q.shape[2]
+    mask = torch.ones(1, T, T, dtype=torch.bool)
+    mask = mask.tril() if causal else mask
+    if position_ids is not None:
+        doc = A.document_ids(position_ids)
+        mask = mask & (doc[:, :, None] == doc[:, None, :])
+    return attend(q, k, v, mask[:, None], "eager")
+
+
+def packed_positions(B, T, generator, pad=0):
+    """Each row: `pad` padding tokens (position -1), then documents of random lengths 1..T."""
+    rows = []
+    for _ in range(B):
+        pos = [-1] * pad
+        while len(pos) < T:
+            pos += range(int(torch.randint(1, T + 1, (1,), generator=generator)))
+        rows.append(pos[:T])
+    return torch.tensor(rows)
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    """The Triton kernels on for CPU tensors, with 16 x 16 tiles (several tiles at small T),
+    and every buffer they allocate poisoned: an element the kernels forget to write is NaN."""
+    pytest.importorskip("triton")
+    monkeypatch.setattr(A, "kernels_on", lambda t: True)
+    monkeypatch.setattr(A, "FLASH_BLOCK_M", 16)
+    monkeypatch.setattr(A, "FLASH_BLOCK_N", 16)
+    empty, empty_like = torch.empty, torch.empty_like
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: empty_like(*a, **k).fill_(float("nan")))
+
+
+FLASH_CASES = {   # B, H, Hkv, T, D, Dv, causal, documents, padding
+    "mha-causal-one-tile": (2, 2, 2, 16, 16, 16, True, False, 0),
+    "gqa2-odd-length": (2, 4, 2, 37, 16, 16, True, False, 0),
+    "mqa-documents": (2, 4, 1, 45, 16, 16, True, True, 0),
+    "gqa4-documents-padding": (2, 4, 1, 33, 32, 32, True, True, 5),
+    "d64-documents": (1, 2, 1, 29, 64, 64, True, True, 0),
+    "d128": (1, 2, 2, 20, 128, 128, True, False, 0),
+    "d24-dv16-mla-like": (1, 3, 3, 23, 24, 16, True, True, 0),
+    "bidirectional-documents": (2, 2, 1, 31, 16, 16, False, True, 0),
+    "bidirectional": (1, 2, 2, 18, 16, 16, False, False, 0),
+    "one-token": (1, 2, 1, 1, 16, 16, True, False, 0),
+}
+
+
+@pytest.mark.parametrize("case", list(FLASH_CASES))
+def test_flash_attention_equals_the_reference(case, kernels):
+    B, H, Hkv, T, D, Dv, causal, documents, pad = FLASH_CASES[case]
+    gen = torch.Generator().manual_seed(len(case))
+    q = torch.randn(B, H, T, D, generator=gen).requires_grad_()
+    k = torch.randn(B, Hkv, T, D, generator=gen).requires_grad_()
+    v = torch.randn(B, Hkv, T, Dv, generator=gen).requires_grad_()
+    pos = packed_positions(B, T, gen, pad) if documents else None
+    g = torch.randn(B, H, T, Dv, generator=gen)
+    if documents:
+        assert (pos[:, 1:] == 0).any()        # the case really packs several documents
+    want = dense_reference(q, k, v, pos, causal)
+    want_grads = torch.autograd.grad(want, (q, k, v), g)
+    got = A.flash_attention(q, k, v, pos, causal)
+    got_grads = torch.autograd.grad(got, (q, k, v), g)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name, a, b in zip("qkv", got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5, msg=lambda m: f"d{name}: {m}")
+
+
+def test_flash_attention_takes_the_models_memory_order(kernels):
+    """q, k, v as the model makes them: transposed views of (B, T, H, D) projections."""
+    B, T, H, Hkv, D = 2, 21, 4, 2, 16
+    q = torch.randn(B, T, H, D).transpose(1, 2).requires_grad_()
+    k = torch.randn(B, T, Hkv, D).transpose(1, 2).requires_grad_()
+    v = torch.randn(B, T, Hkv, D).transpose(1, 2).requires_grad_()
+    g = torch.randn(B, H, T, D)
+    want = dense_reference(q, k, v, None, True)
+    want_grads = torch.autograd.grad(want, (q, k, v), g)
+    got = A.flash_attention(q, k, v)
+    got_grads = torch.autograd.grad(got, (q, k, v), g)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice")
+def test_flash_attention_skips_tiles_outside_the_document(kernels):
+    """Two documents of two tiles each, the first one's keys and values NaN. A kernel that
+    loaded any tile of the first document for the second one's queries (and masked it
+    afterwards) would still turn NaN: 0 * NaN is NaN. The second document's outputs and
+    gradients must be finite and equal to that document run alone."""
+    B, H, T, D = 1, 2, 64, 16
+    q, k, v = torch.randn(B, H, T, D), torch.randn(B, 1, T, D), torch.randn(B, 1, T, D)
+    k[:, :, :32], v[:, :, :32] = float("nan"), float("nan")
+    pos = torch.cat([torch.arange(32), torch.arange(32)])[None]
+    g = torch.randn(B, H, T, D)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    got = A.flash_attention(q, k, v, pos)
+    dq, dk, dv = torch.autograd.grad(got, (q, k, v), g)
+    second = (slice(None), slice(None), slice(32, None))
+    alone = [t[second].detach().requires_grad_() for t in (q, k, v)]
+    want = dense_reference(*alone, None, True)
+    want_grads = torch.autograd.grad(want, alone, g[second])
+    torch.testing.assert_close(got[second], want, rtol=1e-5, atol=1e-5)
+    for a, b in zip((dq, dk, dv), want_grads):
+        torch.testing.assert_close(a[second], b, rtol=1e-5, atol=2e-5)
+    # The poison does reach the second document when nothing separates them.
+    assert A.flash_attention(q, k, v)[second].isnan().all()
+
+
+def test_flash_attention_without_the_kernels_is_the_dense_reference():
+    """Where the kernels do not run (here: CPU tensors), flash_attention is sdpa with the mask."""
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(2, 4, 19, 16), torch.randn(2, 2, 19, 16), torch.randn(2, 2, 19, 8)
+    pos = packed_positions(2, 19, gen, pad=2)
+    for causal in (True, False):
+        for p in (pos, None):
+            torch.testing.assert_close(A.flash_attention(q, k, v, p, causal), dense_reference(q, k, v, p, causal),
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_flash_attention_errors_name_the_shapes():
+    q = torch.randn(1, 4, 8, 16)
+    with pytest.raises(ValueError, match=r"k \(1, 3, 8, 16\)"):
+        A.flash_attention(q, torch.randn(1, 3, 8, 16), torch.randn(1, 3, 8, 16))   # 4 heads, 3 K/V heads
+    with pytest.raises(ValueError, match="want q"):
+        A.flash_attention(q, torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16))
+    with pytest.raises(ValueError, match="position_ids"):
+        A.flash_attention(q, q, q, torch.zeros(1, 7, dtype=torch.long))
+    with pytest.raises(ValueError, match="up to 256"):
+        A.flash_attention(torch.randn(1, 1, 4, 512), torch.randn(1, 1, 4, 512), torch.randn(1, 1, 4, 512))
+
+
+def test_attention_mask_for_the_flash_kernel():
+    pos = torch.tensor([[0, 1, 2, 0, 1]])
+    assert attention_mask(torch.arange(5)[None], flash=True) is None          # plain causal
+    assert attention_mask(pos, flash=True) is pos                               # the kernel reads documents
+    cache = KVCache(1)
+    assert attention_mask(pos, cache, flash=True).dtype == torch.bool           # decoding: the dense mask
+
+
+def test_document_spans():
+    doc, first, last = A.document_spans(torch.tensor([[-1, -1, 0, 1, 2, 0, 1], [0, 1, 0, 0, 1, 2, 3]]))
+    assert doc.tolist() == [[-1, -1, 1, 1, 1, 2, 2], [1, 1, 2, 3, 3, 3, 3]]
+    assert first.tolist() == [[0, 0, 2, 2, 2, 5, 5], [0, 0, 2, 3, 3, 3, 3]]
+    assert last.tolist() == [[2, 2, 5, 5, 5, 7, 7], [2, 2, 3, 7, 7, 7, 7]]
+
+
+def test_kernels_run_on_cuda_unless_the_environment_says_no(monkeypatch):
+    pytest.importorskip("triton")
+    from types import SimpleNamespace
+    assert A.kernels_on(SimpleNamespace(is_cuda=True)) and not A.kernels_on(SimpleNamespace(is_cuda=False))
+    monkeypatch.setenv("NANOPLAYBOOK_KERNELS", "0")
+    assert not A.kernels_on(SimpleNamespace(is_cuda=True))
