@@ -424,7 +424,7 @@ if triton is not None:
                    CAUSAL: tl.constexpr, DOCS: tl.constexpr, PREC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr):
         pid, bh = tl.program_id(0), tl.program_id(1)
-        b, h = bh // H, bh % H
+        b, h = (bh // H).to(tl.int64), bh % H     # int64: b * stride passes 2^31 at long contexts
         hk = h // G                                   # the K/V head this query head shares
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         d, dv = tl.arange(0, BD), tl.arange(0, BDV)   # head dims padded to a power of 2, masked
@@ -476,7 +476,7 @@ if triton is not None:
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr):
         # The forward's loop again, with p recomputed from lse: dQ = sum over key tiles of dS K.
         pid, bh = tl.program_id(0), tl.program_id(1)
-        b, h = bh // H, bh % H
+        b, h = (bh // H).to(tl.int64), bh % H     # int64: b * stride passes 2^31 at long contexts
         hk = h // G
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         d, dv = tl.arange(0, BD), tl.arange(0, BDV)
@@ -523,7 +523,7 @@ if triton is not None:
         # Everything is computed transposed (keys along rows) so that no tile needs a transpose
         # before its dot: sT = K Q^T, dV += P^T dO, dK += dS^T Q.
         pid, bhk = tl.program_id(0), tl.program_id(1)
-        b, hk = bhk // (H // G), bhk % (H // G)
+        b, hk = (bhk // (H // G)).to(tl.int64), bhk % (H // G)
         cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         d, dv = tl.arange(0, BD), tl.arange(0, BDV)
         col_ok = cols < T
@@ -601,7 +601,8 @@ class FlashAttention(torch.autograd.Function):
                         CAUSAL=bool(causal), DOCS=position_ids is not None,
                         PREC="ieee" if q.dtype == torch.float32 else "tf32",
                         BLOCK_M=FLASH_BLOCK_M, BLOCK_N=FLASH_BLOCK_N,
-                        BD=max(16, triton.next_power_of_2(D)), BDV=max(16, triton.next_power_of_2(DV)))
+                        BD=max(16, triton.next_power_of_2(D)), BDV=max(16, triton.next_power_of_2(DV)),
+                        num_warps=8 if max(D, DV) > 64 else 4)   # more threads hold the bigger tiles
         _flash_fwd[(triton.cdiv(T, FLASH_BLOCK_M), B * H)](
             q, k, v, o, lse, *docs, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], **ctx.meta)
         ctx.save_for_backward(q, k, v, o, lse, *docs)
@@ -634,6 +635,8 @@ def flash_attention(q, k, v, position_ids=None, causal=True):
                          "want q (B, H, T, D), k (B, Hkv, T, D), v (B, Hkv, T, Dv) with H a multiple of Hkv")
     if position_ids is not None and position_ids.shape != (B, T):
         raise ValueError(f"flash_attention: position_ids {tuple(position_ids.shape)}, want (B, T) = {(B, T)}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"flash_attention: q, k, v must share a dtype, not {q.dtype}, {k.dtype}, {v.dtype}")
     if max(D, v.shape[-1]) > 256:
         raise ValueError(f"flash_attention: head dims up to 256, not {max(D, v.shape[-1])}")
     if kernels_on(q):

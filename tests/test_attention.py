@@ -463,6 +463,8 @@ def test_flash_attention_errors_name_the_shapes():
         A.flash_attention(q, torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16))
     with pytest.raises(ValueError, match="position_ids"):
         A.flash_attention(q, q, q, torch.zeros(1, 7, dtype=torch.long))
+    with pytest.raises(ValueError, match="share a dtype"):
+        A.flash_attention(q, q.double(), q)
     with pytest.raises(ValueError, match="up to 256"):
         A.flash_attention(torch.randn(1, 1, 4, 512), torch.randn(1, 1, 4, 512), torch.randn(1, 1, 4, 512))
 
