@@ -12,14 +12,20 @@ Benchmarks (more arrive with the files they measure):
                                 # throughput (tokens/s) vs a nanoGPT-style loader and vs training
     python bench.py model       # forward+backward time of model.Model vs transformers'
                                 # LlamaForCausalLM, same config, weights and batch
+    python bench.py kernels     # (CUDA only) each Triton kernel, forward+backward, against torch:
+                                # flash attention (causal, document-masked, GQA) vs sdpa / eager /
+                                # torch.compile; RMSNorm and the fused cross-entropy vs eager and
+                                # compiled, with peak memory; one markdown table for BENCHMARKS.md
     python bench.py train       # training tokens/s and MFU of a preset (the tiny one by default),
-                                # against this device's measured matmul peak (CPU) or its spec (GPU)
+                                # against this device's measured matmul peak (CPU) or its spec (GPU),
+                                # with the Triton kernels on and off (--kernels on|off|both)
 
 The baselines are benchmark-only tools, not dependencies of the project:
     pip install rustbpe tokenizers
 """
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -28,14 +34,16 @@ import statistics
 import sys
 import time
 
+import torch
+import torch.nn.functional as F
+
+import attention
 import data
 import model
 import tokenizer
 
 
 def machine():
-    import torch
-
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -120,7 +128,7 @@ def bench_tokenizer(args):
            "HF tokenizers": n_held / len(built["HF tokenizers"].encode(held_out).ids)}
 
     base = statistics.median(times["rustbpe"])
-    print(f"\n| trainer | median time (s) | min (s) | vs rustbpe | bytes/token (held out) | vs rustbpe |")
+    print("\n| trainer | median time (s) | min (s) | vs rustbpe | bytes/token (held out) | vs rustbpe |")
     print("|---|---|---|---|---|---|")
     for name, ts in times.items():
         med = statistics.median(ts)
@@ -159,7 +167,6 @@ def bench_data(args):
     import tempfile
 
     import numpy as np
-    import torch
 
     tmp = tempfile.mkdtemp(prefix="bench-data-")
     try:
@@ -205,7 +212,7 @@ def bench_data(args):
         flat = os.path.join(tmp, "flat.bin")
         stream.tofile(flat)
         mm = np.memmap(flat, dtype=np.uint16, mode="r")
-        print(f"\n| loader, batch x seq_len | nanoGPT-style (tokens/s) | data.Loader (tokens/s) | ratio |\n|---|---|---|---|")
+        print("\n| loader, batch x seq_len | nanoGPT-style (tokens/s) | data.Loader (tokens/s) | ratio |\n|---|---|---|---|")
         for B, T in [(8, 1024), (32, 2048), (4, 4096)]:
             rng = np.random.default_rng(0)
 
@@ -259,15 +266,14 @@ def bench_data(args):
 # Model
 
 def bench_model(args):
-    import torch
     import transformers
 
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # float32 on CPU (bf16 matmuls there are hundreds of times slower); bf16 autocast on GPU
     autocast = torch.autocast("cuda", torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
-    print(f"| config | batch x seq | transformers LlamaForCausalLM (ms) | model.Model (ms) | ratio | "
-          f"peak memory ratio |\n|---|---|---|---|---|---|")
+    print("| config | batch x seq | transformers LlamaForCausalLM (ms) | model.Model (ms) | ratio | "
+          "peak memory ratio |\n|---|---|---|---|---|---|")
     for name in args.presets:
         # No NoPE layers: with them the matching transformers class would be SmolLM3, not Llama.
         c = model.preset(name, max_seq_len=max(args.seq_len, 1024), nope_layers=())
@@ -312,14 +318,294 @@ def bench_model(args):
 
 
 # -----------------------------------------------------------------------------
+# Kernels: each Triton kernel against what torch offers for the same function
+#
+# A row times one forward+backward call: inputs made once, the output and the gradients
+# returned by torch.autograd.grad (so nothing accumulates in .grad between calls). Every
+# implementation of a kernel gets the same inputs and the same upstream gradient, so their
+# outputs can be compared with the plain PyTorch reference ("eager") as a sanity column: a
+# fast kernel that computes something else is not fast.
+
+# The default shapes: SmolLM3-3B's attention (16 query heads of 128, 4 K/V heads) at 2k
+# context, its hidden size for RMSNorm, and SmolLM2-135M's head for the loss; 8 x 2048 tokens.
+KERNEL_SHAPES = dict(batch_size=8, heads=16, kv_heads=4, seq_len=2048, head_dim=128, doc_min=64, doc_max=512,
+                     norm_rows=8 * 2048, norm_dim=2048, vocab_size=49152, dim=576, tokens=8 * 2048)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn, device, rounds):
+    """Median seconds of fn() over `rounds` calls. On CUDA, synchronized before and after each
+    call: kernels are launched asynchronously, and without the wait we would time the launches."""
+    times = []
+    for _ in range(rounds):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_memory(fn, device):
+    """Bytes one call of fn() needs at its peak on top of what was already allocated (the
+    inputs, shared by every implementation, and anything an earlier row still holds). None on
+    CPU, where torch keeps no such counter."""
+    if torch.device(device).type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def measure(kernel, impls, device, rounds, work, unit, reference="eager"):
+    """One row per implementation (name, fn) of a kernel, ours first; fn() runs forward and
+    backward and returns the output and the gradients. work: FLOPs or bytes per call, for the
+    rate in `unit`. A baseline that fails (out of memory, a backend this GPU or dtype lacks)
+    gets a row that says why instead of ending the table."""
+    ref = None
+    for name, fn in impls:   # the reference's tensors first, for the diff column
+        if name == reference:
+            try:
+                ref = [t.detach() for t in fn()]
+            except Exception:
+                pass          # its own row, below, says why
+    rows = []
+    for i, (name, fn) in enumerate(impls):
+        print(f"  {kernel}: {name}", file=sys.stderr, flush=True)
+        row = dict(kernel=kernel, impl=name, ours=i == 0, unit=unit)
+        try:
+            out = fn()        # warm-up: compiles, autotunes, fills the allocator's cache
+            if ref is not None:
+                # Relative to the reference's largest value: gradients such as RMSNorm's dw are
+                # sums over thousands of rows, where an absolute bf16 difference says little.
+                row["diff"] = max(((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-30)).item()
+                                  for a, b in zip(out, ref))
+            del out
+            row["seconds"] = median_time(fn, device, rounds)
+            row["rate"] = work / row["seconds"]
+            row["peak"] = peak_memory(fn, device)
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:100]}"
+        rows.append(row)
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()   # an OOM's leftovers must not count against the next row
+    return rows
+
+
+def fwd_bwd(f, inputs, grad_out):
+    """fn() = the output of f(*inputs) and the gradients of <output, grad_out> for every input."""
+    def fn():
+        out = f(*inputs)
+        return (out, *torch.autograd.grad(out, inputs, grad_out))
+    return fn
+
+
+def attention_rows(device, dtype, s, rounds, backend="inductor", case="causal"):
+    """Flash attention against sdpa, the eager reference and (backend not None) the eager
+    reference under torch.compile. case: "causal", "documents" (a packed row of documents of
+    random lengths, ours given position_ids, the others the boolean mask) or "gqa" (kv_heads
+    K/V heads, ours and sdpa without repeating them)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    B, H, T, D = s["batch_size"], s["heads"], s["seq_len"], s["head_dim"]
+    Hkv = s["kv_heads"] if case == "gqa" else H
+    g = torch.Generator().manual_seed(0)
+
+    def rand(heads):   # in the model's memory order: (B, T, heads, D) from the projections, transposed
+        return torch.randn(B, T, heads, D, generator=g).to(device, dtype).transpose(1, 2)
+
+    q, k, v, do = rand(H).requires_grad_(), rand(Hkv).requires_grad_(), rand(Hkv).requires_grad_(), rand(H)
+    position_ids, mask = None, None
+    # FLOPs of the work that is needed: q k^T and p v, 2 * 2 * D per (query, key) pair a query
+    # may read, so half of T^2 when causal; backward 2.5x the forward (five such matmuls to two).
+    pairs = B * T * T / 2
+    kernel = f"attention causal, {B}x{H}x{T}x{D}"
+    if case == "gqa":
+        kernel = f"attention GQA {H}/{Hkv} heads, {B}x{H}x{T}x{D}"
+    if case == "documents":
+        # Rows packed with documents of uniform random length until full; the last one is cut.
+        lengths, positions = [], []
+        for _ in range(B):
+            row = []
+            while sum(row) < T:
+                row.append(min(int(torch.randint(s["doc_min"], s["doc_max"] + 1, (), generator=g)), T - sum(row)))
+            lengths += row
+            positions.append(torch.cat([torch.arange(n) for n in row]))
+        position_ids = torch.stack(positions).to(device)
+        doc = attention.document_ids(position_ids)
+        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        mask = (causal & (doc[:, :, None] == doc[:, None, :]))[:, None]        # (B, 1, T, T), as the model builds it
+        # Every implementation is credited with the same needed work, the causal half of each
+        # document's own L x L block: what a dense mask computes beyond it is waste, not speed.
+        pairs = sum(n * n / 2 for n in lengths)
+        kernel = (f"attention documents, {B}x{H}x{T}x{D}, {len(lengths)} docs of mean length "
+                  f"{sum(lengths) / len(lengths):.0f} ({s['doc_min']}-{s['doc_max']})")
+    flops = 3.5 * 4 * H * D * pairs
+
+    def eager(q, k, v):
+        return attention.attend(q, k, v, mask, "eager")
+
+    def sdpa(q, k, v):
+        if mask is not None:   # no flash backend takes an arbitrary mask: torch picks (memory-efficient)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=Hkv != H)
+
+    def ours(q, k, v):
+        return attention.flash_attention(q, k, v, position_ids)
+
+    fns = [("ours: flash_attention" + (" + position_ids" if mask is not None else ""), ours),
+           ("sdpa, boolean mask" if mask is not None else "sdpa, flash backend" + (", enable_gqa" if Hkv != H else ""),
+            sdpa),
+           ("eager", eager)]
+    if backend:   # static shapes: each case is its own compiled graph, not a dynamic-shape one
+        fns.append(("torch.compile(eager)", torch.compile(eager, backend=backend, dynamic=False)))
+    impls = [(name, fwd_bwd(f, (q, k, v), do)) for name, f in fns]
+    return measure(kernel, impls, device, rounds, flops, "TFLOP/s")
+
+
+def rms_norm_rows(device, dtype, s, rounds, backend="inductor"):
+    """model.RMSNorm (the Triton kernel) against attention.RMSNorm (eager) and its compiled
+    form, on (norm_rows, norm_dim) with weights in the same dtype. GB/s counts each tensor
+    read or written once: x, y, dy, dx, and the weight and its gradient."""
+    N, D = s["norm_rows"], s["norm_dim"]
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(N, D, generator=g) * 3).to(device, dtype).requires_grad_()
+    dy = torch.randn(N, D, generator=g).to(device, dtype)
+    ref = attention.RMSNorm(D).to(device, dtype)
+    with torch.no_grad():
+        ref.weight.copy_(1 + 0.1 * torch.randn(D, generator=g))
+    ours = model.RMSNorm(D, ref.eps).to(device, dtype)
+    ours.weight = ref.weight
+    modules = [("ours: model.RMSNorm", ours), ("eager", ref)]
+    if backend:
+        modules.append(("torch.compile(eager)", torch.compile(ref, backend=backend, dynamic=False)))
+    # The gradients wanted are x's and the (shared) weight's; the modules take x alone.
+    impls = [(name, fwd_bwd(lambda x, w, f=f: f(x), (x, ref.weight), dy)) for name, f in modules]
+    nbytes = 4 * N * D * x.element_size() + 2 * D * ref.weight.element_size()
+    return measure(f"RMSNorm {N}x{D}", impls, device, rounds, nbytes, "GB/s")
+
+
+def ce_eager(h, w, y, z_coef):
+    """The loss as autograd would compute it: the whole (tokens x vocab) logit matrix, in fp32
+    for the softmax, plus the z-loss on its logsumexp."""
+    logits = (h @ w.t()).float()
+    return F.cross_entropy(logits, y) + z_coef * logits.logsumexp(-1).pow(2).mean()
+
+
+def ce_rows(device, dtype, s, rounds, backend="inductor", z_coef=1e-4):
+    """model.ChunkedCrossEntropy (matmul chunk by chunk, the Triton kernel on each chunk's
+    logits, gradient computed in the forward pass) against ce_eager and its compiled form:
+    time, and peak memory, the point of the fusion. TFLOP/s counts the three matmuls, 6 N V d."""
+    N, V, d = s["tokens"], s["vocab_size"], s["dim"]
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(N, d, generator=g).to(device, dtype).requires_grad_()
+    w = (0.05 * torch.randn(V, d, generator=g)).to(device, dtype).requires_grad_()
+    y = torch.randint(0, V, (N,), generator=g).to(device)
+    one = torch.ones((), device=device)
+
+    def ours(h, w):
+        return model.ChunkedCrossEntropy.apply(h, w, y, z_coef, True)[0]
+
+    def eager(h, w):
+        return ce_eager(h, w, y, z_coef)
+
+    fns = [("ours: ChunkedCrossEntropy", ours), ("eager", eager)]
+    if backend:
+        fns.append(("torch.compile(eager)", torch.compile(eager, backend=backend, dynamic=False)))
+    impls = [(name, fwd_bwd(f, (h, w), one)) for name, f in fns]
+    return measure(f"cross-entropy {N} tokens, vocab {V}, dim {d}", impls, device, rounds, 6 * N * V * d, "TFLOP/s")
+
+
+def kernel_rows(device, dtype, shapes=KERNEL_SHAPES, rounds=10, backend="inductor"):
+    """Every row of the kernel table. backend: torch.compile's backend for the compiled
+    baselines, None to leave them out."""
+    rows = []
+    for case in ("causal", "documents", "gqa"):
+        rows += attention_rows(device, dtype, shapes, rounds, backend, case)
+    rows += rms_norm_rows(device, dtype, shapes, rounds, backend)
+    rows += ce_rows(device, dtype, shapes, rounds, backend)
+    return rows
+
+
+def num(x):
+    """3 significant digits without exponents for table cells: 1,234 / 56.7 / 0.0891."""
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
+def print_kernel_table(rows):
+    """The rows as a markdown table; ratios are ours over each implementation, so below 1 means
+    ours is faster (or smaller)."""
+    print("| kernel | implementation | fwd+bwd (ms) | rate | time ours / this | peak memory (MiB) | "
+          "memory ours / this | max diff vs eager |\n|---|---|---|---|---|---|---|---|")
+    ours = None
+    for r in rows:
+        if r["ours"]:
+            ours = r if "error" not in r else None
+        if "error" in r:
+            print(f"| {r['kernel']} | {r['impl']} | n/a ({r['error']}) | | | | | |")
+            continue
+        time_ratio = f"{ours['seconds'] / r['seconds']:.2f}x" if ours else "n/a"
+        peak = f"{r['peak'] / 2 ** 20:,.0f}" if r["peak"] is not None else "n/a (CPU)"
+        mem_ratio = (f"{ours['peak'] / r['peak']:.2f}x" if ours and r["peak"] and ours["peak"] is not None
+                     else "n/a")
+        diff = f"{r['diff']:.1e}" if "diff" in r else "n/a"
+        scale = 1e12 if r["unit"] == "TFLOP/s" else 1e9
+        print(f"| {r['kernel']} | {r['impl']} | {num(r['seconds'] * 1e3)} | {num(r['rate'] / scale)} {r['unit']} | "
+              f"{time_ratio} | {peak} | {mem_ratio} | {diff} |")
+
+
+def bench_kernels(args):
+    if not torch.cuda.is_available():
+        print("bench.py kernels: the kernel table needs a CUDA GPU (the Triton kernels run on a CPU only "
+              "under TRITON_INTERPRET=1, far too slowly to time)", file=sys.stderr)
+        raise SystemExit(2)
+    if not attention.kernels_on(torch.empty(0, device="cuda")):   # else "ours" would be the fallbacks
+        print("bench.py kernels: the Triton kernels are off here (Triton is not installed, or "
+              "NANOPLAYBOOK_KERNELS=0)", file=sys.stderr)
+        raise SystemExit(2)
+    torch.manual_seed(0)
+    dtype = DTYPES[args.dtype]
+    rows = kernel_rows(torch.device("cuda"), dtype, {key: getattr(args, key) for key in KERNEL_SHAPES},
+                       args.rounds, None if args.no_compile else "inductor")
+    print()
+    print_kernel_table(rows)
+    print("\nrates: attention TFLOP/s count the needed work only, 4 H D per (query, key) pair a query may "
+          "read (causal: half of T^2; documents: half of each document's L^2, the same for every "
+          "implementation), backward 2.5x forward; RMSNorm GB/s count x, y, dy, dx, weight and its "
+          "gradient once; cross-entropy TFLOP/s count the three matmuls (6 N V d). Peak memory: one call's "
+          "peak above the memory already allocated. Max diff: the largest difference of the output and "
+          "the gradients from eager's, relative to eager's largest value.")
+    print(f"\nmachine: {machine()}, {args.dtype}, median of {args.rounds} rounds after one warm-up call")
+
+
+# -----------------------------------------------------------------------------
 # Training throughput and MFU
 
-def bench_train(args):
-    import torch
+@contextlib.contextmanager
+def kernels_off():
+    """Inside: every Triton kernel gives way to its PyTorch path (flash attention to sdpa, even
+    with attn_impl "triton"; RMSNorm and cross-entropy to their references). kernels_on is the
+    one switch: attention.py reads its own, model.py the name it imported."""
+    saved = attention.kernels_on, model.kernels_on
+    attention.kernels_on = model.kernels_on = lambda t: False
+    try:
+        yield
+    finally:
+        attention.kernels_on, model.kernels_on = saved
 
+
+def bench_train(args):
     import train
 
-    torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # The denominator of MFU. On a GPU: the datasheet's dense bf16 peak. A CPU has no such
     # number here, so measure one: the best of a few large float32 matmuls in this process.
@@ -331,7 +617,17 @@ def bench_train(args):
     peak = train.peak_flops(cfg, device) or measured
     print(f"matmul {n}x{n} float32: {measured / 1e9:,.0f} GFLOP/s measured; MFU denominator "
           f"{peak / 1e12:.1f} TFLOP/s ({'datasheet' if peak != measured else 'measured'})")
-    for name in args.presets:
+    # Kernels on and off are two measurements only where the kernels can run at all.
+    kernels = {"on": ["on"], "off": ["off"], "both": ["on", "off"]}[args.kernels]
+    if not attention.kernels_on(torch.empty(0, device=device)):
+        kernels = ["off"]
+        print(f"the Triton kernels do not run here ({device.type}; they need CUDA, Triton and no "
+              "NANOPLAYBOOK_KERNELS=0), so kernels on and off are the same step: measured once, --kernels ignored")
+
+    def measure(name):
+        torch.manual_seed(0)   # each measurement starts from the same weights and batch
+        if args.compile:
+            torch._dynamo.reset()   # compile afresh: the kernels switch is part of what gets traced
         m = model.Model(model.preset(name, max_seq_len=max(args.seq_len, 1024))).to(device)
         opt = torch.optim.AdamW(train.param_groups(m, 0.1), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
         net = torch.compile(m) if args.compile else m
@@ -352,9 +648,21 @@ def bench_train(args):
             step()
         times = [timed(step)[0] for _ in range(args.steps)]
         tps = args.batch_size * args.seq_len / statistics.median(times)
-        mfu = m.flops_per_token(args.seq_len) * tps / peak
-        print(f"| {name} | {args.batch_size} x {args.seq_len} | {m.num_params()[0] / 1e6:.1f}M | "
-              f"{m.flops_per_token(args.seq_len) / 1e6:.1f} MFLOPs | {tps:,.0f} tokens/s | MFU {100 * mfu:.1f}% |")
+        return m.num_params()[0], m.flops_per_token(args.seq_len), tps
+
+    print("\n| preset | kernels | batch x seq | params | FLOPs/token | tokens/s | MFU |\n|---|---|---|---|---|---|---|")
+    mfu = {}
+    for name in args.presets:
+        for k in kernels:   # side by side in one process: same weights, batch and machine state
+            with kernels_off() if k == "off" else contextlib.nullcontext():
+                n_params, flops, tps = measure(name)
+            mfu[name, k] = flops * tps / peak
+            print(f"| {name} | {k if len(kernels) > 1 or device.type == 'cuda' else 'off (CPU: same as on)'} | "
+                  f"{args.batch_size} x {args.seq_len} | {n_params / 1e6:.1f}M | {flops / 1e6:.1f}M | {tps:,.0f} | "
+                  f"{100 * mfu[name, k]:.1f}% |")
+    if len(kernels) == 2:
+        print("\n" + "; ".join(f"{name}: MFU kernels on / off = {mfu[name, 'on'] / mfu[name, 'off']:.2f}x"
+                               for name in args.presets))
     print(f"\nmachine: {machine()}, {device}, {'bf16 autocast' if device.type == 'cuda' else 'float32'}"
           f"{', torch.compile' if args.compile else ''}, median of {args.steps} steps after {args.warmup} warm-up")
 
@@ -377,6 +685,12 @@ def main():
     m.add_argument("--batch-size", type=int, default=4)
     m.add_argument("--seq-len", type=int, default=512)
     m.add_argument("--rounds", type=int, default=5)
+    k = sub.add_parser("kernels", help="Triton kernels vs torch, forward+backward (CUDA)")
+    k.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    k.add_argument("--rounds", type=int, default=20)
+    k.add_argument("--no-compile", action="store_true", help="leave out the torch.compile baselines")
+    for key, value in KERNEL_SHAPES.items():
+        k.add_argument("--" + key.replace("_", "-"), type=int, default=value)
     tr = sub.add_parser("train", help="training tokens/s and MFU")
     tr.add_argument("--presets", nargs="+", default=["tiny"], choices=sorted(model.PRESETS))
     tr.add_argument("--batch-size", type=int, default=8)
@@ -384,8 +698,11 @@ def main():
     tr.add_argument("--steps", type=int, default=10)
     tr.add_argument("--warmup", type=int, default=3)
     tr.add_argument("--compile", action="store_true")
+    tr.add_argument("--kernels", default="both", choices=["on", "off", "both"],
+                    help="Triton kernels on, off (PyTorch paths), or both side by side (CUDA; one run on CPU)")
     args = ap.parse_args()
-    {"tokenizer": bench_tokenizer, "data": bench_data, "model": bench_model, "train": bench_train}[args.cmd](args)
+    {"tokenizer": bench_tokenizer, "data": bench_data, "model": bench_model, "kernels": bench_kernels,
+     "train": bench_train}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -39,3 +39,35 @@ def small_tokenizer(stdlib_texts):
     import tokenizer
 
     return tokenizer.Tokenizer.train(stdlib_texts, vocab_size=512, verbose=False)
+
+
+class Kernels:
+    """The Triton kernels under test. `device` is where they run: the GPU when there is one,
+    else the CPU under Triton's interpreter. on() makes kernels_on say yes for CPU tensors in
+    the interpreter case (on a GPU it already does for CUDA tensors); poison() fills every
+    buffer torch.empty / empty_like hands out with NaN, so an element a kernel forgets to write
+    fails the comparison."""
+
+    def __init__(self, monkeypatch):
+        self.monkeypatch = monkeypatch
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def on(self):
+        import attention
+        import model
+        if self.device.type == "cpu":
+            for module in (attention, model):
+                self.monkeypatch.setattr(module, "kernels_on", lambda t: True)
+
+    def poison(self):
+        empty, empty_like = torch.empty, torch.empty_like
+        self.monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
+        self.monkeypatch.setattr(torch, "empty_like", lambda *a, **k: empty_like(*a, **k).fill_(float("nan")))
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("without a GPU the Triton kernels run only under TRITON_INTERPRET=1")
+    return Kernels(monkeypatch)

@@ -357,16 +357,22 @@ def packed_positions(B, T, generator, pad=0):
 
 
 @pytest.fixture
-def kernels(monkeypatch):
-    """The Triton kernels on for CPU tensors, with 16 x 16 tiles (several tiles at small T),
-    and every buffer they allocate poisoned: an element the kernels forget to write is NaN."""
-    pytest.importorskip("triton")
-    monkeypatch.setattr(A, "kernels_on", lambda t: True)
+def flash(kernels, monkeypatch):
+    """The flash kernels on (the GPU, or CPU tensors under Triton's interpreter), 16 x 16 tiles
+    (several tiles at small T), and every buffer they allocate poisoned. Returns a function
+    that runs flash_attention there and gives back the output and gradients on the CPU."""
+    kernels.on()
+    kernels.poison()
     monkeypatch.setattr(A, "FLASH_BLOCK_M", 16)
     monkeypatch.setattr(A, "FLASH_BLOCK_N", 16)
-    empty, empty_like = torch.empty, torch.empty_like
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: empty_like(*a, **k).fill_(float("nan")))
+    dev = kernels.device
+
+    def run(q, k, v, position_ids=None, causal=True, grad=None):
+        inputs = [t.detach().to(dev).requires_grad_() for t in (q, k, v)]
+        out = A.flash_attention(*inputs, None if position_ids is None else position_ids.to(dev), causal)
+        grads = torch.autograd.grad(out, inputs, grad.to(dev)) if grad is not None else ()
+        return out.detach().cpu(), [g.cpu() for g in grads]
+    return run
 
 
 FLASH_CASES = {   # B, H, Hkv, T, D, Dv, causal, documents, padding
@@ -384,7 +390,7 @@ FLASH_CASES = {   # B, H, Hkv, T, D, Dv, causal, documents, padding
 
 
 @pytest.mark.parametrize("case", list(FLASH_CASES))
-def test_flash_attention_equals_the_reference(case, kernels):
+def test_flash_attention_equals_the_reference(case, flash):
     B, H, Hkv, T, D, Dv, causal, documents, pad = FLASH_CASES[case]
     gen = torch.Generator().manual_seed(len(case))
     q = torch.randn(B, H, T, D, generator=gen).requires_grad_()
@@ -396,14 +402,13 @@ def test_flash_attention_equals_the_reference(case, kernels):
         assert (pos[:, 1:] == 0).any()        # the case really packs several documents
     want = dense_reference(q, k, v, pos, causal)
     want_grads = torch.autograd.grad(want, (q, k, v), g)
-    got = A.flash_attention(q, k, v, pos, causal)
-    got_grads = torch.autograd.grad(got, (q, k, v), g)
+    got, got_grads = flash(q, k, v, pos, causal, g)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for name, a, b in zip("qkv", got_grads, want_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5, msg=lambda m: f"d{name}: {m}")
 
 
-def test_flash_attention_takes_the_models_memory_order(kernels):
+def test_flash_attention_takes_the_models_memory_order(flash):
     """q, k, v as the model makes them: transposed views of (B, T, H, D) projections."""
     B, T, H, Hkv, D = 2, 21, 4, 2, 16
     q = torch.randn(B, T, H, D).transpose(1, 2).requires_grad_()
@@ -412,15 +417,14 @@ def test_flash_attention_takes_the_models_memory_order(kernels):
     g = torch.randn(B, H, T, D)
     want = dense_reference(q, k, v, None, True)
     want_grads = torch.autograd.grad(want, (q, k, v), g)
-    got = A.flash_attention(q, k, v)
-    got_grads = torch.autograd.grad(got, (q, k, v), g)
+    got, got_grads = flash(q, k, v, grad=g)    # .to(device) keeps the strides
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
 
 
 @pytest.mark.filterwarnings("ignore:All-NaN slice")
-def test_flash_attention_skips_tiles_outside_the_document(kernels):
+def test_flash_attention_skips_tiles_outside_the_document(flash):
     """Two documents of two tiles each, the first one's keys and values NaN. A kernel that
     loaded any tile of the first document for the second one's queries (and masked it
     afterwards) would still turn NaN: 0 * NaN is NaN. The second document's outputs and
@@ -430,9 +434,7 @@ def test_flash_attention_skips_tiles_outside_the_document(kernels):
     k[:, :, :32], v[:, :, :32] = float("nan"), float("nan")
     pos = torch.cat([torch.arange(32), torch.arange(32)])[None]
     g = torch.randn(B, H, T, D)
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
-    got = A.flash_attention(q, k, v, pos)
-    dq, dk, dv = torch.autograd.grad(got, (q, k, v), g)
+    got, (dq, dk, dv) = flash(q, k, v, pos, grad=g)
     second = (slice(None), slice(None), slice(32, None))
     alone = [t[second].detach().requires_grad_() for t in (q, k, v)]
     want = dense_reference(*alone, None, True)
@@ -441,7 +443,7 @@ def test_flash_attention_skips_tiles_outside_the_document(kernels):
     for a, b in zip((dq, dk, dv), want_grads):
         torch.testing.assert_close(a[second], b, rtol=1e-5, atol=2e-5)
     # The poison does reach the second document when nothing separates them.
-    assert A.flash_attention(q, k, v)[second].isnan().all()
+    assert flash(q, k, v)[0][second].isnan().all()
 
 
 def test_flash_attention_without_the_kernels_is_the_dense_reference():
@@ -492,7 +494,7 @@ def test_kernels_run_on_cuda_unless_the_environment_says_no(monkeypatch):
     assert not A.kernels_on(SimpleNamespace(is_cuda=True))
 
 
-def test_flash_attention_in_half_precision(kernels):
+def test_flash_attention_in_half_precision(flash):
     """fp16 inputs (the casts of p and dS before each dot) against the float32 reference.
     bf16 cannot be checked here: Triton 3.9's interpreter computes bf16 dots wrongly (a plain
     16 x 16 bf16 tl.dot is off by 1e10), so bf16 is known to work only once it runs on a GPU."""
@@ -501,13 +503,11 @@ def test_flash_attention_in_half_precision(kernels):
         torch.randn(1, 2, 37, 32, generator=gen)
     pos = torch.cat([torch.arange(10), torch.arange(27)])[None]
     g = torch.randn(1, 4, 37, 32, generator=gen)
-    half = [t.half().requires_grad_() for t in (q, k, v)]
+    got, grads = flash(q.half(), k.half(), v.half(), pos, grad=g.half())
     full = [t.half().float().requires_grad_() for t in (q, k, v)]
-    got = A.flash_attention(*half, pos)
-    got.backward(g.half())
     want = dense_reference(*full, pos, True)
     want.backward(g.half().float())
     assert got.dtype == torch.float16
     torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)
-    for a, b in zip(half, full):
-        torch.testing.assert_close(a.grad.float(), b.grad, rtol=1e-2, atol=1e-2)
+    for a, b in zip(grads, full):
+        torch.testing.assert_close(a.float(), b.grad, rtol=1e-2, atol=1e-2)

@@ -366,8 +366,7 @@ def test_demo(capsys):
 # The Triton RMSNorm kernel (run by Triton's interpreter on machines without CUDA)
 
 @pytest.mark.parametrize("shape", [(3, 7, 48), (5, 33), (1, 1, 64), (301, 16)])   # 301 rows: blocks of 2 rows
-def test_triton_rms_norm_equals_the_reference(shape, monkeypatch):
-    pytest.importorskip("triton")
+def test_triton_rms_norm_equals_the_reference(shape, kernels):
     from attention import RMSNorm as Reference
     ref = Reference(shape[-1], eps=1e-5)
     with torch.no_grad():
@@ -376,14 +375,12 @@ def test_triton_rms_norm_equals_the_reference(shape, monkeypatch):
     g = torch.randn(*shape)
     ref(x).backward(g)
     want = [ref(x).detach(), x.grad.clone(), ref.weight.grad.clone()]
-    x.grad, ref.weight.grad = None, None
-    empty = torch.empty   # poison every buffer the kernel allocates: an unwritten element shows as NaN
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
-    monkeypatch.setattr(torch, "empty_like", lambda t, **k: empty(t.shape, dtype=t.dtype).fill_(float("nan")))
-    y = M.RMSNormFunction.apply(x, ref.weight, ref.eps)
-    y.backward(g)
-    for got, expected in zip([y.detach(), x.grad, ref.weight.grad], want):
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    kernels.poison()
+    x, w = (t.detach().to(kernels.device).requires_grad_() for t in (x, ref.weight))
+    y = M.RMSNormFunction.apply(x, w, ref.eps)
+    y.backward(g.to(kernels.device))
+    for got, expected in zip([y.detach(), x.grad, w.grad], want):
+        torch.testing.assert_close(got.cpu(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_model_norms_use_the_kernel_class_with_reference_names():
@@ -393,7 +390,7 @@ def test_model_norms_use_the_kernel_class_with_reference_names():
 
 
 @pytest.mark.parametrize("V,z_coef,block", [(300, 0.0, 64), (300, 1e-2, 64), (64, 0.1, 64), (256, 0.0, 4096)])
-def test_triton_cross_entropy_rows_equal_the_formula(V, z_coef, block, monkeypatch):
+def test_triton_cross_entropy_rows_equal_the_formula(V, z_coef, block, kernels, monkeypatch):
     """Per-row ce and lse, and the gradient written over the logits, against autograd on the
     plain formula; ignored rows give 0; vocabularies that are not a multiple of the tile."""
     triton = pytest.importorskip("triton")
@@ -406,22 +403,20 @@ def test_triton_cross_entropy_rows_equal_the_formula(V, z_coef, block, monkeypat
     lse = x.logsumexp(-1)
     ce = torch.where(valid, lse - x.gather(1, y.clamp(min=0)[:, None]).squeeze(1), torch.zeros(7))
     ((ce.sum() + z_coef * lse[valid].pow(2).sum()) / n).backward()
-    empty = torch.empty
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
+    kernels.poison()
     monkeypatch.setattr(triton, "next_power_of_2", lambda v: block)   # force several tiles
-    buf = logits.clone()
-    got_ce, got_lse = M.cross_entropy_rows(buf, y, z_coef, 1 / n, grad=True)
-    torch.testing.assert_close(got_ce, ce.detach(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got_lse, lse.detach(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(buf, x.grad, rtol=1e-5, atol=1e-7)
-    assert torch.equal(buf[2], torch.zeros(V))
+    buf = logits.clone().to(kernels.device)
+    got_ce, got_lse = M.cross_entropy_rows(buf, y.to(kernels.device), z_coef, 1 / n, grad=True)
+    torch.testing.assert_close(got_ce.cpu(), ce.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_lse.cpu(), lse.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(buf.cpu(), x.grad, rtol=1e-5, atol=1e-7)
+    assert torch.equal(buf[2].cpu(), torch.zeros(V))
 
 
 @pytest.mark.parametrize("z_loss", [0.0, 1e-2])
-def test_model_loss_with_the_kernels_on_equals_the_reference(z_loss, monkeypatch):
-    """The whole model with both kernels (RMSNorm, cross-entropy) turned on for CPU tensors:
-    loss, logged terms and every gradient equal the PyTorch path."""
-    pytest.importorskip("triton")
+def test_model_loss_with_the_kernels_on_equals_the_reference(z_loss, kernels):
+    """The whole model with both kernels (RMSNorm, cross-entropy) on: loss, logged terms and
+    every gradient equal the PyTorch path on the CPU."""
     m = randomize(Model(ModelConfig(**SMALL, z_loss=z_loss)), 0.1)
     x = torch.randint(0, 256, (2, 9))
     y = torch.randint(0, 256, (2, 9))
@@ -430,21 +425,21 @@ def test_model_loss_with_the_kernels_on_equals_the_reference(z_loss, monkeypatch
     ref.backward()
     want = [p.grad.clone() for p in m.parameters()]
     m.zero_grad()
-    monkeypatch.setattr(M, "kernels_on", lambda t: True)
-    _, loss, aux = m(x, labels=y)
+    kernels.on()
+    m = m.to(kernels.device)
+    _, loss, aux = m(x.to(kernels.device), labels=y.to(kernels.device))
     loss.backward()
-    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(aux["row_ce"], ref_aux["row_ce"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss.cpu(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(aux["row_ce"].cpu(), ref_aux["row_ce"], rtol=1e-5, atol=1e-6)
     for g, p in zip(want, m.parameters()):
-        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(p.grad.cpu(), g, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("scheme", ["gqa-rope", "mla"])
-def test_model_with_flash_attention_equals_sdpa(scheme, monkeypatch):
+def test_model_with_flash_attention_equals_sdpa(scheme, kernels, monkeypatch):
     """attn_impl="triton" with every kernel on (flash attention, RMSNorm, cross-entropy) against
     the sdpa model with the same weights, on packed documents: loss and every gradient; then
     cached decoding, where the kernel hands over to sdpa."""
-    pytest.importorskip("triton")
     import attention
     cfg = {**SMALL, **SCHEMES[scheme]}
     ref = randomize(Model(ModelConfig(**cfg, attn_impl="sdpa")), 0.3)
@@ -454,33 +449,34 @@ def test_model_with_flash_attention_equals_sdpa(scheme, monkeypatch):
     pos = torch.cat([torch.arange(11), torch.arange(25), torch.arange(4)]).expand(2, 40)
     _, want, _ = ref(x[:, :-1], labels=x[:, 1:], position_ids=pos[:, :-1])
     want.backward()
-    for mod in (M, attention):
-        monkeypatch.setattr(mod, "kernels_on", lambda t: True)
+    kernels.on()
     monkeypatch.setattr(attention, "FLASH_BLOCK_M", 16)
     monkeypatch.setattr(attention, "FLASH_BLOCK_N", 16)
+    m, x, pos = m.to(kernels.device), x.to(kernels.device), pos.to(kernels.device)
     _, loss, _ = m(x[:, :-1], labels=x[:, 1:], position_ids=pos[:, :-1])
     loss.backward()
-    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss.cpu(), want, rtol=1e-5, atol=1e-6)
     for (name, p), q in zip(m.named_parameters(), ref.parameters()):
         # float32 sums in another order: within 1e-5 of the gradient's own scale
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5 * q.grad.abs().max().item(),
+        torch.testing.assert_close(p.grad.cpu(), q.grad, rtol=1e-4, atol=1e-5 * q.grad.abs().max().item(),
                                    msg=lambda s: f"{name}: {s}")
     prompts = [[5, 17, 99, 3, 42], [7]]
     assert m.eval().generate(prompts, 8, temperature=0) == ref.eval().generate(prompts, 8, temperature=0)
 
 
-def test_rms_norm_and_cross_entropy_kernels_in_half_precision():
+def test_rms_norm_and_cross_entropy_kernels_in_half_precision(kernels):
     """fp16 in and out (bf16 dots are wrong in Triton 3.9's interpreter; fp16 exercises the
     same casts): within half precision of the float32 formulas."""
-    pytest.importorskip("triton")
     from attention import RMSNorm as Reference
+    dev = kernels.device
     x, w = torch.randn(6, 48).half(), (torch.randn(48) * 0.5 + 1).half()
     ref = Reference(48, eps=1e-6)
-    torch.testing.assert_close(M.RMSNormFunction.apply(x, w, 1e-6).float(), ref(x.float()) * w.float(),
-                               rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(M.RMSNormFunction.apply(x.to(dev), w.to(dev), 1e-6).float().cpu(),
+                               ref(x.float()) * w.float(), rtol=1e-2, atol=1e-2)
     logits, y = (torch.randn(5, 300) * 3).half(), torch.randint(0, 300, (5,))
-    grad = logits.clone()
-    ce, lse = M.cross_entropy_rows(grad, y, 1e-2, 1 / 5, grad=True)
+    grad = logits.clone().to(dev)
+    ce, lse = M.cross_entropy_rows(grad, y.to(dev), 1e-2, 1 / 5, grad=True)
+    ce, lse, grad = ce.cpu(), lse.cpu(), grad.cpu()
     lf = logits.float().requires_grad_()
     want_lse = lf.logsumexp(-1)
     want_ce = want_lse - lf.gather(1, y[:, None]).squeeze(1)
