@@ -168,12 +168,13 @@ if triton is not None:
     def _rms_norm_fwd(X, W, Y, RSTD, N, eps, BLOCK: tl.constexpr):
         # one program per row; 1/rms is saved for the backward pass
         row = tl.program_id(0)
+        base = row.to(tl.int64) * N    # int64: rows x N passes 2^31 on long batches
         cols = tl.arange(0, BLOCK)
         mask = cols < N
-        x = tl.load(X + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + base + cols, mask=mask, other=0.0).to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(Y + row * N + cols, (x * rstd * w).to(Y.dtype.element_ty), mask=mask)
+        tl.store(Y + base + cols, (x * rstd * w).to(Y.dtype.element_ty), mask=mask)
         tl.store(RSTD + row, rstd)
 
     @triton.jit
@@ -184,15 +185,16 @@ if triton is not None:
         mask = cols < N
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         dw = tl.zeros([BLOCK], dtype=tl.float32)
-        start = pid * rows_per_program
+        start = pid.to(tl.int64) * rows_per_program   # int64, and so is row: row * N may pass 2^31
         for row in range(start, tl.minimum(start + rows_per_program, n_rows)):
-            x = tl.load(X + row * N + cols, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+            base = row * N
+            x = tl.load(X + base + cols, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + base + cols, mask=mask, other=0.0).to(tl.float32)
             rstd = tl.load(RSTD + row)
             xhat = x * rstd
             wdy = w * dy
             c = tl.sum(xhat * wdy, axis=0) / N
-            tl.store(DX + row * N + cols, ((wdy - xhat * c) * rstd).to(DX.dtype.element_ty), mask=mask)
+            tl.store(DX + base + cols, ((wdy - xhat * c) * rstd).to(DX.dtype.element_ty), mask=mask)
             dw += dy * xhat
         tl.store(DW + pid * N + cols, dw, mask=mask)
 
