@@ -51,6 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import attention
+import moe
 from attention import MLA, Attention, KVCache, Rotary, attention_mask, kernels_on
 
 try:
@@ -93,10 +94,26 @@ class ModelConfig:
     attn_impl: str = "triton"           # "triton" (flash kernel on CUDA, sdpa elsewhere), "sdpa", "eager"
     z_loss: float = 0.0
     init_std: float = 0.02
-    # Per-layer pattern, one entry per layer (None: all "attention" / all "dense"). The MoE and
-    # SSM issues add "moe" and "ssm"; until then any other value is an error.
+    # Per-layer pattern, one entry per layer (None: all "attention"; all "dense", or with
+    # n_experts > 0 the MoE layers that moe_every and first_dense place). The SSM issue adds "ssm".
     mixers: tuple | None = None
     ffns: tuple | None = None
+    # Mixture of experts (moe.py). n_experts 0: a dense model.
+    n_experts: int = 0
+    top_k: int = 2                      # routed experts per token
+    d_expert: int | None = None         # each expert's SwiGLU width (default mlp_dim)
+    n_shared_experts: int = 0           # always-on experts (DeepSeek)
+    router: str = "softmax"             # "softmax" (Qwen3-MoE, Mixtral) or "sigmoid" (DeepSeek-V3, with its selection bias)
+    norm_topk_prob: bool = True         # renormalise the top-k weights to sum to 1
+    routed_scaling: float = 1.0         # DeepSeek's routed_scaling_factor
+    capacity_factor: float | None = None  # None: dropless
+    moe_aux_loss: float = 0.0           # Switch/GShard balance loss coefficient (alpha)
+    router_z_loss: float = 0.0
+    balance_stats: str = "global"       # the balance loss's f over the "global" batch or the "micro"-batch
+    bias_update_rate: float = 0.0       # gamma of DeepSeek-V3's aux-loss-free bias update (sigmoid router)
+    moe_every: int = 1                  # every k-th layer is MoE (Qwen's decoder_sparse_step) ...
+    first_dense: int = 0                # ... after this many leading dense layers (DeepSeek: 3)
+    moe_share: int = 1                  # consecutive MoE layers that share one expert bank
 
     def __post_init__(self):
         self.nope_layers = tuple(self.nope_layers)
@@ -116,15 +133,29 @@ class ModelConfig:
             bad("attention", f"must be 'gqa' or 'mla', not {self.attention!r}")
         if any(not 0 <= i < self.n_layer for i in self.nope_layers):
             bad("nope_layers", f"{self.nope_layers} holds a layer outside 0..{self.n_layer - 1}")
-        for key, allowed in (("mixers", "attention"), ("ffns", "dense")):
+        if self.ffns is None and self.n_experts:
+            self.ffns = tuple("moe" if i >= self.first_dense and (i - self.first_dense + 1) % self.moe_every == 0
+                              else "dense" for i in range(self.n_layer))
+        for key, allowed in (("mixers", ("attention",)), ("ffns", ("dense", "moe"))):
             pattern = getattr(self, key)
             if pattern is None:
                 continue
             setattr(self, key, tuple(pattern))
             if len(pattern) != self.n_layer:
                 bad(key, f"has {len(pattern)} entries for {self.n_layer} layers")
-            if any(p != allowed for p in pattern):
-                bad(key, f"only {allowed!r} layers exist so far, got {sorted(set(pattern))}")
+            if any(p not in allowed for p in pattern):
+                bad(key, f"layers may be {' or '.join(map(repr, allowed))}, got {sorted(set(pattern))}")
+        if self.ffns and "moe" in self.ffns:
+            if self.n_experts < 1:
+                bad("n_experts", "MoE layers need n_experts >= 1")
+            if not 1 <= self.top_k <= self.n_experts:
+                bad("top_k", f"{self.top_k} must be between 1 and n_experts ({self.n_experts})")
+            if self.router not in ("softmax", "sigmoid"):
+                bad("router", f"must be 'softmax' or 'sigmoid', not {self.router!r}")
+            if self.balance_stats not in ("global", "micro"):
+                bad("balance_stats", f"must be 'global' or 'micro', not {self.balance_stats!r}")
+            if self.moe_share < 1:
+                bad("moe_share", "must be >= 1")
 
     @property
     def padded_vocab(self):
@@ -258,7 +289,7 @@ class Block(nn.Module):
     """Pre-norm: normalise the input of each sublayer, never the residual stream itself,
     so gradients reach early layers through an untouched identity path."""
 
-    def __init__(self, c, layer):
+    def __init__(self, c, layer, experts=None):
         super().__init__()
         self.layer = layer
         self.use_rope = c.positions == "rope" and layer not in c.nope_layers
@@ -270,7 +301,13 @@ class Block(nn.Module):
             self.self_attn = Attention(c.dim, c.n_head, c.n_kv_head, c.head_dim, c.attn_bias, c.qk_norm,
                                        c.norm_eps, c.attn_impl)
         self.post_attention_layernorm = RMSNorm(c.dim, c.norm_eps)
-        self.mlp = MLP(c.dim, c.mlp_dim)
+        if c.ffns is not None and c.ffns[layer] == "moe":
+            self.mlp = moe.MoE(c.dim, c.n_experts, c.top_k, c.d_expert or c.mlp_dim, c.n_shared_experts, c.router,
+                               c.norm_topk_prob, c.routed_scaling, capacity_factor=c.capacity_factor,
+                               aux_loss=c.moe_aux_loss, z_loss=c.router_z_loss,
+                               global_stats=c.balance_stats == "global", experts=experts)
+        else:
+            self.mlp = MLP(c.dim, c.mlp_dim)
 
     def forward(self, x, rope, mask, cache):
         x = x + self.self_attn(self.input_layernorm(x), rope if self.use_rope else None, mask, cache, self.layer)
@@ -289,7 +326,14 @@ class Model(nn.Module):
         rope_dim = c.qk_rope_head_dim if c.attention == "mla" else c.head_dim
         self.rotary = (Rotary(rope_dim, c.rope_theta, c.partial_rotary_factor, c.rope_scaling)
                        if c.positions == "rope" else None)
-        self.layers = nn.ModuleList(Block(c, i) for i in range(c.n_layer))
+        self.layers = nn.ModuleList()
+        bank, moe_seen = None, 0
+        for i in range(c.n_layer):
+            # moe_share > 1: each run of that many MoE layers reuses the first one's experts.
+            self.layers.append(Block(c, i, bank if moe_seen % c.moe_share else None))
+            if isinstance(self.layers[-1].mlp, moe.MoE):
+                bank, moe_seen = self.layers[-1].mlp.experts, moe_seen + 1
+        self.moe_layers = [b.mlp for b in self.layers if isinstance(b.mlp, moe.MoE)]
         self.norm = RMSNorm(c.dim, c.norm_eps)
         self.lm_head = nn.Linear(c.dim, c.padded_vocab, bias=False)
         if c.tie_embeddings:
@@ -306,7 +350,7 @@ class Model(nn.Module):
                 nn.init.ones_(p)
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+            elif name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layer))
             else:
                 nn.init.normal_(p, 0.0, std)
@@ -338,7 +382,9 @@ class Model(nn.Module):
         With labels: the loss (mean cross-entropy over labels != -100, plus z_loss * mean
         logsumexp^2), computed chunk by chunk, and logits None unless return_logits=True.
         aux holds the detached terms for logging: "ce", "z_loss", and "row_ce", each sequence's
-        mean cross-entropy (B,)."""
+        mean cross-entropy (B,). With MoE layers the loss also holds their balancing terms
+        (moe_aux_loss, router_z_loss), logged as "moe_loss", and aux["moe"] maps each MoE
+        layer's index to its load statistics (min_load, max_load, load_entropy, dropped)."""
         h = self.hidden_states(input_ids, position_ids, cache)
         if labels is None:
             return self.lm_head(h), None, {}
@@ -351,7 +397,13 @@ class Model(nn.Module):
         row = rows // labels.shape[1]
         count = torch.zeros(labels.shape[0], device=h.device).index_add_(0, row, torch.ones_like(token_ce))
         row_ce = torch.zeros(labels.shape[0], device=h.device).index_add_(0, row, token_ce) / count.clamp(min=1)
-        return logits, loss, {"ce": token_ce.mean() if len(rows) else token_ce.sum(), "z_loss": z, "row_ce": row_ce}
+        aux = {"ce": token_ce.mean() if len(rows) else token_ce.sum(), "z_loss": z, "row_ce": row_ce}
+        if self.moe_layers:
+            moe_loss = sum(m.loss for m in self.moe_layers)
+            loss = loss + moe_loss
+            aux["moe_loss"] = moe_loss.detach()
+            aux["moe"] = {b.layer: b.mlp.stats for b in self.layers if isinstance(b.mlp, moe.MoE)}
+        return logits, loss, aux
 
     def log_probs(self, input_ids, labels, position_ids=None, temperature=1.0):
         """log p(labels[t] | tokens <= t) for every position (B, T), 0 where labels == -100;
@@ -402,12 +454,15 @@ class Model(nn.Module):
         return out
 
     def weights(self):
-        """The state dict with each tensor once (a tied head is the embedding, and safetensors
-        refuses aliases), detached, contiguous, on the CPU: what checkpoints store."""
-        state = self.state_dict()
-        if self.config.tie_embeddings:
-            state.pop("lm_head.weight")
-        return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        """The state dict with each tensor once, under its first name (a tied head is the
+        embedding, a shared expert bank its first layer's; safetensors refuses aliases),
+        detached, contiguous, on the CPU: what checkpoints store."""
+        out, seen = {}, set()
+        for k, v in self.state_dict().items():
+            if (v.data_ptr(), v.shape) not in seen:
+                seen.add((v.data_ptr(), v.shape))
+                out[k] = v.detach().contiguous().cpu()
+        return out
 
     def num_params(self):
         """(total, non-embedding): each tensor once (a tied head is the embedding); non-embedding
@@ -418,15 +473,29 @@ class Model(nn.Module):
             emb += self.embed_positions.weight.numel()
         return total, total - emb
 
+    def num_active_params(self):
+        """Parameters one token goes through: everything outside the MoE layers once, and in
+        each MoE layer its router, its shared experts and top_k / n_experts of its routed bank
+        (a bank shared by several layers counts in each, as each layer runs it)."""
+        moe_params = {id(p): p for m in self.moe_layers for p in m.parameters()}
+        active = self.num_params()[0] - sum(p.numel() for p in moe_params.values())
+        for m in self.moe_layers:
+            bank = sum(p.numel() for p in m.experts.parameters())
+            active += sum(p.numel() for p in m.parameters()) - bank + bank * m.top_k / m.n_experts
+        return int(active)
+
     def flops_per_token(self, seq_len):
         """Training FLOPs per token (PaLM's appendix B): 6 per weight used in a matmul (2 forward,
         4 backward), plus attention's two (T x T) products, 6 * n_head * (qk_dim + v_dim) * T per
-        layer, counted without the causal half, as PaLM and nanoGPT do."""
+        layer, counted without the causal half, as PaLM and nanoGPT do. In MoE layers only the
+        active weights count: the router and top_k of n_experts experts."""
         c = self.config
         matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        for m in self.moe_layers:   # a shared bank runs once per layer that uses it
+            matmul += m.gate.weight.numel() + sum(p.numel() for p in m.experts.parameters()) * m.top_k / m.n_experts
         qk, v = ((c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim) if c.attention == "mla"
                  else (c.head_dim, c.head_dim))
-        return 6 * matmul + 6 * c.n_layer * c.n_head * (qk + v) * seq_len
+        return 6 * int(matmul) + 6 * c.n_layer * c.n_head * (qk + v) * seq_len
 
     # -------------------------------------------------------------------------
     # Hugging Face checkpoints

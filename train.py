@@ -62,6 +62,7 @@ import torch.distributed as dist
 
 import data
 import model as M
+import moe
 
 
 # -----------------------------------------------------------------------------
@@ -843,12 +844,15 @@ class Trainer:
             loss_value = (stats[-2, 0] / stats[-2, 1]).item()
             stop = stats[-1, 0].item() > 0
             gn = grad_norm.item()
-            if math.isfinite(loss_value) and math.isfinite(gn):
+            stepped = math.isfinite(loss_value) and math.isfinite(gn)
+            if stepped:
                 self.optimizer.step()
                 self.nan_streak = 0
             else:
                 self.nan_streak += 1   # skip the update; the gradients are discarded below
             self.optimizer.zero_grad(set_to_none=True)
+            # MoE: DeepSeek-V3's bias update from this step's expert load, then fresh counts
+            moe.end_step(self.raw_model, self.raw_model.config.bias_update_rate if stepped else 0.0)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
@@ -860,6 +864,10 @@ class Trainer:
             for s, name in enumerate(self.stage.names):
                 if stats[s, 1] > 0:
                     record[f"loss/{name}"] = (stats[s, 0] / stats[s, 1]).item()
+            if "moe" in aux:   # each MoE layer's load over the whole step (every rank's tokens)
+                record["moe_loss"] = aux["moe_loss"].item()
+                for layer, layer_stats in aux["moe"].items():
+                    record.update({f"moe/{layer}/{k}": v.item() for k, v in layer_stats.items()})
             for kind, message in self.monitor.update(step, loss_value, gn, tps):
                 self.alert(step, kind, message)
             if self.nan_streak >= cfg.nan_patience:
@@ -883,6 +891,8 @@ class Trainer:
                 mfu = f" mfu {100 * record['mfu']:.1f}%" if record["mfu"] else ""
                 sources = " ".join(f"{k[5:]} {v:.3f}" for k, v in record.items() if k.startswith("loss/"))
                 val = " ".join(f"{k} {v:.3f}" for k, v in record.items() if k.startswith("val_loss"))
+                if "moe_loss" in record:   # the worst layer: a collapsing router shows here first
+                    sources += f" | moe max load {max(v for k, v in record.items() if k.endswith('max_load')):.2f}"
                 print(f"step {step:5d}/{cfg.max_steps} loss {loss_value:.4f} lr {lr:.2e} gnorm {gn:.3f} "
                       f"{tps:,.0f} tok/s{mfu} mem {record['peak_memory_gb']:.2f}GB | {sources}"
                       + (f" | {val}" if val else ""), flush=True)
