@@ -203,9 +203,11 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
 
-        self.loss = self._balance(logits, scores, counts, N * k)
+        # Counting is for training steps: not evaluation (no_grad) nor generation (eval mode).
+        counting = self.training and torch.is_grad_enabled()
+        self.loss = self._balance(logits, scores, counts, N * k, counting)
         dropped = N * k - routed.sum()
-        load = (self.counts if self.training else counts.float())
+        load = self.counts if counting else counts.float()
         load = load / load.sum().clamp(min=1) * E                   # 1.0 = an even share
         share = load / E
         self.stats = {"min_load": load.min().detach(), "max_load": load.max().detach(),
@@ -214,15 +216,15 @@ class MoE(nn.Module):
                       "dropped": (dropped / (N * k)).float().detach()}
         return y.reshape(shape)
 
-    def _balance(self, logits, scores, counts, n_assignments):
-        if self.training:
+    def _balance(self, logits, scores, counts, n_assignments, counting):
+        if counting:
             step = counts.float()
             if dist.is_available() and dist.is_initialized():
                 dist.all_reduce(step)       # every rank's routing: global statistics, and equal biases
             self.counts += step
         loss = logits.new_zeros(())
         if self.aux_loss:
-            if self.global_stats and self.training:
+            if self.global_stats and counting:
                 f = self.counts / self.counts.sum()
             else:
                 f = counts.float() / n_assignments
@@ -261,7 +263,7 @@ def describe(dim, n_experts, top_k, d_expert, n_shared=0):
 # -----------------------------------------------------------------------------
 # Demo
 
-def _demo():
+def _demo(steps=200):
     torch.manual_seed(0)
     print("Qwen3-30B-A3B's MoE layer (d_model 2048, 128 experts of 768, top 8) and DeepSeek-V3's"
           " (7168, 256 of 2048, top 8, one shared):")
@@ -272,7 +274,7 @@ def _demo():
 
     # A toy task that rewards specialisation: inputs from 8 clusters, each cluster's target a
     # different linear map. The router starts skewed toward expert 0, as real routers drift.
-    dim, E, k, steps = 32, 8, 2, 200
+    dim, E, k = 32, 8, 2
     centers, maps = torch.randn(E, dim) * 3, torch.randn(E, dim, dim) / math.sqrt(dim)
 
     def batch(n=256):
