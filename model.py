@@ -523,6 +523,7 @@ class Model(nn.Module):
                 state[k[len("model."):] if k.startswith("model.") else k] = t
         if model.config.tie_embeddings:
             state.pop("lm_head.weight", None)   # some tied checkpoints store the copy too
+        state = experts_from_hf(state)
         expected = set(model.weights())
         missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
         if missing or unexpected:
@@ -539,7 +540,7 @@ class Model(nn.Module):
         from safetensors.torch import save_file
         hf = config_to_hf(self.config)
         os.makedirs(path, exist_ok=True)
-        state = {hf_name(k): t for k, t in self.weights().items()}
+        state = {hf_name(k): t for k, t in experts_to_hf(self.weights()).items()}
         shards, size = [{}], 0
         for k, t in state.items():   # greedy shards of at most max_shard_bytes (one tensor may exceed it)
             nbytes = t.numel() * t.element_size()
@@ -577,7 +578,36 @@ def _write_json(path, obj):
         f.write("\n")
 
 
-HF_ARCHITECTURES = ("LlamaForCausalLM", "SmolLM3ForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+HF_ARCHITECTURES = ("LlamaForCausalLM", "SmolLM3ForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                    "Qwen3MoeForCausalLM")
+
+
+def experts_from_hf(state):
+    """Checkpoints on disk keep one tensor per expert (mlp.experts.E.gate_proj.weight ...);
+    Experts holds the bank as two 3-D tensors. Stack them, gate above up (in place)."""
+    groups = {}
+    for k in [k for k in state if ".mlp.experts." in k and k.split(".mlp.experts.")[1][0].isdigit()]:
+        prefix, rest = k.split(".mlp.experts.")
+        e, name = rest.split(".", 1)
+        groups.setdefault(prefix, {})[(int(e), name)] = state.pop(k)
+    for prefix, t in groups.items():
+        n = 1 + max(e for e, _ in t)
+        state[f"{prefix}.mlp.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([t[e, "gate_proj.weight"], t[e, "up_proj.weight"]]) for e in range(n)])
+        state[f"{prefix}.mlp.experts.down_proj"] = torch.stack([t[e, "down_proj.weight"] for e in range(n)])
+    return state
+
+
+def experts_to_hf(state):
+    """The inverse of experts_from_hf, for save_pretrained."""
+    for k in [k for k in state if k.endswith(".mlp.experts.gate_up_proj")]:
+        prefix = k[:-len("gate_up_proj")]
+        gate_up, down = state.pop(k), state.pop(prefix + "down_proj")
+        for e in range(gate_up.shape[0]):
+            gate, up = gate_up[e].chunk(2)
+            state.update({f"{prefix}{e}.gate_proj.weight": gate.contiguous(), f"{prefix}{e}.up_proj.weight": up.contiguous(),
+                          f"{prefix}{e}.down_proj.weight": down[e].contiguous()})
+    return state
 
 
 def config_from_hf(hf, where="config.json"):
@@ -598,6 +628,13 @@ def config_from_hf(hf, where="config.json"):
     bias = arch == "Qwen2ForCausalLM"
     if arch != "Qwen2ForCausalLM" and (hf.get("attention_bias") or hf.get("mlp_bias")):
         raise ValueError(f"{where}: attention_bias / mlp_bias are not supported for {arch}")
+    moe_cfg = {}
+    if arch == "Qwen3MoeForCausalLM":
+        step, dense = hf.get("decoder_sparse_step", 1), set(hf.get("mlp_only_layers") or [])
+        # transformers 5 writes num_local_experts; earlier versions and the Hub's configs num_experts
+        moe_cfg = dict(n_experts=hf.get("num_experts") or hf["num_local_experts"], top_k=hf["num_experts_per_tok"], d_expert=hf["moe_intermediate_size"],
+                       norm_topk_prob=hf.get("norm_topk_prob", False),
+                       ffns=tuple("moe" if i not in dense and (i + 1) % step == 0 else "dense" for i in range(n_layer)))
     nope = ()
     if arch == "SmolLM3ForCausalLM":
         flags = hf.get("no_rope_layers") or [int((i + 1) % hf.get("no_rope_layer_interval", 4) != 0)
@@ -609,8 +646,8 @@ def config_from_hf(hf, where="config.json"):
         head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head, mlp_dim=hf["intermediate_size"],
         norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=hf.get("tie_word_embeddings", False),
         max_seq_len=hf.get("max_position_embeddings", 2048), rope_theta=float(theta), rope_scaling=rope,
-        nope_layers=nope, qk_norm=arch == "Qwen3ForCausalLM", attn_bias=bias,
-        init_std=hf.get("initializer_range", 0.02))
+        nope_layers=nope, qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"), attn_bias=bias,
+        init_std=hf.get("initializer_range", 0.02), **moe_cfg)
 
 
 def config_to_hf(c):
@@ -621,7 +658,13 @@ def config_to_hf(c):
     if sum(bool(x) for x in (c.nope_layers, c.qk_norm, c.attn_bias)) > 1:
         raise ValueError("save_pretrained: NoPE layers (SmolLM3), QK-norm (Qwen3) and q/k/v biases (Qwen2) "
                          "belong to different transformers classes; a model can use one of them")
-    arch, model_type = (("SmolLM3ForCausalLM", "smollm3") if c.nope_layers else
+    moe_layers = [i for i, f in enumerate(c.ffns or ()) if f == "moe"]
+    if moe_layers and not (c.qk_norm and c.router == "softmax" and not c.n_shared_experts and c.moe_share == 1
+                           and c.routed_scaling == 1.0 and c.capacity_factor is None):
+        raise ValueError("save_pretrained: of the MoE models only Qwen3-MoE's has a transformers class here: "
+                         "QK-norm, softmax router, no shared experts or shared banks, routed_scaling 1, dropless")
+    arch, model_type = (("Qwen3MoeForCausalLM", "qwen3_moe") if moe_layers else
+                        ("SmolLM3ForCausalLM", "smollm3") if c.nope_layers else
                         ("Qwen3ForCausalLM", "qwen3") if c.qk_norm else
                         ("Qwen2ForCausalLM", "qwen2") if c.attn_bias else ("LlamaForCausalLM", "llama"))
     rope = {"rope_type": "default", "rope_theta": c.rope_theta, **(c.rope_scaling or {})}
@@ -640,6 +683,10 @@ def config_to_hf(c):
         hf["no_rope_layers"] = [int(i not in c.nope_layers) for i in range(c.n_layer)]
     if arch == "Qwen2ForCausalLM":
         del hf["attention_bias"]
+    if moe_layers:
+        hf.update(num_experts=c.n_experts, num_experts_per_tok=c.top_k, moe_intermediate_size=c.d_expert or c.mlp_dim,
+                  norm_topk_prob=c.norm_topk_prob, decoder_sparse_step=1,
+                  mlp_only_layers=[i for i in range(c.n_layer) if i not in moe_layers])
     return hf
 
 
