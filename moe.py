@@ -48,11 +48,18 @@ Run:
 """
 
 import math
+import os
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:     # macOS, or a CPU-only install: the PyTorch reference runs
+    triton = None
 
 
 # -----------------------------------------------------------------------------
@@ -102,15 +109,240 @@ class Router(nn.Module):
 # -----------------------------------------------------------------------------
 # Experts
 
+# The grouped GEMM. After routing, an MoE layer holds N (token, expert) assignments. Sort them by
+# expert and each expert owns one contiguous run of rows of x (N, K): rows offsets[e] to
+# offsets[e+1]. Every expert then applies its own weight, w[e] (M, K) in nn.Linear's layout
+# (out_features, in_features), to its run: y_e = x_e @ w[e]^T. The runs have different lengths,
+# decided by the router at run time, and some are empty.
+#
+# The obvious code is a Python loop of E small matmuls (`grouped_mm_reference` below). It has two
+# costs on a GPU. The loop needs each run's length on the host, so it waits for the router's
+# result (a device-to-host sync, a stall in every layer, and no CUDA graphs). And each expert's
+# matmul is small: with 64 fine-grained experts each launch fills a fraction of the GPU. A
+# grouped GEMM does all experts in one launch that knows the run lengths only on the device.
+#
+# How the kernel here does it (the "tile schedule" of MegaBlocks and of Triton's grouped-GEMM
+# tutorial, built without a sync):
+# - The output is cut into tiles of BLOCK_M rows x BLOCK_N columns, and a tile of rows never
+#   crosses from one expert into the next (its rows must all meet the same w[e]). An expert with
+#   c rows needs ceil(c / BLOCK_M) row tiles: its last one is partly empty, an empty expert has
+#   none.
+# - The number of row tiles is known only on the device, but it is bounded from the shapes
+#   alone: sum_e ceil(c_e / BLOCK_M) < sum_e (c_e / BLOCK_M + 1) = N / BLOCK_M + E, so
+#   cdiv(N, BLOCK_M) + E row tiles always suffice. The launch grid takes that bound; a few torch
+#   ops on the device (cumsum, searchsorted) give each row tile its expert and its first row, and
+#   the programs past the real tiles return at once. The "+ E" is real: one token for each of
+#   E experts needs E tiles where cdiv(N, BLOCK_M) is 1.
+# - Each program computes its tile as an ordinary tiled matmul: a loop over K in BLOCK_K chunks,
+#   float32 accumulation, masked tails (the end of the expert's rows, M, K).
+# The backward reuses both. dx_e = dy_e @ w[e] is the same kernel: the kernel reads w through
+# its strides for (expert, out, in), so swapping the last two strides makes it read w[e]^T. And
+# dw[e] = dy_e^T @ x_e is a second kernel, one program per (expert, tile of w[e]), that walks down
+# the expert's rows (their bounds read from offsets inside the kernel); an expert with no rows
+# writes zeros, which is its true gradient.
+#
+# Papers: Gale et al. 2022 (MegaBlocks); Triton's grouped GEMM tutorial.
+
+# Tile sizes: BLOCK_M rows (tokens) x BLOCK_N output features, K read BLOCK_K at a time.
+# 64 x 64 x 32 is a safe middle ground on current GPUs for hidden sizes of a few hundred and up.
+# tl.dot needs every dimension >= 16; the tests set all three to 16 to get many tiles from
+# small shapes.
+GG_BLOCK_M, GG_BLOCK_N, GG_BLOCK_K = 64, 64, 32
+
+
+def kernels_on(t):
+    """Whether the Triton kernels run for tensor t: on CUDA, when Triton is installed, unless the
+    environment says NANOPLAYBOOK_KERNELS=0 (as attention.kernels_on; a leaf keeps its own).
+    The tests turn them on for CPU tensors under Triton's interpreter."""
+    return triton is not None and t.is_cuda and os.environ.get("NANOPLAYBOOK_KERNELS", "1") != "0"
+
+
+def _grouped_mm_check(x, w, offsets):
+    """Shape errors that name the shapes. The offsets' values (sorted, from 0 to N) are not
+    checked here: that would need them on the host, which is the sync the kernels avoid."""
+    if x.dim() != 2:
+        raise ValueError(f"grouped_mm: x must be 2-D (tokens, in_features), got shape {tuple(x.shape)}")
+    if w.dim() != 3:
+        raise ValueError(f"grouped_mm: w must be 3-D (experts, out_features, in_features), "
+                         f"got shape {tuple(w.shape)}")
+    if w.shape[2] != x.shape[1]:
+        raise ValueError(f"grouped_mm: w {tuple(w.shape)} takes {w.shape[2]} input features per expert, "
+                         f"x {tuple(x.shape)} has {x.shape[1]}")
+    if w.shape[0] == 0:
+        raise ValueError(f"grouped_mm: w {tuple(w.shape)} holds no experts")
+    if offsets.dim() != 1 or offsets.shape[0] != w.shape[0] + 1:
+        raise ValueError(f"grouped_mm: offsets must have E + 1 = {w.shape[0] + 1} entries for w {tuple(w.shape)}, "
+                         f"got shape {tuple(offsets.shape)}")
+    if offsets.dtype.is_floating_point or offsets.dtype.is_complex or offsets.dtype == torch.bool:
+        raise ValueError(f"grouped_mm: offsets must be integers (int64), not {offsets.dtype}")
+    if offsets.device != x.device:
+        raise ValueError(f"grouped_mm: offsets are on {offsets.device}, x on {x.device}: they must share a device")
+    if x.dtype != w.dtype:
+        raise ValueError(f"grouped_mm: x ({x.dtype}) and w ({w.dtype}) must share a dtype")
+
+
 def grouped_mm_reference(x, w, offsets):
-    """x (N, K) with its rows sorted by expert, expert e owning rows offsets[e]:offsets[e+1];
-    w (E, M, K), each expert an nn.Linear weight. Returns (N, M): every expert's rows times its
-    weight. One matmul per expert: E launches, and a host sync to read the offsets."""
-    bounds = offsets.tolist()
-    return torch.cat([x[bounds[e]:bounds[e + 1]] @ w[e].t() for e in range(w.shape[0])])
+    """y = x_e @ w[e]^T for each expert e, where x (N, K) holds the tokens sorted by expert and
+    expert e owns rows offsets[e]:offsets[e+1]; w (E, M, K); offsets (E + 1,) integers with
+    offsets[0] = 0 and offsets[E] = N. Returns (N, M) in x's dtype. The readable loop: one
+    matmul per expert, autograd differentiates it as it stands (an empty expert gets a zero
+    gradient from its empty matmul)."""
+    _grouped_mm_check(x, w, offsets)
+    bounds = offsets.tolist()   # on the host: the sync the kernels avoid, and what lets us check the values
+    if bounds[0] != 0 or bounds[-1] != x.shape[0] or any(a > b for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"grouped_mm: offsets must rise from 0 to N = {x.shape[0]}, got {bounds}")
+    return torch.cat([x[a:b] @ w[e].T for e, (a, b) in enumerate(zip(bounds, bounds[1:]))])
 
 
-grouped_mm = grouped_mm_reference
+def _tile_schedule(offsets, n_rows, block_m):
+    """The forward grid's row tiles, on offsets' device and without a sync: for each of the
+    cdiv(n_rows, block_m) + E tiles the grid launches, its expert (E for the spare tiles past
+    the real ones, which return at once) and its first row. Tiles never cross an expert's end."""
+    E = offsets.shape[0] - 1
+    counts = offsets[1:] - offsets[:-1]
+    tiles = (counts + block_m - 1) // block_m        # ceil: an expert's last tile may be partly empty
+    ends = tiles.cumsum(0)                           # tile index one past each expert's last tile
+    bound = -(-n_rows // block_m) + E                # > sum_e ceil(c_e / block_m), see the docstring
+    t = torch.arange(bound, device=offsets.device)
+    # The expert of tile t: how many experts end at or before it. Empty experts end where the
+    # previous one does, so they own no tile; every tile past the last real one gets E.
+    expert = torch.searchsorted(ends, t, right=True)
+    e = expert.clamp(max=E - 1)                      # spare tiles: any valid index, their row is never read
+    row = offsets[e] + (t - (ends - tiles)[e]) * block_m
+    return expert, row
+
+
+if triton is not None:
+    @triton.jit
+    def _grouped_mm_kernel(X, W, Y, OFFSETS, TILE_EXPERT, TILE_ROW, E, M, K,
+                           sxn, sxk, swe, swm, swk, syn, sym,
+                           PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr):
+        # Y[r, :M] = X[r, :K] @ W[e]^T for the BLOCK_M rows r of one row tile, all of expert e,
+        # and BLOCK_N of the M output columns. W is read through its strides for (expert, out,
+        # in): the backward passes w with "out" and "in" swapped to get dy @ w[e].
+        tile, pid_n = tl.program_id(0), tl.program_id(1)
+        e = tl.load(TILE_EXPERT + tile)
+        if e >= E:       # a spare tile: the grid is an upper bound, the real count lives on the device
+            return
+        e = e.to(tl.int64)   # int64: e * swe passes 2^31 for large expert banks (256 x 7168 x 2048)
+        row_end = tl.load(OFFSETS + e + 1)                     # int64: the expert's rows stop here
+        rows = tl.load(TILE_ROW + tile) + tl.arange(0, BLOCK_M)  # int64: rows * sxn passes 2^31 at long N
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok, col_ok = rows < row_end, cols < M
+        ks = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = k0 + ks < K
+            a = tl.load(X + rows[:, None] * sxn + (k0 + ks)[None, :] * sxk,
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            # W[e]^T's (BLOCK_K, BLOCK_N) block, read in place: no transposed copy of w anywhere
+            b = tl.load(W + e * swe + (k0 + ks)[:, None] * swk + cols[None, :] * swm,
+                        mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc += tl.dot(a, b, input_precision=PREC)
+        tl.store(Y + rows[:, None] * syn + cols[None, :] * sym, acc.to(Y.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
+
+    @triton.jit
+    def _grouped_mm_dw_kernel(DY, X, DW, OFFSETS, M, K,
+                              sdn, sdm, sxn, sxk, swe, swm, swk,
+                              PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                              BLOCK_R: tl.constexpr):
+        # DW[e][m, k] = sum over the expert's rows r of DY[r, m] * X[r, k], for one BLOCK_M x
+        # BLOCK_K tile of w[e]. The sum runs down the rows BLOCK_R at a time; no row tile is
+        # shared between experts, so no atomics and no schedule: the bounds come from offsets.
+        e = tl.program_id(0).to(tl.int64)
+        ms = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        ks = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
+        m_ok, k_ok = ms < M, ks < K
+        start = tl.load(OFFSETS + e)          # int64 row bounds
+        count = (tl.load(OFFSETS + e + 1) - start).to(tl.int32)   # one expert's rows fit in int32
+        rs = tl.arange(0, BLOCK_R)
+        acc = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+        for r0 in range(0, count, BLOCK_R):   # no rows: no iterations, and the zeros below are stored
+            r_ok = r0 + rs < count
+            rows = start + r0 + rs            # int64 before it meets a stride
+            dyt = tl.load(DY + rows[None, :] * sdn + ms[:, None] * sdm,       # dy_e^T block, (BLOCK_M, BLOCK_R)
+                          mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+            xb = tl.load(X + rows[:, None] * sxn + ks[None, :] * sxk,         # x_e block, (BLOCK_R, BLOCK_K)
+                         mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+            acc += tl.dot(dyt, xb, input_precision=PREC)
+        tl.store(DW + e * swe + ms[:, None] * swm + ks[None, :] * swk, acc.to(DW.dtype.element_ty),
+                 mask=m_ok[:, None] & k_ok[None, :])
+
+
+def _dot_precision(t):
+    # float32 inputs: exact float32 products ("ieee"), so the kernel agrees with the reference
+    # to rounding; tf32 would keep only 10 mantissa bits. For fp16/bf16 inputs the setting
+    # changes nothing (they multiply exactly on the tensor cores either way).
+    return "ieee" if t.dtype == torch.float32 else "tf32"
+
+
+def _grouped_mm_launch(a, w, w_strides, out, offsets, expert, row, block_m):
+    """out[r] = a[r] @ w[e]^T for the rows r of each expert e, on the tile schedule (expert, row)
+    made with block_m; w_strides are w's strides for (expert, out, in), out's columns its "out"."""
+    n_out, n_in = out.shape[1], a.shape[1]
+    if out.numel() == 0:     # no rows or no columns: nothing to write (and an empty grid is an error)
+        return
+    grid = (expert.shape[0], triton.cdiv(n_out, GG_BLOCK_N))
+    _grouped_mm_kernel[grid](a, w, out, offsets, expert, row, w.shape[0], n_out, n_in,
+                             *a.stride(), *w_strides, *out.stride(),
+                             PREC=_dot_precision(a), BLOCK_M=block_m, BLOCK_N=GG_BLOCK_N, BLOCK_K=GG_BLOCK_K)
+
+
+class GroupedMM(torch.autograd.Function):
+    """grouped_mm on the Triton kernels: forward y = x_e @ w[e]^T, backward dx_e = dy_e @ w[e]
+    (the forward kernel on w's swapped strides) and dw[e] = dy_e^T @ x_e. Nothing here reads a
+    device value on the host, so it never waits for the router and can be captured in a graph."""
+
+    @staticmethod
+    def forward(ctx, x, w, offsets):
+        offsets = offsets.to(torch.int64)    # the kernels read int64 row bounds (a no-op if already)
+        block_m = GG_BLOCK_M                 # kept: the backward must use the schedule's tile size
+        expert, row = _tile_schedule(offsets, x.shape[0], block_m)
+        y = torch.empty(x.shape[0], w.shape[1], dtype=x.dtype, device=x.device)
+        _grouped_mm_launch(x, w, w.stride(), y, offsets, expert, row, block_m)
+        ctx.save_for_backward(x, w, offsets, expert, row)
+        ctx.block_m = block_m
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, offsets, expert, row = ctx.saved_tensors
+        dy = dy.to(x.dtype)   # autograd already hands dy in y's dtype; tl.dot needs both operands alike
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            # dx_e = dy_e @ w[e]: the forward kernel with dy as its input and w[e]^T as the weight,
+            # i.e. w read with its "out" (M) and "in" (K) strides swapped. The row tiles are the same.
+            dx = torch.empty_like(x)
+            _grouped_mm_launch(dy, w, (w.stride(0), w.stride(2), w.stride(1)), dx, offsets, expert, row, ctx.block_m)
+        if ctx.needs_input_grad[1]:
+            E, M, K = w.shape
+            dw = torch.empty_like(w)
+            grid = (E, triton.cdiv(M, GG_BLOCK_N), triton.cdiv(K, GG_BLOCK_K))
+            # Each program sums over all of one expert's rows: a heavily loaded expert makes long
+            # programs, but there are still cdiv(M, BN) * cdiv(K, BK) of them per expert.
+            _grouped_mm_dw_kernel[grid](dy, x, dw, offsets, M, K, *dy.stride(), *x.stride(), *dw.stride(),
+                                        PREC=_dot_precision(x), BLOCK_M=GG_BLOCK_N, BLOCK_K=GG_BLOCK_K,
+                                        BLOCK_R=GG_BLOCK_M)
+        return dx, dw, None
+
+
+def grouped_mm(x, w, offsets):
+    """y = x_e @ w[e]^T for each expert e: x (N, K) sorted by expert, w (E, M, K) in nn.Linear's
+    layout, offsets (E + 1,) int64 on x's device, offsets[0] = 0, offsets[E] = N, expert e owns
+    rows offsets[e]:offsets[e+1] (possibly none). Returns (N, M) in x's dtype. On CUDA (where
+    `kernels_on` says so) the Triton kernels run, without a device-to-host sync; elsewhere
+    `grouped_mm_reference`. The kernels trust the offsets' values: checking them needs a sync."""
+    if x.dim() == 2 and w.dim() == 3 and torch.is_autocast_enabled(x.device.type):
+        # Under autocast, as nn.Linear: both operands in the autocast dtype (bf16 on CUDA), so the
+        # kernel runs on the tensor cores; the casts carry the gradients back to float32 weights.
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w = x.to(dtype), w.to(dtype)
+    _grouped_mm_check(x, w, offsets)
+    if kernels_on(x) and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return GroupedMM.apply(x, w, offsets)
+    return grouped_mm_reference(x, w, offsets)
 
 
 class Experts(nn.Module):

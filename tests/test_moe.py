@@ -4,6 +4,7 @@ processes), the bias update, the router z-loss; and the MoE model in model.py ag
 transformers' Qwen3-MoE parameter count."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -296,3 +297,233 @@ def test_demo(capsys):
     moe._demo(steps=40)
     out = capsys.readouterr().out
     assert "Qwen3-30B-A3B" in out and "bias (DeepSeek-V3)" in out and "load per expert" in out
+
+
+# -----------------------------------------------------------------------------
+# The grouped GEMM: the Triton kernels (forward, dx, dw) against the per-expert loop, on the GPU
+# when there is one, else on the CPU under Triton's interpreter.
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def gemm(kernels, monkeypatch):
+    """The grouped GEMM kernels on, 16-wide tiles so small shapes make many tiles and tails,
+    and every buffer poisoned with NaN."""
+    if kernels.device.type == "cpu":
+        monkeypatch.setattr(moe, "kernels_on", lambda t: True)
+    for name in ("GG_BLOCK_M", "GG_BLOCK_N", "GG_BLOCK_K"):
+        monkeypatch.setattr(moe, name, 16)
+    kernels.poison()
+
+
+def offsets_of(counts):
+    return torch.tensor([0] + list(counts), dtype=torch.int64).cumsum(0)
+
+
+def run_both(counts, M, K, dtype=torch.float32, x=None, w=None):
+    """grouped_mm (the kernels) and grouped_mm_reference on the same inputs and the same random
+    upstream gradient; returns (y, dx, dw) of each, on the CPU in float32."""
+    N, E = sum(counts), len(counts)
+    x = torch.randn(N, K) if x is None else x
+    w = torch.randn(E, M, K) / K ** 0.5 if w is None else w
+    dy = torch.randn(N, M)
+    results = []
+    for fn in (moe.grouped_mm, moe.grouped_mm_reference):
+        # copies with the inputs' own strides (also on the GPU), so strided inputs stay strided
+        xi = torch.empty_strided(x.shape, x.stride(), dtype=dtype, device=DEVICE).copy_(x).requires_grad_()
+        wi = torch.empty_strided(w.shape, w.stride(), dtype=dtype, device=DEVICE).copy_(w).requires_grad_()
+        y = fn(xi, wi, offsets_of(counts).to(DEVICE))
+        y.backward(dy.to(DEVICE, dtype))
+        results.append([t.detach().float().cpu() for t in (y, xi.grad, wi.grad)])
+    return results
+
+
+def assert_match(counts, M, K, dtype=torch.float32, **kw):
+    got, want = run_both(counts, M, K, dtype, **kw)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for name, g, r in zip(("y", "dx", "dw"), got, want):
+        assert g.dtype == r.dtype and g.shape == r.shape, name
+        torch.testing.assert_close(g, r, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+    dw = got[2]
+    for e, c in enumerate(counts):
+        if c == 0:   # written by the kernel, not left as the poison (and not merely close to 0)
+            assert torch.equal(dw[e], torch.zeros_like(dw[e])), f"expert {e} has no rows: dw must be 0"
+
+
+CASES = {
+    # uneven: an empty expert, counts not multiples of the 16-row tile (5, 21, 3) and one that is (16);
+    # M and K not multiples of 16 either
+    "uneven": ([5, 0, 16, 21, 3], 24, 40),
+    "one-expert": ([37], 20, 18),
+    "eight-experts-N50": ([7, 0, 12, 1, 9, 0, 17, 4], 17, 33),
+    "no-tokens": ([0, 0, 0], 16, 16),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_kernels_match_reference_fp32(gemm, case):
+    assert_match(*CASES[case])
+
+
+@pytest.mark.parametrize("case", ["uneven", "eight-experts-N50"])
+def test_kernels_match_reference_fp16(gemm, case):
+    assert_match(*CASES[case], dtype=torch.float16)
+
+
+def test_strided_inputs(gemm):
+    # The kernels read x and w through their strides: a column-sliced x and a w whose storage
+    # is (E, K, M) (transposed) give the same answers with no copies.
+    counts, M, K = [9, 0, 20], 18, 24
+    x = torch.randn(sum(counts), 2 * K)[:, ::2]
+    w = torch.randn(len(counts), K, M).transpose(1, 2)
+    assert x.stride() == (2 * K, 2) and w.stride() == (K * M, 1, M)
+    assert_match(counts, M, K, x=x, w=w)
+
+
+@pytest.mark.parametrize("counts", [[0, 0, 40, 0], [1] * 8], ids=["all-in-one-expert", "one-per-expert"])
+def test_grid_bound_is_enough(gemm, counts):
+    # The grid launches cdiv(N, BLOCK_M) + E row tiles; the real ones are sum_e ceil(c_e / BLOCK_M).
+    # The two extremes: every token in one expert (the tiles pack full), and one token per expert
+    # (a tile per token: cdiv(N, BLOCK_M) alone, 1 here, would drop 7 experts).
+    N, E = sum(counts), len(counts)
+    offsets = offsets_of(counts)
+    expert, row = moe._tile_schedule(offsets, N, 16)
+    real = sum(-(-c // 16) for c in counts)
+    assert expert.shape[0] == -(-N // 16) + E >= real
+    if counts == [1] * 8:
+        assert real > -(-N // 16)
+    assert (expert[real:] == E).all() and (expert[:real] < E).all()
+    # The real tiles cover every row exactly once, each within one expert.
+    covered = []
+    for e, r in zip(expert[:real].tolist(), row[:real].tolist()):
+        end = offsets[e + 1].item()
+        assert offsets[e] <= r < end
+        covered += range(r, min(r + 16, end))
+    assert covered == list(range(N))
+    assert_match(counts, 20, 24)
+
+
+def test_schedule_bound_random_counts():
+    # The bound over many random routings, skewed ones included: never more real tiles than the
+    # grid has, and each expert's tiles start at its first row, BLOCK_M apart.
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        E = int(torch.randint(1, 20, (1,), generator=g))
+        counts = (torch.rand(E, generator=g) ** 4 * 100).long()
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+        expert, row = moe._tile_schedule(offsets, int(counts.sum()), 16)
+        tiles = (counts + 15) // 16
+        assert int(tiles.sum()) <= expert.shape[0]
+        want_expert = torch.repeat_interleave(torch.arange(E), tiles)
+        want_row = torch.cat([offsets[e] + 16 * torch.arange(int(tiles[e])) for e in range(E)])
+        real = want_expert.shape[0]
+        assert torch.equal(expert[:real], want_expert) and torch.equal(row[:real], want_row)
+        assert (expert[real:] == E).all()
+
+
+def test_autocast_runs_in_the_autocast_dtype(gemm):
+    # As nn.Linear under autocast: float32 inputs are multiplied in the autocast dtype (float16
+    # here: the interpreter's bf16 dot is wrong) and the gradients come back in float32.
+    counts, M, K = [6, 0, 19], 20, 17
+    x, w = torch.randn(sum(counts), K, device=DEVICE), torch.randn(3, M, K, device=DEVICE) / K ** 0.5
+    out = []
+    for fn in (moe.grouped_mm, moe.grouped_mm_reference):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.autocast(DEVICE.type, dtype=torch.float16):
+            y = fn(xi, wi, offsets_of(counts).to(DEVICE))   # the reference's @ autocasts by itself
+        y.float().sum().backward()
+        out.append((y, xi.grad, wi.grad))
+    (y, dx, dw), (y_ref, dx_ref, dw_ref) = out
+    assert y.dtype == torch.float16 and dx.dtype == dw.dtype == torch.float32
+    for g, r in ((y, y_ref), (dx, dx_ref), (dw, dw_ref)):
+        torch.testing.assert_close(g.float(), r.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_forward_only_and_partial_grads(gemm):
+    # Under no_grad no backward state matters; with only w needing a gradient, dx is not computed.
+    counts, M, K = [3, 17], 16, 20
+    x, w, off = torch.randn(20, K, device=DEVICE), torch.randn(2, M, K, device=DEVICE), offsets_of(counts).to(DEVICE)
+    with torch.no_grad():
+        torch.testing.assert_close(moe.grouped_mm(x, w, off), moe.grouped_mm_reference(x, w, off), rtol=1e-5, atol=1e-5)
+    wk, wr = w.clone().requires_grad_(), w.clone().requires_grad_()
+    moe.grouped_mm(x, wk, off).sum().backward()
+    moe.grouped_mm_reference(x, wr, off).sum().backward()
+    torch.testing.assert_close(wk.grad, wr.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_runs_without_the_kernel(monkeypatch):
+    # On CPU tensors (no patch), grouped_mm is the reference; GroupedMM is never reached.
+    assert moe.kernels_on(SimpleNamespace(is_cuda=False)) is False
+    assert moe.kernels_on(SimpleNamespace(is_cuda=True)) is (moe.triton is not None)
+    monkeypatch.setattr(moe.GroupedMM, "apply", lambda *a: pytest.fail("the kernel path ran on the CPU"))
+    x, w = torch.randn(7, 5), torch.randn(2, 3, 5)
+    y = moe.grouped_mm(x, w, offsets_of([4, 3]))
+    torch.testing.assert_close(y, torch.cat([x[:4] @ w[0].T, x[4:] @ w[1].T]))
+
+
+@pytest.mark.parametrize("x_shape, w_shape, offsets, match", [
+    ((4, 8, 1), (2, 3, 8), [0, 2, 4], r"x must be 2-D .* \(4, 8, 1\)"),
+    ((4, 8), (3, 8), [0, 2, 4], r"w must be 3-D .* \(3, 8\)"),
+    ((4, 8), (2, 3, 7), [0, 2, 4], r"w \(2, 3, 7\) takes 7 input features per expert, x \(4, 8\) has 8"),
+    ((4, 8), (2, 3, 8), [0, 4], r"E \+ 1 = 3 entries for w \(2, 3, 8\), got shape \(2,\)"),
+    ((4, 8), (0, 3, 8), [0], r"w \(0, 3, 8\) holds no experts"),
+    ((4, 8), (2, 3, 8), [0.0, 2.0, 4.0], r"offsets must be integers"),
+    ((4, 8), (2, 3, 8), [0, 3, 2], r"offsets must rise from 0 to N = 4"),
+    ((4, 8), (2, 3, 8), [0, 2, 5], r"offsets must rise from 0 to N = 4"),
+])
+def test_validation_errors(x_shape, w_shape, offsets, match):
+    with pytest.raises(ValueError, match=match):
+        moe.grouped_mm(torch.randn(x_shape), torch.randn(w_shape), torch.tensor(offsets))
+
+
+def test_validation_errors_dtype():
+    with pytest.raises(ValueError, match=r"x \(torch.float32\) and w \(torch.float16\) must share a dtype"):
+        moe.grouped_mm(torch.randn(4, 8), torch.randn(2, 3, 8).half(), torch.tensor([0, 2, 4]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a host sync only exists with a GPU")
+def test_no_host_sync():
+    # The point of the design: forward and backward never wait for the device, so the router's
+    # counts never stall the CPU. torch raises on any synchronizing call in this mode.
+    counts, M, K = [100, 0, 37, 300], 256, 128
+    x = torch.randn(sum(counts), K, device="cuda", requires_grad=True)
+    w = torch.randn(4, M, K, device="cuda", requires_grad=True)
+    off = offsets_of(counts).cuda()
+    dy = torch.ones(sum(counts), M, device="cuda")
+    moe.grouped_mm(x, w, off).backward(dy)    # compiles the kernels first (for these same strides)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        moe.grouped_mm(x, w, off).backward(dy)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("capacity", [None, 0.75])
+def test_moe_layer_on_the_grouped_gemm_equals_every_expert_on_every_token(gemm, capacity):
+    """The whole layer with the kernels on: dropless, and with capacity (some experts full)."""
+    layer = moe.MoE(DIM, E, K, D_EXPERT, n_shared=1, capacity_factor=capacity)
+    x = torch.randn(37, DIM)
+    ref_in = x.clone().requires_grad_()
+    keep = None
+    if capacity is not None:   # the same drops, computed on the CPU: first `cap` of each expert in token order
+        chosen = layer.gate(x)[2]
+        cap = math.ceil(capacity * 37 * K / E)
+        flat = chosen.flatten()
+        rank = torch.zeros_like(flat)
+        for e in range(E):
+            idx = (flat == e).nonzero()[:, 0]
+            rank[idx] = torch.arange(len(idx))
+        keep = (rank < cap).view(37, K)
+        assert not keep.all()
+    want = dense_reference(layer, ref_in, keep)
+    g = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, [ref_in] + list(layer.parameters()), g)
+    dev_layer = layer.to(DEVICE)
+    xd = x.to(DEVICE).requires_grad_()
+    y = dev_layer(xd)
+    grads = torch.autograd.grad(y, [xd] + list(dev_layer.parameters()), g.to(DEVICE))
+    torch.testing.assert_close(y.cpu(), want.detach(), rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, want_grads):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-5)
