@@ -682,3 +682,21 @@ def test_main_plot_usage():
     """`train.py --plot` without a run directory is a usage error."""
     with pytest.raises(SystemExit, match="usage"):
         train.main(["--plot"])
+
+
+def test_moe_run_logs_load_and_moves_the_bias(data_dir, tmp_path):
+    """An MoE run with DeepSeek-V3's bias: every step logs each MoE layer's load, the bias moves
+    (end_step runs after each update), and the checkpoint holds it."""
+    out = tmp_path / "moe"
+    t = trainer(data_dir, out, "--n_experts", "4", "--top_k", "2", "--d_expert", "32", "--router", "sigmoid",
+                "--bias_update_rate", "0.01", "--moe_aux_loss", "0.01")
+    assert t.train() == 6
+    rows = read_jsonl(out / "metrics.jsonl")
+    for r in rows:
+        assert r["moe_loss"] > 0 and {"moe/0/max_load", "moe/1/min_load", "moe/1/load_entropy", "moe/0/dropped"} <= set(r)
+        assert r["moe/0/max_load"] >= 1.0 >= r["moe/0/min_load"]
+    bias = t.raw_model.moe_layers[0].gate.e_score_correction_bias
+    assert bias.abs().sum() > 0 and t.raw_model.moe_layers[0].counts.sum() == 0
+    m = train.M.Model(t.raw_model.config)
+    train.load_checkpoint(train.checkpoints(str(out))[-1], m)             # the last one is step 6
+    assert torch.equal(m.moe_layers[0].gate.e_score_correction_bias, bias.cpu())
