@@ -133,6 +133,10 @@ class ModelConfig:
             bad("attention", f"must be 'gqa' or 'mla', not {self.attention!r}")
         if any(not 0 <= i < self.n_layer for i in self.nope_layers):
             bad("nope_layers", f"{self.nope_layers} holds a layer outside 0..{self.n_layer - 1}")
+        if self.moe_every < 1 or self.first_dense < 0:
+            bad("moe_every", f"moe_every ({self.moe_every}) must be >= 1 and first_dense ({self.first_dense}) >= 0")
+        if self.bias_update_rate and self.router != "sigmoid":
+            bad("bias_update_rate", "the bias update moves the sigmoid router's selection bias; set router='sigmoid'")
         if self.ffns is None and self.n_experts:
             self.ffns = tuple("moe" if i >= self.first_dense and (i - self.first_dense + 1) % self.moe_every == 0
                               else "dense" for i in range(self.n_layer))

@@ -224,7 +224,8 @@ def test_layer_pattern():
     assert ModelConfig(**MOE, moe_every=2).ffns == ("dense", "moe", "dense", "moe")       # Qwen's sparse step
     assert ModelConfig(**MOE, first_dense=1, moe_every=1).ffns == ("dense", "moe", "moe", "moe")   # DeepSeek
     for bad, key in [(dict(top_k=9), "top_k"), (dict(router="relu"), "router"), (dict(balance_stats="x"), "balance_stats"),
-                     (dict(n_experts=0, ffns=("moe",) * 4), "n_experts"), (dict(ffns=("dense", "ssm") * 2), "ffns")]:
+                     (dict(n_experts=0, ffns=("moe",) * 4), "n_experts"), (dict(ffns=("dense", "ssm") * 2), "ffns"),
+                     (dict(moe_every=0), "moe_every"), (dict(bias_update_rate=0.01), "bias_update_rate")]:
         with pytest.raises(ValueError, match=f"ModelConfig.{key}"):
             ModelConfig(**{**MOE, **bad})
 
