@@ -403,7 +403,8 @@ def mla_bytes_per_token(n_layers, kv_lora_rank, qk_rope_head_dim, bytes_per_valu
 # One kernel owns a tile of keys and loops over queries (dK, dV accumulate in registers,
 # over every query head of its GQA group, so K/V are never repeated and nothing is summed
 # afterwards); a second owns a tile of queries and loops over keys (dQ). Each recomputes P;
-# neither needs atomics.
+# neither needs atomics. The dQ kernel runs first and computes delta for its queries on the
+# way (it loads their dO anyway), so delta never costs a pass of its own over dO and O.
 #
 # Documents. A packed row holds several documents; a query reads only keys of its own one.
 # With `position_ids` the kernels get each token's document id and the span [first, last)
@@ -414,7 +415,23 @@ def mla_bytes_per_token(n_layers, kv_lora_rank, qk_rope_head_dim, bytes_per_valu
 # Softmax in base 2: exp(x) = exp2(x log2 e), and exp2 is one instruction on the GPU, so
 # the scores are scaled by scale * log2(e) once and lse is kept in base 2.
 
-FLASH_BLOCK_M, FLASH_BLOCK_N = 64, 64   # tile sizes (untuned: no GPU ran them yet); tests use 16
+# Launch settings of each kernel: its tile (BLOCK_M queries x BLOCK_N keys), warps and
+# software-pipelining stages. "small": 16-bit inputs with head dims up to 128; "big": float32
+# or wider heads (MLA's 192), whose tiles take twice the registers and shared memory. Chosen
+# on an H100 with `python bench.py tune` (BENCHMARKS.md); the tests shrink every tile to 16.
+FLASH_TILES = {
+    "small": {"fwd": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+              "dq": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+              "dkdv": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)},
+    "big": {"fwd": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+            "dq": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+            "dkdv": dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=1)},
+}
+
+
+def flash_launch(dtype, head_dim):
+    """The three kernels' launch settings for inputs of this dtype and (largest) head dim."""
+    return FLASH_TILES["small" if dtype != torch.float32 and head_dim <= 128 else "big"]
 
 if triton is not None:
     @triton.jit
@@ -469,12 +486,14 @@ if triton is not None:
         tl.store(LSE + bh * T + rows, m + tl.log2(l), mask=row_ok)
 
     @triton.jit
-    def _flash_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, DOC, FIRST, LAST,
+    def _flash_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA, DOC, FIRST, LAST,
                       sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
                       H, G, T, D, DV, qk_scale, scale,
                       CAUSAL: tl.constexpr, DOCS: tl.constexpr, PREC: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr):
         # The forward's loop again, with p recomputed from lse: dQ = sum over key tiles of dS K.
+        # First, delta = rowsum(dO * O) = sum_j p_ij dp_ij for this tile's queries: dS needs it
+        # here, and the dK/dV kernel, launched after this one, reads it from DELTA.
         pid, bh = tl.program_id(0), tl.program_id(1)
         b, h = (bh // H).to(tl.int64), bh % H     # int64: b * stride passes 2^31 at long contexts
         hk = h // G
@@ -485,8 +504,11 @@ if triton is not None:
                     mask=row_ok[:, None] & (d < D)[None, :], other=0.0)
         do = tl.load(DO + b * sob + h * soh + rows[:, None] * sot + dv[None, :],
                      mask=row_ok[:, None] & (dv < DV)[None, :], other=0.0)
+        o = tl.load(O + b * sob + h * soh + rows[:, None] * sot + dv[None, :],
+                    mask=row_ok[:, None] & (dv < DV)[None, :], other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        tl.store(DELTA + bh * T + rows, delta, mask=row_ok)
         lse = tl.load(LSE + bh * T + rows, mask=row_ok, other=0.0)
-        delta = tl.load(DELTA + bh * T + rows, mask=row_ok, other=0.0)
         lo, hi = 0, T
         if CAUSAL:
             hi = tl.minimum(T, (pid + 1) * BLOCK_M)
@@ -600,11 +622,11 @@ class FlashAttention(torch.autograd.Function):
         ctx.meta = dict(H=H, G=H // Hkv, T=T, D=D, DV=DV, qk_scale=D ** -0.5 * 1.4426950408889634,
                         CAUSAL=bool(causal), DOCS=position_ids is not None,
                         PREC="ieee" if q.dtype == torch.float32 else "tf32",
-                        BLOCK_M=FLASH_BLOCK_M, BLOCK_N=FLASH_BLOCK_N,
-                        BD=max(16, triton.next_power_of_2(D)), BDV=max(16, triton.next_power_of_2(DV)),
-                        num_warps=8 if max(D, DV) > 64 else 4)   # more threads hold the bigger tiles
-        _flash_fwd[(triton.cdiv(T, FLASH_BLOCK_M), B * H)](
-            q, k, v, o, lse, *docs, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], **ctx.meta)
+                        BD=max(16, triton.next_power_of_2(D)), BDV=max(16, triton.next_power_of_2(DV)))
+        ctx.launch = launch = flash_launch(q.dtype, max(D, DV))
+        _flash_fwd[(triton.cdiv(T, launch["fwd"]["BLOCK_M"]), B * H)](
+            q, k, v, o, lse, *docs, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+            **ctx.meta, **launch["fwd"])
         ctx.save_for_backward(q, k, v, o, lse, *docs)
         return o
 
@@ -613,13 +635,15 @@ class FlashAttention(torch.autograd.Function):
         q, k, v, o, lse, *docs = ctx.saved_tensors
         B, H, T, _ = q.shape
         do = torch.empty_like(o).copy_(do) if do.stride() != o.stride() else do   # o's strides serve dO
-        delta = (do.float() * o.float()).sum(-1).contiguous()     # sum_j p_ij dp_ij, one per query
+        delta = torch.empty(B, H, T, dtype=torch.float32, device=q.device)   # written by the dQ kernel
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         meta = dict(ctx.meta, scale=q.shape[-1] ** -0.5)
         strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3])
-        _flash_bwd_dq[(triton.cdiv(T, FLASH_BLOCK_M), B * H)](q, k, v, do, dq, lse, delta, *docs, *strides, **meta)
-        _flash_bwd_dkdv[(triton.cdiv(T, FLASH_BLOCK_N), B * k.shape[1])](
-            q, k, v, do, dk, dv, lse, delta, *docs, *strides, **meta)
+        dq_launch, dkdv_launch = ctx.launch["dq"], ctx.launch["dkdv"]
+        _flash_bwd_dq[(triton.cdiv(T, dq_launch["BLOCK_M"]), B * H)](
+            q, k, v, o, do, dq, lse, delta, *docs, *strides, **meta, **dq_launch)
+        _flash_bwd_dkdv[(triton.cdiv(T, dkdv_launch["BLOCK_N"]), B * k.shape[1])](
+            q, k, v, do, dk, dv, lse, delta, *docs, *strides, **meta, **dkdv_launch)
         return dq, dk, dv, None, None
 
 

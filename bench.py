@@ -19,6 +19,11 @@ Benchmarks (more arrive with the files they measure):
     python bench.py train       # training tokens/s and MFU of a preset (the tiny one by default),
                                 # against this device's measured matmul peak (CPU) or its spec (GPU),
                                 # with the Triton kernels on and off (--kernels on|off|both)
+    python bench.py moe         # (CUDA only) the grouped GEMM vs the per-expert loop (and torch's
+                                # _grouped_mm where it exists) at 8 and 64 experts; an MoE layer's
+                                # tokens/s vs a dense SwiGLU of the same active parameters
+    python bench.py tune        # (CUDA only) try tile sizes, warps and stages for each Triton
+                                # kernel; prints the fastest for attention.FLASH_TILES / moe.GG_TILES
 
 The baselines are benchmark-only tools, not dependencies of the project:
     pip install rustbpe tokenizers
@@ -40,6 +45,7 @@ import torch.nn.functional as F
 import attention
 import data
 import model
+import moe
 import tokenizer
 
 
@@ -365,11 +371,13 @@ def peak_memory(fn, device):
     return torch.cuda.max_memory_allocated() - before
 
 
-def measure(kernel, impls, device, rounds, work, unit, reference="eager"):
+def measure(kernel, impls, device, rounds, work, unit, reference="eager", unrelated=()):
     """One row per implementation (name, fn) of a kernel, ours first; fn() runs forward and
-    backward and returns the output and the gradients. work: FLOPs or bytes per call, for the
-    rate in `unit`. A baseline that fails (out of memory, a backend this GPU or dtype lacks)
-    gets a row that says why instead of ending the table."""
+    backward and returns the output and the gradients. work: FLOPs, bytes or tokens per call,
+    for the rate in `unit`. Each row's diff is against the `reference` row, except for the
+    names in `unrelated` (a different function timed for scale). A baseline that fails (out of
+    memory, a backend this GPU or dtype lacks) gets a row that says why instead of ending the
+    table."""
     ref = None
     for name, fn in impls:   # the reference's tensors first, for the diff column
         if name == reference:
@@ -383,7 +391,7 @@ def measure(kernel, impls, device, rounds, work, unit, reference="eager"):
         row = dict(kernel=kernel, impl=name, ours=i == 0, unit=unit)
         try:
             out = fn()        # warm-up: compiles, autotunes, fills the allocator's cache
-            if ref is not None:
+            if ref is not None and name not in unrelated:
                 # Relative to the reference's largest value: gradients such as RMSNorm's dw are
                 # sums over thousands of rows, where an absolute bf16 difference says little.
                 row["diff"] = max(((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-30)).item()
@@ -558,7 +566,7 @@ def print_kernel_table(rows):
         mem_ratio = (f"{ours['peak'] / r['peak']:.2f}x" if ours and r["peak"] and ours["peak"] is not None
                      else "n/a")
         diff = f"{r['diff']:.1e}" if "diff" in r else "n/a"
-        scale = 1e12 if r["unit"] == "TFLOP/s" else 1e9
+        scale = {"TFLOP/s": 1e12, "GB/s": 1e9, "Mtok/s": 1e6}[r["unit"]]
         print(f"| {r['kernel']} | {r['impl']} | {num(r['seconds'] * 1e3)} | {num(r['rate'] / scale)} {r['unit']} | "
               f"{time_ratio} | {peak} | {mem_ratio} | {diff} |")
 
@@ -593,14 +601,15 @@ def bench_kernels(args):
 @contextlib.contextmanager
 def kernels_off():
     """Inside: every Triton kernel gives way to its PyTorch path (flash attention to sdpa, even
-    with attn_impl "triton"; RMSNorm and cross-entropy to their references). kernels_on is the
-    one switch: attention.py reads its own, model.py the name it imported."""
-    saved = attention.kernels_on, model.kernels_on
-    attention.kernels_on = model.kernels_on = lambda t: False
+    with attn_impl "triton"; RMSNorm and cross-entropy to their references; the grouped GEMM to
+    the per-expert loop). kernels_on is the one switch: attention.py and moe.py read their own,
+    model.py the name it imported."""
+    saved = attention.kernels_on, model.kernels_on, moe.kernels_on
+    attention.kernels_on = model.kernels_on = moe.kernels_on = lambda t: False
     try:
         yield
     finally:
-        attention.kernels_on, model.kernels_on = saved
+        attention.kernels_on, model.kernels_on, moe.kernels_on = saved
 
 
 def bench_train(args):
@@ -667,6 +676,209 @@ def bench_train(args):
           f"{', torch.compile' if args.compile else ''}, median of {args.steps} steps after {args.warmup} warm-up")
 
 
+# -----------------------------------------------------------------------------
+# MoE: the grouped GEMM and the layer
+
+MOE_SHAPES = dict(tokens=16384, dim=2048, d_expert=768)   # Qwen3-30B-A3B's layer widths, 8 x 2048 tokens
+
+
+def random_routing(n_tokens, n_experts, top_k, generator):
+    """k distinct experts per token, uniformly at random, the assignments sorted by expert: the
+    sorted token index of each, and the (E + 1,) offsets of each expert's rows."""
+    chosen = torch.rand(n_tokens, n_experts, generator=generator).argsort(-1)[:, :top_k].flatten()
+    order = chosen.argsort(stable=True)
+    offsets = F.pad(torch.bincount(chosen, minlength=n_experts).cumsum(0), (1, 0))
+    return order // top_k, offsets
+
+
+def grouped_mm_rows(device, dtype, s, rounds, n_experts, top_k):
+    """One expert bank's gate-and-up projection, (N k, dim) x (E, 2 d_expert, dim), forward and
+    backward: ours (the Triton kernels) against the loop of one matmul per expert, the readable
+    reference every MoE starts from, and torch._grouped_mm where this torch has it."""
+    N, D, I = s["tokens"], s["dim"], s["d_expert"]
+    g = torch.Generator().manual_seed(0)
+    token, offsets = random_routing(N, n_experts, top_k, g)
+    x = torch.randn(N, D, generator=g)[token].to(device, dtype).requires_grad_()
+    w = (torch.randn(n_experts, 2 * I, D, generator=g) / D ** 0.5).to(device, dtype).requires_grad_()
+    dy = torch.randn(N * top_k, 2 * I, generator=g).to(device, dtype)
+    offsets = offsets.to(device)
+    fns = [("ours: grouped_mm (Triton)", lambda x, w: moe.GroupedMM.apply(x, w, offsets)),
+           ("loop: one matmul per expert", lambda x, w: moe.grouped_mm_reference(x, w, offsets))]
+    if hasattr(torch, "_grouped_mm"):   # cuBLAS/CUTLASS grouped GEMM (bf16, Hopper); its offsets are the ends
+        ends = offsets[1:].to(torch.int32)
+        fns.append(("torch._grouped_mm", lambda x, w: torch._grouped_mm(x, w.transpose(1, 2), offs=ends)))
+    impls = [(name, fwd_bwd(f, (x, w), dy)) for name, f in fns]
+    counts = offsets.diff()
+    kernel = (f"grouped GEMM {n_experts} experts top-{top_k}, ({N * top_k}, {D}) x ({n_experts}, {2 * I}, {D}), "
+              f"rows per expert {counts.min().item()}-{counts.max().item()}")
+    return measure(kernel, impls, device, rounds, 3 * 2 * N * top_k * 2 * I * D, "TFLOP/s",
+                   reference="loop: one matmul per expert")
+
+
+def moe_layer_rows(device, dtype, s, rounds, n_experts, top_k):
+    """An MoE layer (router, dispatch, E SwiGLU experts of d_expert, top_k per token) against a
+    dense SwiGLU of hidden top_k * d_expert, the same active parameters per token, forward and
+    backward with the weights' gradients, under autocast like training. The rate is tokens/s;
+    the MoE also runs with its kernels off (the per-expert loop), the reference for the diff."""
+    N, D, I = s["tokens"], s["dim"], s["d_expert"]
+    torch.manual_seed(0)
+    layer = moe.MoE(D, n_experts, top_k, I).to(device)
+    dense = model.MLP(D, top_k * I).to(device)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, D, generator=g).to(device).requires_grad_()
+    dy = torch.randn(N, D, generator=g).to(device, dtype)
+
+    def run(module, off=False):
+        params = [x, *module.parameters()]
+
+        def fn():
+            with kernels_off() if off else contextlib.nullcontext(), torch.autocast(device.type, dtype):
+                out = module(x)
+            return (out, *torch.autograd.grad(out, params, dy))
+        return fn
+
+    dense_name = f"dense SwiGLU, hidden {top_k * I}"
+    impls = [("ours: MoE, grouped GEMM", run(layer)), ("MoE, per-expert loop", run(layer, off=True)),
+             (dense_name, run(dense))]
+    kernel = f"layer: {n_experts} experts top-{top_k} of {I} vs dense, {N} tokens x {D}"
+    return measure(kernel, impls, device, rounds, N, "Mtok/s", reference="MoE, per-expert loop",
+                   unrelated=(dense_name,))
+
+
+def bench_moe(args):
+    if not torch.cuda.is_available() or not moe.kernels_on(torch.empty(0, device="cuda")):
+        print("bench.py moe: the grouped GEMM table needs a CUDA GPU with Triton (and no "
+              "NANOPLAYBOOK_KERNELS=0); on a CPU the kernels run only under the interpreter", file=sys.stderr)
+        raise SystemExit(2)
+    device, dtype = torch.device("cuda"), DTYPES[args.dtype]
+    s = {key: getattr(args, key) for key in MOE_SHAPES}
+    rows = []
+    for n_experts, top_k in ((8, 2), (64, 8)):
+        rows += grouped_mm_rows(device, dtype, s, args.rounds, n_experts, top_k)
+    for n_experts, top_k in ((8, 2), (64, 8)):
+        rows += moe_layer_rows(device, dtype, s, args.rounds, n_experts, top_k)
+    print()
+    print_kernel_table(rows)
+    print("\nrates: grouped GEMM TFLOP/s count forward and backward's three matmuls, 6 (N k) (2 d_expert) dim; "
+          "layer Mtok/s are tokens through forward and backward (weights' gradients included) per second. "
+          "Routing: the GEMM rows k distinct experts per token at random; the layer its own freshly "
+          "initialised router. Max diff: relative to the loop's largest value.")
+    print(f"\nmachine: {machine()}, {args.dtype}, median of {args.rounds} rounds after one warm-up call")
+
+
+# -----------------------------------------------------------------------------
+# Tuning the kernels' launch settings
+
+def _settings(keys, rows):
+    return [dict(zip(keys, row)) for row in rows]
+
+
+# Candidates per kernel, tried one kernel at a time (each with the best found for the ones
+# before it). Flash: BLOCK_M queries x BLOCK_N keys (dK/dV: BLOCK_N keys per program, BLOCK_M
+# queries per step), warps, stages.
+FLASH_CANDIDATES = _settings(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), [
+    (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 32, 4, 3),
+    (64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 3), (64, 32, 4, 2), (32, 64, 4, 2), (32, 128, 8, 2),
+    (64, 32, 8, 1), (32, 64, 8, 1)])
+GG_FWD_CANDIDATES = _settings(("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), [
+    (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+    (128, 128, 32, 8, 4), (64, 256, 64, 8, 3), (64, 64, 32, 4, 3), (64, 64, 32, 4, 2)])
+GG_DW_CANDIDATES = _settings(("BLOCK_M", "BLOCK_K", "BLOCK_R", "num_warps", "num_stages"), [
+    (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 3), (128, 64, 64, 4, 4), (128, 256, 64, 8, 3),
+    (64, 64, 64, 4, 3), (64, 32, 64, 4, 3), (64, 64, 32, 4, 2)])
+
+
+def _best(name, candidates, set_launch, fn, check=None):
+    """Time fn() (median ms, CUDA events) under each candidate; print each; return the fastest.
+    A candidate this GPU cannot run (too much shared memory, say), here or in check(), is
+    reported and skipped."""
+    import triton.testing
+
+    best = None
+    for c in candidates:
+        set_launch(c)
+        try:
+            if check is not None:
+                check()
+            fn()   # compile outside the timing
+            ms = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+        except Exception as e:   # Triton's OutOfResources, mostly
+            print(f"  {name} {c}: {type(e).__name__}", flush=True)
+            continue
+        print(f"  {name} {c}: {ms:.3f} ms", flush=True)
+        if best is None or ms < best[0]:
+            best = (ms, c)
+    if best is None:
+        raise SystemExit(f"bench.py tune: no candidate ran for {name}")
+    set_launch(best[1])
+    return best[1]
+
+
+def tune_flash(size, B, H, Hkv, T, D, DV, dtype, also=None, device="cuda"):
+    """attention.FLASH_TILES[size], kernel by kernel, on a causal (B, H, T, D) problem. also:
+    another dtype of the same class (the "big" class holds float32) that every candidate must
+    run in as well, forward and backward, on a small problem."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, h, T, d, generator=g).to(device, dtype).requires_grad_()
+               for h, d in ((H, D), (Hkv, D), (Hkv, DV)))
+    do = torch.randn(B, H, T, DV, generator=g).to(device, dtype)
+    check = None
+    if also is not None:
+        small = [t[:1, :, :256].detach().to(also).requires_grad_() for t in (q, k, v)]
+
+        def check():
+            torch.autograd.grad(attention.flash_attention(*small), small, torch.ones_like(small[0][..., :DV]))
+    tiles = attention.FLASH_TILES[size]
+    print(f"flash attention, {size} ({B}x{H}/{Hkv}x{T}x{D}/{DV}, {dtype}):", flush=True)
+
+    def setter(kernel):
+        return lambda c: tiles.__setitem__(kernel, c)
+
+    def backward():
+        out = attention.flash_attention(q, k, v)
+        return lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True)
+
+    _best("fwd", FLASH_CANDIDATES, setter("fwd"), lambda: attention.flash_attention(q, k, v), check)
+    for kernel in ("dq", "dkdv"):
+        _best(kernel, FLASH_CANDIDATES, setter(kernel), lambda: backward()(), check)
+    return dict(tiles)
+
+
+def tune_grouped_mm(size, n_tokens, n_experts, top_k, dim, d_expert, dtype, device="cuda"):
+    """moe.GG_TILES[size] on the gate-and-up projection of random top-k routing: the forward
+    kernel (which dx reuses) on the forward alone, the dW kernel on a backward that wants dW only."""
+    g = torch.Generator().manual_seed(0)
+    token, offsets = random_routing(n_tokens, n_experts, top_k, g)
+    x = torch.randn(n_tokens, dim, generator=g)[token].to(device, dtype)
+    w = (torch.randn(n_experts, 2 * d_expert, dim, generator=g) / dim ** 0.5).to(device, dtype).requires_grad_()
+    dy = torch.randn(n_tokens * top_k, 2 * d_expert, generator=g).to(device, dtype)
+    offsets = offsets.to(device)
+    tiles = moe.GG_TILES[size]
+    print(f"grouped GEMM, {size} ({n_experts} experts top-{top_k}, ({n_tokens * top_k}, {dim}) x "
+          f"({n_experts}, {2 * d_expert}, {dim}), {dtype}):", flush=True)
+    _best("fwd", GG_FWD_CANDIDATES, lambda c: tiles.__setitem__("fwd", c),
+          lambda: moe.GroupedMM.apply(x, w, offsets))
+    y = moe.GroupedMM.apply(x, w, offsets)
+    _best("dw", GG_DW_CANDIDATES, lambda c: tiles.__setitem__("dw", c),
+          lambda: torch.autograd.grad(y, w, dy, retain_graph=True))
+    return dict(tiles)
+
+
+def bench_tune(args):
+    if not torch.cuda.is_available() or not attention.kernels_on(torch.empty(0, device="cuda")):
+        print("bench.py tune: tuning needs a CUDA GPU with Triton (and no NANOPLAYBOOK_KERNELS=0)", file=sys.stderr)
+        raise SystemExit(2)
+    found = {"FLASH_TILES": {}, "GG_TILES": {}}
+    found["FLASH_TILES"]["small"] = tune_flash("small", 8, 16, 4, 2048, 128, 128, torch.bfloat16)
+    found["FLASH_TILES"]["big"] = tune_flash("big", 4, 16, 16, 2048, 192, 128, torch.bfloat16,
+                                             also=torch.float32)
+    found["GG_TILES"]["small"] = tune_grouped_mm("small", 16384, 64, 8, 2048, 768, torch.bfloat16)
+    found["GG_TILES"]["big"] = tune_grouped_mm("big", 4096, 8, 2, 1024, 512, torch.float32)
+    print("\nthe fastest settings (attention.FLASH_TILES, moe.GG_TILES):")
+    print(json.dumps(found, indent=1))
+    print(f"\nmachine: {machine()}, median ms of triton.testing.do_bench")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -700,9 +912,16 @@ def main():
     tr.add_argument("--compile", action="store_true")
     tr.add_argument("--kernels", default="both", choices=["on", "off", "both"],
                     help="Triton kernels on, off (PyTorch paths), or both side by side (CUDA; one run on CPU)")
+    mo = sub.add_parser("moe", help="grouped GEMM vs per-expert loop; MoE layer vs dense (CUDA)")
+    mo.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    mo.add_argument("--rounds", type=int, default=20)
+    for key, value in MOE_SHAPES.items():
+        mo.add_argument("--" + key.replace("_", "-"), type=int, default=value)
+    sub.add_parser("tune", help="search the kernels' tile sizes, warps and stages (CUDA)")
     args = ap.parse_args()
     {"tokenizer": bench_tokenizer, "data": bench_data, "model": bench_model, "kernels": bench_kernels,
-     "train": bench_train}[args.cmd](args)
+     "train": bench_train, "moe": bench_moe,
+     "tune": bench_tune}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -711,6 +711,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     softmax(l) * (1 + 2 z lse) - onehot(y), divided by the token count. Then it keeps only
     dL/dh and dL/dW and throws the logits away; backward just scales them. Same three
     matmuls as the unfused version, and the big tensor lives one chunk at a time.
+    The division by the token count waits for the backward, in fp32, and dL/dh is kept in
+    fp32: in fp16 a probability over a large vocabulary divided by thousands of tokens
+    (1e-8) rounds to zero, and a gradient of 1e-5 keeps a few bits, before any loss scale
+    can help.
     Takes only the rows that have a label (the caller drops the -100s)."""
 
     @staticmethod
@@ -718,7 +722,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         n = max(labels.numel(), 1)
         grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         w = weight.to(h.dtype)   # under bf16 autocast the matmuls run in bf16, the softmax in fp32
-        dh = torch.empty_like(h) if grad else None
+        dh = torch.empty(h.shape, dtype=torch.float32, device=h.device) if grad else None
         dw = None
         token_ce = torch.empty(labels.shape, dtype=torch.float32, device=h.device)
         z = torch.zeros((), dtype=torch.float32, device=h.device)
@@ -729,7 +733,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             if kernels_on(logits):
                 # The Triton kernel reads the logits in their own dtype, keeps the running max
                 # and sum in fp32 registers, and overwrites the logits with their gradient.
-                token_ce[s:s + len(y)], lse = cross_entropy_rows(logits, y, z_coef, 1 / n, grad)
+                token_ce[s:s + len(y)], lse = cross_entropy_rows(logits, y, z_coef, 1.0, grad)
                 g = logits
             else:
                 logits = logits.float()
@@ -740,8 +744,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                 del logits
                 if grad:
                     g = logp.exp_()                                # softmax, in logp's own memory
-                    g.mul_((1 + 2 * z_coef * lse)[:, None] / n)
-                    g[rows, y] -= 1 / n
+                    g.mul_((1 + 2 * z_coef * lse)[:, None])
+                    g[rows, y] -= 1
                     g = g.to(h.dtype)
             z += lse.pow(2).sum()
             if grad:
@@ -750,7 +754,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         if grad and dw is None:   # no labelled token at all
             dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
         ctx.save_for_backward(dh, dw)
-        ctx.weight_dtype = weight.dtype
+        ctx.n, ctx.h_dtype, ctx.weight_dtype = n, h.dtype, weight.dtype
         z = z / n
         ctx.mark_non_differentiable(token_ce, z)
         return token_ce.sum() / n + z_coef * z, token_ce, z
@@ -758,7 +762,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_token_ce, _grad_z):
         dh, dw = ctx.saved_tensors
-        return dh * grad_loss.to(dh.dtype), (dw * grad_loss).to(ctx.weight_dtype), None, None, None
+        scale = grad_loss.float() / ctx.n    # the mean's 1/n, in fp32 (see forward)
+        return (dh * scale).to(ctx.h_dtype), (dw * scale).to(ctx.weight_dtype), None, None, None
 
 
 # -----------------------------------------------------------------------------

@@ -147,7 +147,17 @@ class Router(nn.Module):
 # 64 x 64 x 32 is a safe middle ground on current GPUs for hidden sizes of a few hundred and up.
 # tl.dot needs every dimension >= 16; the tests set all three to 16 to get many tiles from
 # small shapes.
-GG_BLOCK_M, GG_BLOCK_N, GG_BLOCK_K = 64, 64, 32
+# Launch settings: the forward kernel's tile (BLOCK_M rows of one expert x BLOCK_N outputs,
+# BLOCK_K inputs per step; dx reuses it), and the dW kernel's (a BLOCK_M x BLOCK_K tile of
+# w[e], summed BLOCK_R rows at a time), with warps and pipelining stages; "small" for 16-bit
+# inputs, "big" for float32, whose tiles take twice the shared memory. Chosen on an H100 with
+# `python bench.py tune` (BENCHMARKS.md); the tests shrink the tiles.
+GG_TILES = {
+    "small": {"fwd": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
+              "dw": dict(BLOCK_M=128, BLOCK_K=256, BLOCK_R=64, num_warps=8, num_stages=3)},
+    "big": {"fwd": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
+            "dw": dict(BLOCK_M=64, BLOCK_K=32, BLOCK_R=64, num_warps=4, num_stages=3)},
+}
 
 
 def kernels_on(t):
@@ -278,16 +288,15 @@ def _dot_precision(t):
     return "ieee" if t.dtype == torch.float32 else "tf32"
 
 
-def _grouped_mm_launch(a, w, w_strides, out, offsets, expert, row, block_m):
+def _grouped_mm_launch(a, w, w_strides, out, offsets, expert, row, tiles):
     """out[r] = a[r] @ w[e]^T for the rows r of each expert e, on the tile schedule (expert, row)
-    made with block_m; w_strides are w's strides for (expert, out, in), out's columns its "out"."""
+    made with tiles["BLOCK_M"]; w_strides are w's strides for (expert, out, in), out's columns its "out"."""
     n_out, n_in = out.shape[1], a.shape[1]
     if out.numel() == 0:     # no rows or no columns: nothing to write (and an empty grid is an error)
         return
-    grid = (expert.shape[0], triton.cdiv(n_out, GG_BLOCK_N))
+    grid = (expert.shape[0], triton.cdiv(n_out, tiles["BLOCK_N"]))
     _grouped_mm_kernel[grid](a, w, out, offsets, expert, row, w.shape[0], n_out, n_in,
-                             *a.stride(), *w_strides, *out.stride(),
-                             PREC=_dot_precision(a), BLOCK_M=block_m, BLOCK_N=GG_BLOCK_N, BLOCK_K=GG_BLOCK_K)
+                             *a.stride(), *w_strides, *out.stride(), PREC=_dot_precision(a), **tiles)
 
 
 class GroupedMM(torch.autograd.Function):
@@ -298,12 +307,12 @@ class GroupedMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, offsets):
         offsets = offsets.to(torch.int64)    # the kernels read int64 row bounds (a no-op if already)
-        block_m = GG_BLOCK_M                 # kept: the backward must use the schedule's tile size
-        expert, row = _tile_schedule(offsets, x.shape[0], block_m)
+        # Kept for the backward, which must use the schedule's tile size.
+        ctx.tiles = tiles = GG_TILES["big" if x.dtype == torch.float32 else "small"]
+        expert, row = _tile_schedule(offsets, x.shape[0], tiles["fwd"]["BLOCK_M"])
         y = torch.empty(x.shape[0], w.shape[1], dtype=x.dtype, device=x.device)
-        _grouped_mm_launch(x, w, w.stride(), y, offsets, expert, row, block_m)
+        _grouped_mm_launch(x, w, w.stride(), y, offsets, expert, row, tiles["fwd"])
         ctx.save_for_backward(x, w, offsets, expert, row)
-        ctx.block_m = block_m
         return y
 
     @staticmethod
@@ -315,16 +324,17 @@ class GroupedMM(torch.autograd.Function):
             # dx_e = dy_e @ w[e]: the forward kernel with dy as its input and w[e]^T as the weight,
             # i.e. w read with its "out" (M) and "in" (K) strides swapped. The row tiles are the same.
             dx = torch.empty_like(x)
-            _grouped_mm_launch(dy, w, (w.stride(0), w.stride(2), w.stride(1)), dx, offsets, expert, row, ctx.block_m)
+            _grouped_mm_launch(dy, w, (w.stride(0), w.stride(2), w.stride(1)), dx, offsets, expert, row,
+                               ctx.tiles["fwd"])
         if ctx.needs_input_grad[1]:
             E, M, K = w.shape
             dw = torch.empty_like(w)
-            grid = (E, triton.cdiv(M, GG_BLOCK_N), triton.cdiv(K, GG_BLOCK_K))
+            tiles = ctx.tiles["dw"]
+            grid = (E, triton.cdiv(M, tiles["BLOCK_M"]), triton.cdiv(K, tiles["BLOCK_K"]))
             # Each program sums over all of one expert's rows: a heavily loaded expert makes long
-            # programs, but there are still cdiv(M, BN) * cdiv(K, BK) of them per expert.
+            # programs, but there are still cdiv(M, BM) * cdiv(K, BK) of them per expert.
             _grouped_mm_dw_kernel[grid](dy, x, dw, offsets, M, K, *dy.stride(), *x.stride(), *dw.stride(),
-                                        PREC=_dot_precision(x), BLOCK_M=GG_BLOCK_N, BLOCK_K=GG_BLOCK_K,
-                                        BLOCK_R=GG_BLOCK_M)
+                                        PREC=_dot_precision(x), **tiles)
         return dx, dw, None
 
 

@@ -44,7 +44,8 @@ def small_tokenizer(stdlib_texts):
 class Kernels:
     """The Triton kernels under test. `device` is where they run: the GPU when there is one,
     else the CPU under Triton's interpreter. on() makes kernels_on say yes for CPU tensors in
-    the interpreter case (on a GPU it already does for CUDA tensors); poison() fills every
+    the interpreter case (on a GPU it already does for CUDA tensors); small_tiles() shrinks
+    every kernel's tiles; poison() fills every
     buffer torch.empty / empty_like hands out with NaN, so an element a kernel forgets to write
     fails the comparison."""
 
@@ -58,6 +59,17 @@ class Kernels:
         if self.device.type == "cpu":
             for module in (attention, model):
                 self.monkeypatch.setattr(module, "kernels_on", lambda t: True)
+
+    def small_tiles(self, m=16, n=16):
+        """Every kernel's tiles m x n (and 16 deep), so that small inputs span several tiles and
+        end in partial ones; the flash kernels' settings for both dtype classes."""
+        import attention
+        import moe
+        flash = {kernel: dict(BLOCK_M=m, BLOCK_N=n, num_warps=4, num_stages=1) for kernel in ("fwd", "dq", "dkdv")}
+        self.monkeypatch.setattr(attention, "FLASH_TILES", {"small": flash, "big": flash})
+        gemm = {"fwd": dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=16, num_warps=4, num_stages=1),
+                "dw": dict(BLOCK_M=n, BLOCK_K=16, BLOCK_R=m, num_warps=4, num_stages=1)}
+        self.monkeypatch.setattr(moe, "GG_TILES", {"small": gemm, "big": gemm})
 
     def poison(self):
         empty, empty_like = torch.empty, torch.empty_like

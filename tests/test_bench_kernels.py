@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import attention
+from conftest import Kernels
 import bench
 import model
 
@@ -30,8 +31,7 @@ def kernels(monkeypatch):
         pytest.skip("Triton runs kernels on CPU tensors only under TRITON_INTERPRET=1; on a GPU, run bench.py kernels")
     monkeypatch.setattr(attention, "kernels_on", lambda t: True)
     monkeypatch.setattr(model, "kernels_on", lambda t: True)
-    monkeypatch.setattr(attention, "FLASH_BLOCK_M", 16)
-    monkeypatch.setattr(attention, "FLASH_BLOCK_N", 16)
+    Kernels(monkeypatch).small_tiles()
     calls = {"flash": 0, "rms_norm": 0, "cross_entropy": 0}
 
     def counted(key, f):

@@ -313,8 +313,7 @@ def gemm(kernels, monkeypatch):
     and every buffer poisoned with NaN."""
     if kernels.device.type == "cpu":
         monkeypatch.setattr(moe, "kernels_on", lambda t: True)
-    for name in ("GG_BLOCK_M", "GG_BLOCK_N", "GG_BLOCK_K"):
-        monkeypatch.setattr(moe, name, 16)
+    kernels.small_tiles()
     kernels.poison()
 
 
@@ -403,6 +402,13 @@ def test_grid_bound_is_enough(gemm, counts):
         covered += range(r, min(r + 16, end))
     assert covered == list(range(N))
     assert_match(counts, 20, 24)
+
+
+@pytest.mark.parametrize("tiles", [(32, 16), (16, 32)], ids=["tall", "wide"])
+def test_unequal_tiles(gemm, kernels, tiles):
+    # Tuned settings may make the row, column and depth tiles all different.
+    kernels.small_tiles(*tiles)
+    assert_match([40, 0, 3, 17, 33], 50, 40)
 
 
 def test_schedule_bound_random_counts():
