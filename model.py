@@ -114,6 +114,8 @@ class ModelConfig:
     moe_every: int = 1                  # every k-th layer is MoE (Qwen's decoder_sparse_step) ...
     first_dense: int = 0                # ... after this many leading dense layers (DeepSeek: 3)
     moe_share: int = 1                  # consecutive MoE layers that share one expert bank
+    n_group: int = 1                    # DeepSeek-V3's group-limited routing: experts in n_group groups,
+    topk_group: int = 1                 # ... each token uses experts of topk_group of them
 
     def __post_init__(self):
         self.nope_layers = tuple(self.nope_layers)
@@ -160,6 +162,12 @@ class ModelConfig:
                 bad("balance_stats", f"must be 'global' or 'micro', not {self.balance_stats!r}")
             if self.moe_share < 1:
                 bad("moe_share", "must be >= 1")
+            if self.n_group < 1 or self.n_experts % self.n_group or not 1 <= self.topk_group <= self.n_group:
+                bad("n_group", f"n_group ({self.n_group}) must divide n_experts ({self.n_experts}) and "
+                               f"topk_group ({self.topk_group}) lie in 1..n_group")
+            if self.top_k > self.topk_group * (self.n_experts // self.n_group):
+                bad("topk_group", f"top_k ({self.top_k}) experts do not fit in topk_group ({self.topk_group}) "
+                                  f"groups of {self.n_experts // self.n_group}")
 
     @property
     def padded_vocab(self):
@@ -309,7 +317,8 @@ class Block(nn.Module):
             self.mlp = moe.MoE(c.dim, c.n_experts, c.top_k, c.d_expert or c.mlp_dim, c.n_shared_experts, c.router,
                                c.norm_topk_prob, c.routed_scaling, capacity_factor=c.capacity_factor,
                                aux_loss=c.moe_aux_loss, z_loss=c.router_z_loss,
-                               global_stats=c.balance_stats == "global", experts=experts)
+                               global_stats=c.balance_stats == "global", experts=experts,
+                               n_group=c.n_group, topk_group=c.topk_group)
         else:
             self.mlp = MLP(c.dim, c.mlp_dim)
 
@@ -506,8 +515,8 @@ class Model(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32):
-        """A Llama / SmolLM2 / SmolLM3 / Qwen2 / Qwen3 directory (config.json + model.safetensors,
-        or sharded with model.safetensors.index.json) -> Model."""
+        """A Llama / SmolLM2 / SmolLM3 / Qwen2 / Qwen3 / Qwen3-MoE / DeepSeek-V3 directory (config.json
+        + model.safetensors, or sharded with model.safetensors.index.json) -> Model."""
         from safetensors.torch import load_file
         cfg_path = os.path.join(path, "config.json")
         with open(cfg_path) as f:
@@ -527,6 +536,21 @@ class Model(nn.Module):
                 state[k[len("model."):] if k.startswith("model.") else k] = t
         if model.config.tie_embeddings:
             state.pop("lm_head.weight", None)   # some tied checkpoints store the copy too
+        c = model.config
+        extra = [k for k in state if k.startswith("layers.") and int(k.split(".")[1]) >= c.n_layer]
+        if extra and hf.get("num_nextn_predict_layers"):
+            # DeepSeek-V3's multi-token-prediction module is stored as layers past the last
+            # one; it predicts a second token for speculative decoding, which we do not use.
+            print(f"{path}: skipping {len(extra)} tensors of the multi-token-prediction layers")
+            for k in extra:
+                del state[k]
+        if c.attention == "mla" and hf.get("rope_interleave", True):
+            for i in range(c.n_layer):
+                q = f"layers.{i}.self_attn.{'q_proj' if c.q_lora_rank is None else 'q_b_proj'}.weight"
+                kv = f"layers.{i}.self_attn.kv_a_proj_with_mqa.weight"
+                if q in state and kv in state:   # else the key check below names them
+                    state[q] = rope_rows_from_interleaved(state[q], c.n_head, c.qk_nope_head_dim, c.qk_rope_head_dim)
+                    state[kv] = rope_rows_from_interleaved(state[kv], 1, c.kv_lora_rank, c.qk_rope_head_dim)
         state = experts_from_hf(state)
         expected = set(model.weights())
         missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
@@ -539,7 +563,8 @@ class Model(nn.Module):
 
     def save_pretrained(self, path, max_shard_bytes=None):
         """Write config.json and safetensors that transformers loads as the matching class
-        (SmolLM3 with NoPE layers, Qwen3 with QK-norm, Qwen2 with q/k/v biases, else Llama).
+        (DeepSeek-V3 for MLA, Qwen3-MoE for MoE, SmolLM3 with NoPE layers, Qwen3 with QK-norm,
+        Qwen2 with q/k/v biases, else Llama).
         Files are written under temporary names and renamed, so a crash leaves no half file."""
         from safetensors.torch import save_file
         hf = config_to_hf(self.config)
@@ -583,7 +608,7 @@ def _write_json(path, obj):
 
 
 HF_ARCHITECTURES = ("LlamaForCausalLM", "SmolLM3ForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                    "Qwen3MoeForCausalLM")
+                    "Qwen3MoeForCausalLM", "DeepseekV3ForCausalLM")
 
 
 def experts_from_hf(state):
@@ -600,6 +625,17 @@ def experts_from_hf(state):
             [torch.cat([t[e, "gate_proj.weight"], t[e, "up_proj.weight"]]) for e in range(n)])
         state[f"{prefix}.mlp.experts.down_proj"] = torch.stack([t[e, "down_proj.weight"] for e in range(n)])
     return state
+
+
+def rope_rows_from_interleaved(w, n_head, nope, rope):
+    """DeepSeek's checkpoints (rope_interleave=True) rotate interleaved pairs (0,1), (2,3), ... of
+    each head's last `rope` features; MLA here rotates halves (i, i + rope/2). That is the same
+    rotation after a fixed permutation of those features, so permute the rows of the projection
+    that makes them: w's rows are n_head heads of `nope` unrotated then `rope` rotated rows
+    (q_proj / q_b_proj; kv_a_proj_with_mqa is one "head" of kv_lora_rank latent rows then the
+    shared rope key)."""
+    perm = torch.cat([torch.arange(nope), nope + torch.arange(0, rope, 2), nope + torch.arange(1, rope, 2)])
+    return w.view(n_head, nope + rope, -1)[:, perm].reshape(w.shape)
 
 
 def experts_to_hf(state):
@@ -630,9 +666,30 @@ def config_from_hf(hf, where="config.json"):
         rope = None
     n_layer, n_head = hf["num_hidden_layers"], hf["num_attention_heads"]
     bias = arch == "Qwen2ForCausalLM"
+    if arch == "DeepseekV3ForCausalLM":      # its config.json says head_dim = qk_rope_head_dim
+        hf = {**hf, "num_key_value_heads": n_head, "head_dim": hf["qk_rope_head_dim"]}
     if arch != "Qwen2ForCausalLM" and (hf.get("attention_bias") or hf.get("mlp_bias")):
         raise ValueError(f"{where}: attention_bias / mlp_bias are not supported for {arch}")
-    moe_cfg = {}
+    moe_cfg, mla_cfg = {}, {}
+    if arch == "DeepseekV3ForCausalLM":
+        if rope:
+            raise ValueError(f"{where}: rope_scaling {rope.get('rope_type', rope.get('type'))!r} with MLA is not "
+                             "supported (DeepSeek's YaRN also rescales the softmax by mscale_all_dim)")
+        if hf.get("scoring_func", "sigmoid") != "sigmoid" or hf.get("moe_layer_freq", 1) != 1:
+            raise ValueError(f"{where}: DeepSeek-V3 with scoring_func {hf.get('scoring_func')!r} or moe_layer_freq "
+                             f"{hf.get('moe_layer_freq')} is not supported (sigmoid, 1)")
+        dense = hf.get("first_k_dense_replace") or 0
+        mla_cfg = dict(attention="mla", q_lora_rank=hf.get("q_lora_rank"), kv_lora_rank=hf["kv_lora_rank"],
+                       qk_rope_head_dim=hf["qk_rope_head_dim"], qk_nope_head_dim=hf["qk_nope_head_dim"],
+                       v_head_dim=hf["v_head_dim"])
+        if dense < n_layer:
+            moe_cfg = dict(n_experts=hf.get("n_routed_experts") or hf["num_local_experts"],
+                           top_k=hf["num_experts_per_tok"], d_expert=hf["moe_intermediate_size"],
+                           n_shared_experts=hf.get("n_shared_experts") or 0, router="sigmoid",
+                           norm_topk_prob=hf.get("norm_topk_prob", True),
+                           routed_scaling=float(hf.get("routed_scaling_factor", 1.0)),
+                           n_group=hf.get("n_group") or 1, topk_group=hf.get("topk_group") or 1,
+                           ffns=tuple("dense" if i < dense else "moe" for i in range(n_layer)))
     if arch == "Qwen3MoeForCausalLM":
         step, dense = hf.get("decoder_sparse_step", 1), set(hf.get("mlp_only_layers") or [])
         # transformers 5 writes num_local_experts; earlier versions and the Hub's configs num_experts
@@ -651,36 +708,31 @@ def config_from_hf(hf, where="config.json"):
         norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=hf.get("tie_word_embeddings", False),
         max_seq_len=hf.get("max_position_embeddings", 2048), rope_theta=float(theta), rope_scaling=rope,
         nope_layers=nope, qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"), attn_bias=bias,
-        init_std=hf.get("initializer_range", 0.02), **moe_cfg)
+        init_std=hf.get("initializer_range", 0.02), **{**moe_cfg, **mla_cfg})
 
 
 def config_to_hf(c):
     """ModelConfig -> the config.json of the transformers class that computes the same function."""
-    if c.positions != "rope" or c.partial_rotary_factor != 1.0 or c.attention != "gqa":
-        raise ValueError("save_pretrained: learned or no positions, partial RoPE and MLA have no matching "
+    if c.attention == "mla":
+        return _deepseek_v3_config(c)
+    if c.positions != "rope" or c.partial_rotary_factor != 1.0:
+        raise ValueError("save_pretrained: learned or no positions and partial RoPE have no matching "
                          "transformers class among Llama / SmolLM3 / Qwen2 / Qwen3")
     if sum(bool(x) for x in (c.nope_layers, c.qk_norm, c.attn_bias)) > 1:
         raise ValueError("save_pretrained: NoPE layers (SmolLM3), QK-norm (Qwen3) and q/k/v biases (Qwen2) "
                          "belong to different transformers classes; a model can use one of them")
     moe_layers = [i for i, f in enumerate(c.ffns or ()) if f == "moe"]
     if moe_layers and not (c.qk_norm and c.router == "softmax" and not c.n_shared_experts and c.moe_share == 1
-                           and c.routed_scaling == 1.0 and c.capacity_factor is None):
-        raise ValueError("save_pretrained: of the MoE models only Qwen3-MoE's has a transformers class here: "
-                         "QK-norm, softmax router, no shared experts or shared banks, routed_scaling 1, dropless")
+                           and c.routed_scaling == 1.0 and c.capacity_factor is None and c.n_group == 1):
+        raise ValueError("save_pretrained: with GQA, of the MoE models only Qwen3-MoE's has a transformers class "
+                         "here: QK-norm, softmax router, no shared experts or shared banks, routed_scaling 1, "
+                         "dropless, no expert groups (MLA models export as DeepSeek-V3)")
     arch, model_type = (("Qwen3MoeForCausalLM", "qwen3_moe") if moe_layers else
                         ("SmolLM3ForCausalLM", "smollm3") if c.nope_layers else
                         ("Qwen3ForCausalLM", "qwen3") if c.qk_norm else
                         ("Qwen2ForCausalLM", "qwen2") if c.attn_bias else ("LlamaForCausalLM", "llama"))
-    rope = {"rope_type": "default", "rope_theta": c.rope_theta, **(c.rope_scaling or {})}
-    hf = dict(architectures=[arch], model_type=model_type, vocab_size=c.padded_vocab, hidden_size=c.dim,
-              intermediate_size=c.mlp_dim, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
-              num_key_value_heads=c.n_kv_head, head_dim=c.head_dim, hidden_act="silu",
-              max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps,
-              tie_word_embeddings=c.tie_embeddings, initializer_range=c.init_std, attention_bias=False,
-              rope_parameters=rope, rope_theta=c.rope_theta, torch_dtype="float32",
-              # the token ids belong to the tokenizer; None keeps SmolLM3's defaults (128000...)
-              # from pointing outside a small vocabulary
-              bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    hf = _common_hf(c, arch, model_type)
+    hf.update(num_key_value_heads=c.n_kv_head, head_dim=c.head_dim)
     if c.rope_scaling:
         hf["rope_scaling"] = dict(c.rope_scaling)   # transformers 4.x reads this one
     if arch == "SmolLM3ForCausalLM":
@@ -691,6 +743,45 @@ def config_to_hf(c):
         hf.update(num_experts=c.n_experts, num_experts_per_tok=c.top_k, moe_intermediate_size=c.d_expert or c.mlp_dim,
                   norm_topk_prob=c.norm_topk_prob, decoder_sparse_step=1,
                   mlp_only_layers=[i for i in range(c.n_layer) if i not in moe_layers])
+    return hf
+
+
+def _common_hf(c, arch, model_type):
+    """config.json fields every exported class shares."""
+    return dict(architectures=[arch], model_type=model_type, vocab_size=c.padded_vocab, hidden_size=c.dim,
+                intermediate_size=c.mlp_dim, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
+                hidden_act="silu", max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps,
+                tie_word_embeddings=c.tie_embeddings, initializer_range=c.init_std, attention_bias=False,
+                rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta, **(c.rope_scaling or {})},
+                rope_theta=c.rope_theta, torch_dtype="float32",
+                # the token ids belong to the tokenizer; None keeps SmolLM3's defaults (128000...)
+                # from pointing outside a small vocabulary
+                bos_token_id=None, eos_token_id=None, pad_token_id=None)
+
+
+def _deepseek_v3_config(c):
+    """An MLA model -> DeepseekV3ForCausalLM's config.json: MLA in every layer, `first_k_dense_replace`
+    dense layers, then MoE layers with the sigmoid router, its selection bias and shared experts.
+    RoPE is written in this file's half layout (rope_interleave false), so no rows move."""
+    moe_layers = [i for i, f in enumerate(c.ffns or ()) if f == "moe"]
+    k = moe_layers[0] if moe_layers else c.n_layer
+    if (c.positions != "rope" or c.partial_rotary_factor != 1.0 or c.rope_scaling or c.nope_layers or c.qk_norm
+            or c.attn_bias):
+        raise ValueError("save_pretrained: MLA exports as DeepSeek-V3, which has full RoPE without scaling in every "
+                         "layer and no QK-norm or attention biases")
+    if moe_layers and (moe_layers != list(range(k, c.n_layer)) or c.router != "sigmoid" or not c.n_shared_experts
+                       or c.moe_share != 1 or c.capacity_factor is not None):
+        raise ValueError("save_pretrained: DeepSeek-V3's MoE layers are all the layers after the first dense ones, "
+                         "with the sigmoid router, at least one shared expert, no shared banks, dropless")
+    hf = _common_hf(c, "DeepseekV3ForCausalLM", "deepseek_v3")
+    hf.update(num_key_value_heads=c.n_head, q_lora_rank=c.q_lora_rank, kv_lora_rank=c.kv_lora_rank,
+              qk_rope_head_dim=c.qk_rope_head_dim, qk_nope_head_dim=c.qk_nope_head_dim, v_head_dim=c.v_head_dim,
+              rope_interleave=False, first_k_dense_replace=k, n_routed_experts=c.n_experts or 1,
+              num_experts_per_tok=c.top_k if moe_layers else 1, moe_intermediate_size=c.d_expert or c.mlp_dim,
+              n_shared_experts=c.n_shared_experts, routed_scaling_factor=c.routed_scaling,
+              norm_topk_prob=c.norm_topk_prob, n_group=c.n_group if moe_layers else 1,
+              topk_group=c.topk_group if moe_layers else 1, scoring_func="sigmoid", topk_method="noaux_tc",
+              num_nextn_predict_layers=0)
     return hf
 
 

@@ -12,6 +12,8 @@ the layer has E experts' worth of parameters but spends the FLOPs of k. The knob
 - Shared experts: a few experts every token goes through, beside the routed ones (DeepSeek), so
   common knowledge is not learned E times over.
 - Sharing one expert bank between several layers: the same experts, different routers.
+- Group-limited routing (DeepSeek-V3): experts in groups, each token's experts drawn from a
+  few groups only, which bounds how many devices its activations visit under expert parallelism.
 - Load balancing. Left alone, a router collapses onto a few experts (they get better, so they
   get picked more). Three remedies, all here:
   * the auxiliary loss of Switch / GShard, alpha * E * sum_i f_i * P_i (f_i: the share of
@@ -75,15 +77,27 @@ class Router(nn.Module):
 
     With selection_bias (default for sigmoid) a per-expert bias, DeepSeek-V3's
     e_score_correction_bias, is added to the scores for *choosing* experts only. It is a buffer:
-    update_bias moves it from the measured load, the optimizer never sees it."""
+    update_bias moves it from the measured load, the optimizer never sees it.
 
-    def __init__(self, dim, n_experts, top_k, score="softmax", norm_topk=True, scale=1.0, selection_bias=None):
+    Group-limited routing (DeepSeek-V3, n_group > 1): the experts are split into n_group equal
+    groups (in DeepSeek's deployment, one per node), and a token may use experts of only
+    topk_group of them, the groups whose two best selection scores sum highest. It caps how many
+    nodes each token's activations travel to; with n_group = 1 it changes nothing."""
+
+    def __init__(self, dim, n_experts, top_k, score="softmax", norm_topk=True, scale=1.0, selection_bias=None,
+                 n_group=1, topk_group=1):
         super().__init__()
         if score not in ("softmax", "sigmoid"):
             raise ValueError(f"router score must be 'softmax' or 'sigmoid', not {score!r}")
         if not 1 <= top_k <= n_experts:
             raise ValueError(f"top_k={top_k} must be between 1 and n_experts={n_experts}")
+        if n_group < 1 or n_experts % n_group or not 1 <= topk_group <= n_group \
+                or top_k > topk_group * (n_experts // n_group):
+            raise ValueError(f"n_group={n_group}, topk_group={topk_group}: want groups that divide n_experts="
+                             f"{n_experts}, 1 <= topk_group <= n_group, and top_k={top_k} experts within the "
+                             f"chosen groups")
         self.n_experts, self.top_k, self.score, self.norm_topk, self.scale = n_experts, top_k, score, norm_topk, scale
+        self.n_group, self.topk_group = n_group, topk_group
         self.weight = nn.Parameter(torch.empty(n_experts, dim))
         nn.init.normal_(self.weight, std=0.02)
         if selection_bias if selection_bias is not None else score == "sigmoid":
@@ -99,6 +113,12 @@ class Router(nn.Module):
         logits = F.linear(x, self.weight).float()
         scores = logits.softmax(-1) if self.score == "softmax" else logits.sigmoid()
         rank = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        if self.n_group > 1:
+            groups = rank.view(rank.shape[0], self.n_group, -1)                 # (N, groups, experts per group)
+            group_score = groups.topk(min(2, groups.shape[-1]), dim=-1).values.sum(-1)
+            keep = torch.zeros_like(group_score, dtype=torch.bool)
+            keep.scatter_(1, group_score.topk(self.topk_group, dim=-1).indices, True)
+            rank = groups.masked_fill(~keep[..., None], float("-inf")).view_as(rank)
         chosen = rank.topk(self.top_k, dim=-1).indices
         weights = scores.gather(1, chosen)          # the bias chose; the scores mix
         if self.norm_topk:
@@ -143,15 +163,13 @@ class Router(nn.Module):
 #
 # Papers: Gale et al. 2022 (MegaBlocks); Triton's grouped GEMM tutorial.
 
-# Tile sizes: BLOCK_M rows (tokens) x BLOCK_N output features, K read BLOCK_K at a time.
-# 64 x 64 x 32 is a safe middle ground on current GPUs for hidden sizes of a few hundred and up.
-# tl.dot needs every dimension >= 16; the tests set all three to 16 to get many tiles from
-# small shapes.
 # Launch settings: the forward kernel's tile (BLOCK_M rows of one expert x BLOCK_N outputs,
 # BLOCK_K inputs per step; dx reuses it), and the dW kernel's (a BLOCK_M x BLOCK_K tile of
 # w[e], summed BLOCK_R rows at a time), with warps and pipelining stages; "small" for 16-bit
-# inputs, "big" for float32, whose tiles take twice the shared memory. Chosen on an H100 with
-# `python bench.py tune` (BENCHMARKS.md); the tests shrink the tiles.
+# inputs, "big" for float32, whose tiles take twice the shared memory. The 16-bit ones were
+# chosen on an H100 with `python bench.py tune` (BENCHMARKS.md: 128 x 256 x 64 is 2.8-4x
+# faster than 64 x 64 x 32 there); float32 keeps the untimed 64 x 64 x 32 that passed its
+# tests. tl.dot needs every dimension >= 16; the tests shrink every tile to 16.
 GG_TILES = {
     "small": {"fwd": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
               "dw": dict(BLOCK_M=128, BLOCK_K=256, BLOCK_R=64, num_warps=8, num_stages=3)},
@@ -406,11 +424,11 @@ class MoE(nn.Module):
 
     def __init__(self, dim, n_experts, top_k, d_expert, n_shared=0, score="softmax", norm_topk=True, scale=1.0,
                  selection_bias=None, capacity_factor=None, aux_loss=0.0, z_loss=0.0, global_stats=False,
-                 experts=None):
+                 experts=None, n_group=1, topk_group=1):
         super().__init__()
         self.n_experts, self.top_k, self.capacity_factor = n_experts, top_k, capacity_factor
         self.aux_loss, self.z_loss, self.global_stats = aux_loss, z_loss, global_stats
-        self.gate = Router(dim, n_experts, top_k, score, norm_topk, scale, selection_bias)
+        self.gate = Router(dim, n_experts, top_k, score, norm_topk, scale, selection_bias, n_group, topk_group)
         # One bank may serve several layers: pass the first layer's Experts to the others.
         self.experts = experts if experts is not None else Experts(n_experts, dim, d_expert)
         self.shared_experts = SharedExperts(dim, n_shared * d_expert) if n_shared else None

@@ -89,6 +89,17 @@ HF_CASES = {
     "qwen3-moe-sparse-step": dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe",
                                   tie_word_embeddings=True, num_experts=6, num_experts_per_tok=3,
                                   moe_intermediate_size=16, norm_topk_prob=False, decoder_sparse_step=2),
+    "deepseek-v3": dict(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", tie_word_embeddings=False,
+                        q_lora_rank=24, kv_lora_rank=16, qk_rope_head_dim=8, head_dim=8, num_key_value_heads=4, qk_nope_head_dim=16, v_head_dim=16,
+                        n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2, moe_intermediate_size=32,
+                        n_shared_experts=1, routed_scaling_factor=2.5, first_k_dense_replace=1, norm_topk_prob=True,
+                        rope_interleave=True, num_nextn_predict_layers=0),
+    "deepseek-v3-no-q-lora": dict(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3",
+                                  tie_word_embeddings=True, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, head_dim=8, num_key_value_heads=4,
+                                  qk_nope_head_dim=8, v_head_dim=12, n_routed_experts=4, num_experts_per_tok=3,
+                                  n_group=1, topk_group=1, moe_intermediate_size=16, n_shared_experts=2,
+                                  routed_scaling_factor=1.0, first_k_dense_replace=0, norm_topk_prob=False,
+                                  rope_interleave=False, num_nextn_predict_layers=0),
     "llama-yarn": dict(architectures=["LlamaForCausalLM"], model_type="llama", tie_word_embeddings=False,
                        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                         "original_max_position_embeddings": 32}),
@@ -106,10 +117,15 @@ def hf_model(case):
               bos_token_id=None, eos_token_id=None, pad_token_id=None,
               rope_parameters=spec.pop("rope_parameters", {"rope_type": "default", "rope_theta": 10000.0}))
     arch = spec.pop("architectures")[0]
-    config = transformers.AutoConfig.for_model(spec.pop("model_type"), **kw, **spec)
+    config = transformers.AutoConfig.for_model(spec.pop("model_type"), **{**kw, **spec})
     config.architectures = [arch]
     config._attn_implementation = "eager"
-    return randomize(getattr(transformers, arch)(config).eval(), scale=0.1)
+    model = randomize(getattr(transformers, arch)(config).eval(), scale=0.1)
+    with torch.no_grad():   # DeepSeek-V3's selection bias is a buffer: make it matter
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.05 * torch.randn_like(b))
+    return model
 
 
 @pytest.mark.parametrize("case", list(HF_CASES))
@@ -167,9 +183,13 @@ def test_checkpoint_errors_name_the_problem(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         Model.from_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="MLA"):
-        Model(ModelConfig(**SMALL, attention="mla", kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
-                          v_head_dim=8)).save_pretrained(tmp_path / "mla")
+    with pytest.raises(ValueError, match="partial RoPE"):
+        Model(ModelConfig(**SMALL, partial_rotary_factor=0.5)).save_pretrained(tmp_path / "partial")
+    mla = dict(SMALL, attention="mla", kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
+    with pytest.raises(ValueError, match="DeepSeek-V3's MoE layers"):   # softmax router: no such class
+        Model(ModelConfig(**mla, n_experts=4, top_k=2, d_expert=16, n_shared_experts=1)).save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match="QK-norm"):
+        Model(ModelConfig(**mla, qk_norm=True)).save_pretrained(tmp_path / "m")
 
 
 # -----------------------------------------------------------------------------

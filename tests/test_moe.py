@@ -225,7 +225,9 @@ def test_layer_pattern():
     assert ModelConfig(**MOE, first_dense=1, moe_every=1).ffns == ("dense", "moe", "moe", "moe")   # DeepSeek
     for bad, key in [(dict(top_k=9), "top_k"), (dict(router="relu"), "router"), (dict(balance_stats="x"), "balance_stats"),
                      (dict(n_experts=0, ffns=("moe",) * 4), "n_experts"), (dict(ffns=("dense", "ssm") * 2), "ffns"),
-                     (dict(moe_every=0), "moe_every"), (dict(bias_update_rate=0.01), "bias_update_rate")]:
+                     (dict(moe_every=0), "moe_every"), (dict(bias_update_rate=0.01), "bias_update_rate"),
+                     (dict(n_group=3), "n_group"), (dict(n_group=4, topk_group=5), "n_group"),
+                     (dict(n_group=8, topk_group=1), "topk_group")]:
         with pytest.raises(ValueError, match=f"ModelConfig.{key}"):
             ModelConfig(**{**MOE, **bad})
 
@@ -534,3 +536,28 @@ def test_moe_layer_on_the_grouped_gemm_equals_every_expert_on_every_token(gemm, 
     torch.testing.assert_close(y.cpu(), want.detach(), rtol=1e-5, atol=1e-5)
     for a, b in zip(grads, want_grads):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-5)
+
+
+def test_group_limited_routing_equals_a_per_token_loop():
+    # DeepSeek-V3's rule, one token at a time: rank the groups by the sum of their two best
+    # biased scores, keep topk_group of them, take the top_k experts inside those groups.
+    torch.manual_seed(0)
+    E, G, keep, k = 12, 4, 2, 3
+    router = moe.Router(16, E, k, score="sigmoid", n_group=G, topk_group=keep)
+    with torch.no_grad():
+        router.e_score_correction_bias.copy_(0.1 * torch.randn(E))
+    x = torch.randn(50, 16)
+    _, scores, chosen, weights = router(x)
+    biased = scores + router.e_score_correction_bias
+    for n in range(x.shape[0]):
+        groups = biased[n].view(G, E // G)
+        best = sorted(range(G), key=lambda g: -groups[g].topk(2).values.sum().item())[:keep]
+        allowed = [e for g in best for e in range(g * E // G, (g + 1) * E // G)]
+        want = sorted(allowed, key=lambda e: -biased[n, e].item())[:k]
+        assert sorted(chosen[n].tolist()) == sorted(want)
+        w = scores[n, chosen[n]]
+        torch.testing.assert_close(weights[n], w / w.sum())
+    with pytest.raises(ValueError, match="n_group=5"):
+        moe.Router(16, E, k, n_group=5)
+    with pytest.raises(ValueError, match="topk_group=1"):
+        moe.Router(16, E, 4, n_group=4, topk_group=1)   # 4 experts do not fit in one group of 3
