@@ -798,6 +798,7 @@ class Trainer:
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                 results = preflight(self)
             random.setstate(py_state)
+            moe.end_step(self.raw_model)   # the checks' forwards are not training steps: forget their routing
             failed = [item for status, item, _ in results if status == "FAIL"]
             if failed and not cfg.ignore_preflight:
                 raise SystemExit(f"preflight FAILED: {', '.join(failed)} (fix it, or --ignore_preflight to run anyway)")

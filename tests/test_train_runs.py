@@ -543,3 +543,32 @@ def test_plot_finished_run(toml_run, tmp_path):
     else:
         assert "pip install matplotlib" in proc.stderr
         assert not os.path.exists(png)
+
+
+# -----------------------------------------------------------------------------
+# 5. MoE under torchrun: the routing counts are all-reduced inside every MoE forward, and the
+# aux-loss-free bias moves on the load of the whole global batch, so 2 processes = 1 process
+# with 2 accumulation steps here too (no auxiliary loss: its global statistics are a running
+# estimate over micro-batches in one process but exact across ranks, and differ by design).
+
+MOE_ARGS = ["--n_experts", "4", "--top_k", "2", "--d_expert", "32", "--router", "sigmoid",
+            "--bias_update_rate", "0.01", "--max_steps", "6", "--ckpt_every", "6"]
+
+
+@pytest.mark.slow
+def test_torchrun_moe_matches_one_process(data_dir, tmp_path):
+    check(run_train(common(data_dir) + MODEL + MOE_ARGS + ["--out_dir", "one"], tmp_path))
+    rc, stdout = run_torchrun(common(data_dir) + MODEL + MOE_ARGS + ["--out_dir", "two"], tmp_path)
+    assert rc == 0, f"torchrun exited {rc}:\n{stdout[-3000:]}"
+    m1, m2 = read_metrics(str(tmp_path / "one")), read_metrics(str(tmp_path / "two"))
+    assert [r["step"] for r in m1] == [r["step"] for r in m2] == list(range(1, 7))
+    for r1, r2 in zip(m1, m2):
+        assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-5), f"step {r1['step']}"
+        # the load the bias update sees; step 1's would include preflight's forwards if they counted
+        assert r2["moe/1/max_load"] == pytest.approx(r1["moe/1/max_load"], rel=1e-6), f"step {r1['step']}"
+    w1 = load_file(os.path.join(ckpt(str(tmp_path / "one"), 6), "model.safetensors"))
+    w2 = load_file(os.path.join(ckpt(str(tmp_path / "two"), 6), "model.safetensors"))
+    bias = [k for k in w1 if k.endswith("e_score_correction_bias")]
+    assert bias and any(w1[k].abs().max() > 0 for k in bias)      # the bias moved
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
