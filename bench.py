@@ -834,13 +834,12 @@ def tune_flash(size, B, H, Hkv, T, D, DV, dtype, also=None, device="cuda"):
     def setter(kernel):
         return lambda c: tiles.__setitem__(kernel, c)
 
-    def backward():
-        out = attention.flash_attention(q, k, v)
-        return lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True)
+    def forward_backward():   # the forward's settings are fixed by then: differences are the kernel's
+        return torch.autograd.grad(attention.flash_attention(q, k, v), (q, k, v), do)
 
     _best("fwd", FLASH_CANDIDATES, setter("fwd"), lambda: attention.flash_attention(q, k, v), check)
     for kernel in ("dq", "dkdv"):
-        _best(kernel, FLASH_CANDIDATES, setter(kernel), lambda: backward()(), check)
+        _best(kernel, FLASH_CANDIDATES, setter(kernel), forward_backward, check)
     return dict(tiles)
 
 

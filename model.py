@@ -666,8 +666,6 @@ def config_from_hf(hf, where="config.json"):
         rope = None
     n_layer, n_head = hf["num_hidden_layers"], hf["num_attention_heads"]
     bias = arch == "Qwen2ForCausalLM"
-    if arch == "DeepseekV3ForCausalLM":      # its config.json says head_dim = qk_rope_head_dim
-        hf = {**hf, "num_key_value_heads": n_head, "head_dim": hf["qk_rope_head_dim"]}
     if arch != "Qwen2ForCausalLM" and (hf.get("attention_bias") or hf.get("mlp_bias")):
         raise ValueError(f"{where}: attention_bias / mlp_bias are not supported for {arch}")
     moe_cfg, mla_cfg = {}, {}
@@ -679,6 +677,8 @@ def config_from_hf(hf, where="config.json"):
             raise ValueError(f"{where}: DeepSeek-V3 with scoring_func {hf.get('scoring_func')!r} or moe_layer_freq "
                              f"{hf.get('moe_layer_freq')} is not supported (sigmoid, 1)")
         dense = hf.get("first_k_dense_replace") or 0
+        # K and V have one head per query head; config.json's head_dim is qk_rope_head_dim
+        hf = {**hf, "num_key_value_heads": n_head, "head_dim": hf["qk_rope_head_dim"]}
         mla_cfg = dict(attention="mla", q_lora_rank=hf.get("q_lora_rank"), kv_lora_rank=hf["kv_lora_rank"],
                        qk_rope_head_dim=hf["qk_rope_head_dim"], qk_nope_head_dim=hf["qk_nope_head_dim"],
                        v_head_dim=hf["v_head_dim"])
@@ -708,7 +708,7 @@ def config_from_hf(hf, where="config.json"):
         norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=hf.get("tie_word_embeddings", False),
         max_seq_len=hf.get("max_position_embeddings", 2048), rope_theta=float(theta), rope_scaling=rope,
         nope_layers=nope, qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"), attn_bias=bias,
-        init_std=hf.get("initializer_range", 0.02), **{**moe_cfg, **mla_cfg})
+        init_std=hf.get("initializer_range", 0.02), **moe_cfg, **mla_cfg)
 
 
 def config_to_hf(c):
@@ -824,7 +824,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             if kernels_on(logits):
                 # The Triton kernel reads the logits in their own dtype, keeps the running max
                 # and sum in fp32 registers, and overwrites the logits with their gradient.
-                token_ce[s:s + len(y)], lse = cross_entropy_rows(logits, y, z_coef, 1.0, grad)
+                token_ce[s:s + len(y)], lse = cross_entropy_rows(logits, y, z_coef, grad)
                 g = logits
             else:
                 logits = logits.float()
@@ -864,7 +864,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 
 if triton is not None:
     @triton.jit
-    def _cross_entropy(LOGITS, LABELS, CE, LSE, V, stride, z_coef, inv_n, GRAD: tl.constexpr,
+    def _cross_entropy(LOGITS, LABELS, CE, LSE, V, stride, z_coef, GRAD: tl.constexpr,
                        BLOCK: tl.constexpr):
         row = tl.program_id(0)
         base = LOGITS + row.to(tl.int64) * stride
@@ -882,8 +882,8 @@ if triton is not None:
         target = tl.load(base + tl.where(valid, label, 0)).to(tl.float32)
         tl.store(CE + row, tl.where(valid, lse - target, 0.0))
         tl.store(LSE + row, lse)
-        if GRAD:   # d/dlogits of (ce + z lse^2) / n = (softmax (1 + 2 z lse) - onehot) / n
-            scale = tl.where(valid, inv_n, 0.0)
+        if GRAD:   # d/dlogits of ce + z lse^2 = softmax (1 + 2 z lse) - onehot (the caller divides by n)
+            scale = tl.where(valid, 1.0, 0.0)
             for start in range(0, V, BLOCK):
                 idx = start + cols
                 x = tl.load(base + idx, mask=idx < V, other=0.0).to(tl.float32)
@@ -892,14 +892,14 @@ if triton is not None:
                 tl.store(base + idx, g.to(LOGITS.dtype.element_ty), mask=idx < V)
 
 
-def cross_entropy_rows(logits, labels, z_coef=0.0, inv_n=1.0, grad=False):
+def cross_entropy_rows(logits, labels, z_coef=0.0, grad=False):
     """Per-row cross-entropy and logsumexp of logits (rows, V) by the Triton kernel; label
-    -100 gives 0 and no gradient. With grad, logits is overwritten by d(sum(ce + z_coef *
-    lse^2) * inv_n)/d logits."""
+    -100 gives 0 and no gradient. With grad, logits is overwritten by d sum(ce + z_coef *
+    lse^2) / d logits (values within [-1, 1 + 2 z lse]: no underflow in fp16)."""
     rows, V = logits.shape
     ce = torch.empty(rows, dtype=torch.float32, device=logits.device)
     lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
-    _cross_entropy[(rows,)](logits, labels, ce, lse, V, logits.stride(0), float(z_coef), float(inv_n),
+    _cross_entropy[(rows,)](logits, labels, ce, lse, V, logits.stride(0), float(z_coef),
                             GRAD=bool(grad), BLOCK=min(4096, triton.next_power_of_2(V)))
     return ce, lse
 
