@@ -1,0 +1,308 @@
+"""
+ssm.py: Mamba-2, a sequence mixer whose cost grows linearly with the context, not quadratically.
+
+The concept. Attention compares every token with every earlier one: O(T^2) work per sequence,
+and a KV cache that grows with every generated token. A state space model (SSM) instead carries
+a fixed-size state through the sequence: each token decays the state, writes into it, and reads
+its output from it. Mamba-2's layer, per head (P channels, a state of N numbers per channel):
+
+    h_t = exp(dt_t * A) * h_{t-1} + dt_t * x_t B_t^T          h: (P, N), x_t: (P,), B_t: (N,)
+    y_t = h_t C_t + D * x_t                                    C_t: (N,)
+
+A < 0 is a learned per-head rate (stored as A_log); dt_t > 0, B_t and C_t are computed from the
+token itself ("selective": the model decides per token how much to forget and what to write).
+Decoding is a constant amount of work and memory per token, whatever the context length.
+
+Training cannot afford a loop over T. The state space dual (SSD, Dao & Gu 2024) view unrolls the
+recurrence: y_t = sum_{s<=t} (C_t . B_s) exp(A (dt_{s+1} + ... + dt_t)) dt_s x_s, which is
+causal attention with C as queries, B as keys, dt*x as values and a decay mask in place of the
+softmax. The chunked algorithm cuts the sequence into chunks of L tokens and mixes both forms:
+inside a chunk, that quadratic "attention" form (matmuls, what GPUs are good at); between
+chunks, only the (P x N) state is passed on. Work: O(T L (N + P) + T P N), linear in T.
+
+Around the scan, the Mamba-2 mixer: one input projection gives (z, x, B, C, dt); x, B and C go
+through a short causal depthwise convolution (4 taps) and SiLU; dt through softplus with a bias;
+the scan; the D skip; a gated RMSNorm, norm(y * silu(z)); the output projection. B and C are
+shared by groups of heads (n_groups, like GQA's K/V heads).
+
+Three forms of the same function are here, and the tests hold them equal:
+- `ssd_sequential`: the recurrence, one token at a time. Obvious, slow; the reference.
+- `ssd_chunked`: the chunked SSD algorithm in PyTorch, written step by step.
+- `ssd_step`: one token of the recurrence, for decoding with a conv cache and an SSM state cache.
+plus the Triton kernels of the chunked scan (forward and backward), which run on CUDA.
+
+Packed training rows hold several documents. A document starts where position_ids restart at 0,
+and there the state (and the convolution's window) starts from zero: packed documents never
+leak into each other, as attention's intra-document mask guarantees for attention layers.
+
+The playbook's lessons: hybrids (a few attention layers among many SSM layers: Jamba,
+Nemotron-H, Falcon-H1, Granite-4.0-h, Bamba) keep most of attention's quality with a fraction of
+its long-context cost; pure SSMs struggle with exact recall (copying, retrieval), which the
+attention layers supply. Decoding memory is what changes most: a fixed state per layer instead
+of a KV cache that grows with the context.
+
+Papers: Gu & Dao 2023 (Mamba: selective state spaces); Dao & Gu 2024 (Mamba-2: transformers are
+SSMs, state space duality); Lieber et al. 2024 (Jamba); NVIDIA 2025 (Nemotron-H); Waleffe et
+al. 2024 (an empirical study of Mamba-based language models); Gu et al. 2022 (S4D: the A init).
+
+Run:
+    python ssm.py      # time and memory against sequence length, SSM against attention, on this
+                       # CPU (linear against quadratic); decode time per token against context
+"""
+
+import math
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:     # macOS, or a CPU-only install: the PyTorch references run
+    triton = None
+
+
+def kernels_on(t):
+    """Whether the Triton kernels run for tensor t: on CUDA, when Triton is installed, unless the
+    environment says NANOPLAYBOOK_KERNELS=0 (as attention.kernels_on; a leaf keeps its own).
+    The tests turn them on for CPU tensors under Triton's interpreter."""
+    return triton is not None and t.is_cuda and os.environ.get("NANOPLAYBOOK_KERNELS", "1") != "0"
+
+
+# -----------------------------------------------------------------------------
+# The scan, three ways. Shapes everywhere:
+#   x (batch, T, heads, P)       the values, per head
+#   dt (batch, T, heads)         the step sizes, > 0 (after softplus)
+#   A (heads,)                   the decay rates, < 0
+#   B, C (batch, T, groups, N)   the write and read vectors; heads h uses group h // (heads / groups)
+#   reset (batch, T) bool        True where a document starts (position_ids == 0): the state is
+#                                zeroed before that token; None: no restarts
+#   state (batch, heads, P, N)   the state before the first token (None: zeros)
+# Each returns y (batch, T, heads, P), without the D skip, and the state after the last token.
+# The scans run in float32 whatever the input dtype: the decay products underflow in bf16.
+
+def _wide(t):
+    """float32, or float64 for a float64 input (the tests' exact references)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def _heads(t, n_heads):
+    """(batch, ..., groups, N) -> (batch, ..., heads, N): each group's vector for its heads."""
+    return t.repeat_interleave(n_heads // t.shape[-2], dim=-2)
+
+
+def ssd_step(state, x, dt, A, B, C, reset=None):
+    """One token of the recurrence: x (batch, heads, P), dt (batch, heads), B, C (batch, groups, N),
+    reset (batch,) or None. Returns y (batch, heads, P) and the new state. What decoding runs."""
+    x, dt, B, C = _wide(x), _wide(dt), _heads(_wide(B), x.shape[1]), _heads(_wide(C), x.shape[1])
+    if reset is not None:
+        state = state * (~reset).view(-1, 1, 1, 1)
+    decay = torch.exp(dt * A)                                              # (batch, heads), in (0, 1)
+    state = state * decay[..., None, None] + (dt[..., None] * x)[..., None] * B[:, :, None, :]
+    return torch.einsum("bhpn,bhn->bhp", state, C), state
+
+
+def ssd_sequential(x, dt, A, B, C, reset=None, state=None):
+    """The recurrence, token by token: the reference the other two forms must equal."""
+    b, T, h, p = x.shape
+    if state is None:
+        state = _wide(x.new_zeros(b, h, p, B.shape[-1]))
+    ys = []
+    for t in range(T):
+        y, state = ssd_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], None if reset is None else reset[:, t])
+        ys.append(y)
+    return torch.stack(ys, 1), state
+
+
+def segsum(a):
+    """a (..., L) -> S (..., L, L) with S[i, j] = a[j+1] + ... + a[i] for j <= i (0 on the
+    diagonal) and -inf above it, so exp(S) is the decay from token j to token i. Summed directly
+    (a cumulative sum of a masked copy), not as cumsum[i] - cumsum[j]: that difference of two
+    large numbers would lose the small one in float32."""
+    L = a.shape[-1]
+    x = a[..., :, None].expand(*a.shape, L)                                # x[..., k, j] = a[k]
+    strictly_below = torch.ones(L, L, dtype=torch.bool, device=a.device).tril(-1)
+    S = x.masked_fill(~strictly_below, 0).cumsum(-2)                       # sum over j < k <= i
+    return S.masked_fill(~strictly_below.logical_or(torch.eye(L, dtype=torch.bool, device=a.device)), -math.inf)
+
+
+def _chunk_setup(x, dt, A, B, C, reset, chunk_size):
+    """What both chunked versions start from, padded to whole chunks: X = dt * x, the log-decays
+    a = dt * A, B and C, and each token's document number seg (the count of restarts so far; the
+    state handed in belongs to document 0). Padding tokens have dt = 0: they neither decay nor
+    write, so the final state is the last real token's."""
+    b, T, h, p = x.shape
+    pad = -T % chunk_size
+    seg = (reset.long().cumsum(1) if reset is not None else torch.zeros(b, T, dtype=torch.long, device=x.device))
+    X = _wide(x) * _wide(dt)[..., None]
+    a = _wide(dt) * _wide(A)
+    B, C = _wide(B), _wide(C)
+    if pad:
+        X, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (X, B, C))
+        a = F.pad(a, (0, 0, 0, pad))
+        seg = torch.cat([seg, seg[:, -1:].expand(b, pad)], 1)
+    return X, a, B, C, seg
+
+
+def ssd_chunked(x, dt, A, B, C, reset=None, state=None, chunk_size=64):
+    """The chunked SSD algorithm (Dao & Gu 2024, section 6), in four steps per chunk of L tokens.
+    Letters in the einsums: b batch, c chunk, l and s positions in a chunk, h head, p channel,
+    n state."""
+    b, T, h, p = x.shape
+    n, L = B.shape[-1], chunk_size
+    X, a, B, C, seg = _chunk_setup(x, dt, A, B, C, reset, chunk_size)
+    nc = X.shape[1] // L
+    X, a, seg = X.view(b, nc, L, h, p), a.view(b, nc, L, h).transpose(2, 3), seg.view(b, nc, L)
+    B, C = _heads(B.view(b, nc, L, -1, n), h), _heads(C.view(b, nc, L, -1, n), h)
+    decay = torch.exp(segsum(a))                                          # (b, c, h, l, s)
+    same_doc = seg[:, :, :, None] == seg[:, :, None, :]                   # (b, c, l, s)
+
+    # 1. Inside each chunk, the quadratic form: attention with C as queries, B as keys, X as
+    #    values, and the decay (zero across a document start) for a causal mask.
+    scores = torch.einsum("bclhn,bcshn->bchls", C, B) * decay * same_doc[:, :, None]
+    y = torch.einsum("bchls,bcshp->bclhp", scores, X)
+
+    # 2. Each chunk's own contribution to the state at its end: every token decayed to the end.
+    to_end = decay[:, :, :, -1, :] * (seg == seg[:, :, -1:])[:, :, None]  # (b, c, h, s)
+    chunk_states = torch.einsum("bchs,bcshn,bcshp->bchpn", to_end, B, X)
+
+    # 3. Between chunks: the state entering chunk c is the one entering chunk c-1, decayed over
+    #    all of chunk c-1, plus chunk c-1's own. A document starting inside a chunk cuts it off.
+    seg_before = torch.cat([seg.new_zeros(b, 1), seg[:, :-1, -1]], 1)     # the document a chunk inherits
+    carry = torch.exp(a.sum(-1)) * (seg[:, :, -1] == seg_before)[:, :, None]   # (b, c, h)
+    S = X.new_zeros(b, h, p, n) if state is None else _wide(state)
+    entering = []
+    for c in range(nc):
+        entering.append(S)
+        S = S * carry[:, c, :, None, None] + chunk_states[:, c]
+    entering = torch.stack(entering, 1)                                   # (b, c, h, p, n)
+
+    # 4. The entering state read out by every token of the chunk, decayed from the chunk's start
+    #    (zero for tokens past a document start).
+    from_start = torch.exp(a.cumsum(-1)) * (seg == seg_before[:, :, None])[:, :, None]   # (b, c, h, l)
+    y = y + torch.einsum("bclhn,bchpn,bchl->bclhp", C, entering, from_start)
+    return y.reshape(b, nc * L, h, p)[:, :T], S
+
+
+# -----------------------------------------------------------------------------
+# The Mamba-2 mixer
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm(y * silu(z)) * weight, over groups of channels (Mamba-2's norm_before_gate=False;
+    one group per B/C group, so the layer splits cleanly under tensor parallelism)."""
+
+    def __init__(self, dim, n_groups=1, eps=1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.n_groups, self.eps = n_groups, eps
+
+    def forward(self, y, z):
+        y = (y.float() * F.silu(z.float())).unflatten(-1, (self.n_groups, -1))
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.flatten(-2).to(z.dtype)
+
+
+def causal_conv(u, weight, bias, seg, past=None):
+    """The depthwise causal convolution, u (batch, T, channels) -> same shape:
+    out[t] = bias + sum_s weight[:, K-1-s] * u[t-s], over the taps s where token t-s belongs to
+    token t's document (seg, (batch, T)). `past` (batch, K-1, channels) holds the inputs before
+    this call (document 0, the decoding cache); None means zeros. Returns the output and the
+    last K-1 inputs, zeroed where they are not of the last token's document: the next call's past.
+    weight is nn.Conv1d's (channels, 1, K). A loop over the K (=4) taps, each one multiply-add."""
+    b, T, ch = u.shape
+    K = weight.shape[-1]
+    if past is None:
+        past = u.new_zeros(b, K - 1, ch)
+    full = torch.cat([past.to(u.dtype), u], 1)                            # (batch, K-1+T, ch)
+    seg_full = torch.cat([seg.new_zeros(b, K - 1), seg], 1)
+    out = u * weight[:, 0, K - 1] if bias is None else u * weight[:, 0, K - 1] + bias
+    for s in range(1, K):
+        tap = full[:, K - 1 - s:K - 1 - s + T]                            # u[t - s]
+        keep = (seg_full[:, K - 1 - s:K - 1 - s + T] == seg)[..., None]
+        out = out + tap * keep * weight[:, 0, K - 1 - s]
+    tail = full[:, -(K - 1):] * (seg_full[:, -(K - 1):] == seg[:, -1:])[..., None] if K > 1 else full[:, :0]
+    return out, tail
+
+
+class SSMCache:
+    """What a Mamba-2 layer carries between decoding calls: the last K-1 convolution inputs
+    (batch, K-1, conv channels) and the SSM state (batch, heads, P, N), per layer. Both have a
+    fixed size, whatever the context length: the point of an SSM."""
+
+    def __init__(self, n_layers):
+        self.conv, self.ssm = [None] * n_layers, [None] * n_layers
+
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for t in self.conv + self.ssm if t is not None)
+
+
+class Mamba2(nn.Module):
+    """The Mamba-2 mixer. Parameter names and layout follow transformers' Mamba2Mixer (in_proj,
+    conv1d, dt_bias, A_log, D, norm, out_proj), so checkpoints copy over as they are.
+
+    dim: the model width; n_heads x head_dim: the inner width (usually 2 * dim); d_state: N;
+    n_groups: B/C groups; d_conv: convolution taps; chunk_size: L of the chunked scan."""
+
+    def __init__(self, dim, n_heads, head_dim, d_state=128, n_groups=1, d_conv=4, chunk_size=64,
+                 conv_bias=True, proj_bias=False, norm_eps=1e-5, dt_min=0.001, dt_max=0.1):
+        super().__init__()
+        if n_heads % n_groups:
+            raise ValueError(f"Mamba2: n_heads ({n_heads}) must be divisible by n_groups ({n_groups})")
+        self.n_heads, self.head_dim, self.d_state, self.n_groups = n_heads, head_dim, d_state, n_groups
+        self.chunk_size, self.dt_min, self.dt_max = chunk_size, dt_min, dt_max
+        self.d_inner = n_heads * head_dim
+        self.conv_dim = self.d_inner + 2 * n_groups * d_state            # x, B and C go through the conv
+        self.in_proj = nn.Linear(dim, self.d_inner + self.conv_dim + n_heads, bias=proj_bias)   # z, xBC, dt
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, bias=conv_bias,
+                                padding=d_conv - 1)
+        self.dt_bias = nn.Parameter(torch.empty(n_heads))
+        self.A_log = nn.Parameter(torch.empty(n_heads))
+        self.D = nn.Parameter(torch.empty(n_heads))
+        self.norm = GatedRMSNorm(self.d_inner, n_groups, norm_eps)
+        self.out_proj = nn.Linear(self.d_inner, dim, bias=proj_bias)
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self):
+        """Mamba-2's initialisation of what is particular to an SSM (the projections are left to
+        the model's init): A uniform in [1, 16] (S4D-real's range: heads forget at different
+        speeds); dt_bias so that softplus(dt_bias) is log-uniform in [dt_min, dt_max] (each head
+        its own time scale); D = 1; the convolution as nn.Conv1d initialises it."""
+        self.A_log.copy_(torch.empty_like(self.A_log).uniform_(1, 16).log())
+        dt = torch.exp(torch.rand_like(self.dt_bias) * (math.log(self.dt_max) - math.log(self.dt_min))
+                       + math.log(self.dt_min)).clamp(min=1e-4)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))            # the inverse of softplus
+        self.D.fill_(1.0)
+        self.conv1d.reset_parameters()
+
+    def forward(self, u, reset=None, cache=None, layer=None):
+        """u (batch, T, dim) -> (batch, T, dim). reset (batch, T): where documents start
+        (position_ids == 0). cache: an object with per-layer lists `conv` and `ssm` (SSMCache),
+        read and updated in place; one new token with a cache takes the recurrent step."""
+        b, T, _ = u.shape
+        z, xBC, dt = self.in_proj(u).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
+        seg = reset.long().cumsum(1) if reset is not None else torch.zeros(b, T, dtype=torch.long, device=u.device)
+        past = cache.conv[layer] if cache is not None else None
+        xBC, tail = causal_conv(xBC, self.conv1d.weight, self.conv1d.bias, seg, past)
+        x, B, C = F.silu(xBC).split([self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], -1)
+        x = x.unflatten(-1, (self.n_heads, self.head_dim))
+        B, C = B.unflatten(-1, (self.n_groups, self.d_state)), C.unflatten(-1, (self.n_groups, self.d_state))
+        dt = F.softplus(dt.float() + self.dt_bias.float())
+        A = -torch.exp(self.A_log.float())
+        state = cache.ssm[layer] if cache is not None else None
+        if cache is not None and T == 1 and state is not None:
+            y, state = ssd_step(state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], None if reset is None else reset[:, 0])
+            y = y[:, None]
+        elif kernels_on(u) and _triton_scan is not None:
+            y, state = _triton_scan(x, dt, A, B, C, reset, state, self.chunk_size)
+        else:
+            y, state = ssd_chunked(x, dt, A, B, C, reset, state, self.chunk_size)
+        if cache is not None:
+            cache.conv[layer], cache.ssm[layer] = tail.detach(), state.detach()
+        y = y + x.float() * self.D.float()[:, None]
+        return self.out_proj(self.norm(y.flatten(-2), z))
+
+
+_triton_scan = None   # set below, where Triton is installed
