@@ -43,6 +43,7 @@ Run:
 import json
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 
@@ -52,6 +53,7 @@ import torch.nn.functional as F
 
 import attention
 import moe
+import ssm
 from attention import MLA, Attention, KVCache, Rotary, attention_mask, kernels_on
 
 try:
@@ -94,9 +96,12 @@ class ModelConfig:
     attn_impl: str = "triton"           # "triton" (flash kernel on CUDA, sdpa elsewhere), "sdpa", "eager"
     z_loss: float = 0.0
     init_std: float = 0.02
-    # Per-layer pattern, one entry per layer (None: all "attention"; all "dense", or with
-    # n_experts > 0 the MoE layers that moe_every and first_dense place). The SSM issue adds "ssm".
-    mixers: tuple | None = None
+    # Per-layer pattern, one entry per layer. mixers: "attention" or "ssm" (Mamba-2), or a string
+    # of letters, A for attention and M for Mamba-2 ("MMMAMMMA", as Nemotron-H writes its
+    # pattern); None: all attention. ffns: "dense", "moe" or "none" (no feed-forward sublayer,
+    # as in pure Mamba-2 models); None: all "dense", or with n_experts > 0 the MoE layers that
+    # moe_every and first_dense place.
+    mixers: tuple | str | None = None
     ffns: tuple | None = None
     # Mixture of experts (moe.py). n_experts 0: a dense model.
     n_experts: int = 0
@@ -116,6 +121,15 @@ class ModelConfig:
     moe_share: int = 1                  # consecutive MoE layers that share one expert bank
     n_group: int = 1                    # DeepSeek-V3's group-limited routing: experts in n_group groups,
     topk_group: int = 1                 # ... each token uses experts of topk_group of them
+    # Mamba-2 layers (ssm.py), where mixers says "ssm"
+    ssm_heads: int | None = None        # default 2 * dim // ssm_head_dim (Mamba-2's expand = 2)
+    ssm_head_dim: int = 64              # P, channels per head
+    ssm_state: int = 64                 # N, the state size per channel
+    ssm_groups: int = 1                 # B/C groups (heads share them, as GQA's heads share K/V)
+    ssm_conv: int = 4                   # causal convolution taps
+    ssm_chunk: int = 64                 # L of the chunked scan: a speed knob, the function is the same
+    ssm_conv_bias: bool = True
+    ssm_proj_bias: bool = False
 
     def __post_init__(self):
         self.nope_layers = tuple(self.nope_layers)
@@ -139,10 +153,15 @@ class ModelConfig:
             bad("moe_every", f"moe_every ({self.moe_every}) must be >= 1 and first_dense ({self.first_dense}) >= 0")
         if self.bias_update_rate and self.router != "sigmoid":
             bad("bias_update_rate", "the bias update moves the sigmoid router's selection bias; set router='sigmoid'")
+        if isinstance(self.mixers, str):
+            letters = {"A": "attention", "M": "ssm"}
+            if set(self.mixers) - set(letters):
+                bad("mixers", f"a pattern string holds A (attention) and M (Mamba-2), got {self.mixers!r}")
+            self.mixers = tuple(letters[ch] for ch in self.mixers)
         if self.ffns is None and self.n_experts:
             self.ffns = tuple("moe" if i >= self.first_dense and (i - self.first_dense + 1) % self.moe_every == 0
                               else "dense" for i in range(self.n_layer))
-        for key, allowed in (("mixers", ("attention",)), ("ffns", ("dense", "moe"))):
+        for key, allowed in (("mixers", ("attention", "ssm")), ("ffns", ("dense", "moe", "none"))):
             pattern = getattr(self, key)
             if pattern is None:
                 continue
@@ -168,6 +187,16 @@ class ModelConfig:
             if self.top_k > self.topk_group * (self.n_experts // self.n_group):
                 bad("topk_group", f"top_k ({self.top_k}) experts do not fit in topk_group ({self.topk_group}) "
                                   f"groups of {self.n_experts // self.n_group}")
+
+        if self.mixers and "ssm" in self.mixers:
+            if self.ssm_heads is None:
+                if 2 * self.dim % self.ssm_head_dim:
+                    bad("ssm_heads", f"2 * dim ({2 * self.dim}) is not divisible by ssm_head_dim ({self.ssm_head_dim})")
+                self.ssm_heads = 2 * self.dim // self.ssm_head_dim
+            if self.ssm_heads % self.ssm_groups:
+                bad("ssm_groups", f"ssm_heads ({self.ssm_heads}) must be divisible by ssm_groups ({self.ssm_groups})")
+            if self.ssm_chunk < 1 or self.ssm_conv < 1:
+                bad("ssm_chunk", f"ssm_chunk ({self.ssm_chunk}) and ssm_conv ({self.ssm_conv}) must be >= 1")
 
     @property
     def padded_vocab(self):
@@ -299,19 +328,26 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm: normalise the input of each sublayer, never the residual stream itself,
-    so gradients reach early layers through an untouched identity path."""
+    so gradients reach early layers through an untouched identity path. The sequence mixer is
+    attention (self_attn) or Mamba-2 (mamba); the feed-forward is a SwiGLU, an MoE, or none."""
 
     def __init__(self, c, layer, experts=None):
         super().__init__()
         self.layer = layer
         self.use_rope = c.positions == "rope" and layer not in c.nope_layers
         self.input_layernorm = RMSNorm(c.dim, c.norm_eps)
-        if c.attention == "mla":
+        self.self_attn = self.mamba = self.mlp = None
+        if c.mixers is not None and c.mixers[layer] == "ssm":
+            self.mamba = ssm.Mamba2(c.dim, c.ssm_heads, c.ssm_head_dim, c.ssm_state, c.ssm_groups, c.ssm_conv,
+                                    c.ssm_chunk, c.ssm_conv_bias, c.ssm_proj_bias, c.norm_eps)
+        elif c.attention == "mla":
             self.self_attn = MLA(c.dim, c.n_head, c.q_lora_rank, c.kv_lora_rank, c.qk_rope_head_dim,
                                  c.qk_nope_head_dim, c.v_head_dim, c.norm_eps, c.attn_impl)
         else:
             self.self_attn = Attention(c.dim, c.n_head, c.n_kv_head, c.head_dim, c.attn_bias, c.qk_norm,
                                        c.norm_eps, c.attn_impl)
+        if c.ffns is not None and c.ffns[layer] == "none":
+            return
         self.post_attention_layernorm = RMSNorm(c.dim, c.norm_eps)
         if c.ffns is not None and c.ffns[layer] == "moe":
             self.mlp = moe.MoE(c.dim, c.n_experts, c.top_k, c.d_expert or c.mlp_dim, c.n_shared_experts, c.router,
@@ -322,9 +358,25 @@ class Block(nn.Module):
         else:
             self.mlp = MLP(c.dim, c.mlp_dim)
 
-    def forward(self, x, rope, mask, cache):
-        x = x + self.self_attn(self.input_layernorm(x), rope if self.use_rope else None, mask, cache, self.layer)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, rope, mask, cache, reset):
+        if self.mamba is not None:
+            x = x + self.mamba(self.input_layernorm(x), reset, cache, self.layer)
+        else:
+            x = x + self.self_attn(self.input_layernorm(x), rope if self.use_rope else None, mask, cache, self.layer)
+        return x if self.mlp is None else x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Cache(KVCache):
+    """The decoding cache of any layer pattern: keys and values of attention layers (KVCache,
+    growing with the context) and, for Mamba-2 layers, the convolution's last inputs and the
+    SSM state (ssm.SSMCache's lists, a fixed size)."""
+
+    def __init__(self, n_layers):
+        super().__init__(n_layers)
+        self.conv, self.ssm = [None] * n_layers, [None] * n_layers
+
+    def nbytes(self):
+        return super().nbytes() + sum(t.numel() * t.element_size() for t in self.conv + self.ssm if t is not None)
 
 
 class Model(nn.Module):
@@ -363,10 +415,13 @@ class Model(nn.Module):
                 nn.init.ones_(p)
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
-            elif name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
+            elif name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj", "out_proj.weight")):
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layer))
             else:
                 nn.init.normal_(p, 0.0, std)
+        for block in self.layers:   # A, dt, D and the convolution have an SSM's own init
+            if block.mamba is not None:
+                block.mamba.reset_ssm_parameters()
 
     def hidden_states(self, input_ids, position_ids=None, cache=None):
         """The final normalised hidden states (B, T, dim), before the head."""
@@ -386,8 +441,9 @@ class Model(nn.Module):
         if self.embed_positions is not None:          # padding (position < 0) reads position 0
             x = x + self.embed_positions(position_ids.clamp(min=0))
         rope = self.rotary(position_ids) if self.rotary is not None else None
+        reset = position_ids == 0     # where Mamba-2 layers restart their state from zero
         for block in self.layers:
-            x = block(x, rope, mask, cache)
+            x = block(x, rope, mask, cache, reset)
         return self.norm(x)
 
     def forward(self, input_ids, labels=None, position_ids=None, cache=None, return_logits=None):
@@ -448,7 +504,7 @@ class Model(nn.Module):
         for b, p in enumerate(prompts):
             ids[b, T - len(p):] = torch.tensor(p)
             pos[b, T - len(p):] = torch.arange(len(p))
-        cache = KVCache(self.config.n_layer)
+        cache = Cache(self.config.n_layer)
         h = self.hidden_states(ids, pos, cache)[:, -1]
         next_pos = pos[:, -1:] + 1
         out, done, stop = [[] for _ in range(B)], [False] * B, set(stop_ids)
@@ -500,15 +556,20 @@ class Model(nn.Module):
     def flops_per_token(self, seq_len):
         """Training FLOPs per token (PaLM's appendix B): 6 per weight used in a matmul (2 forward,
         4 backward), plus attention's two (T x T) products, 6 * n_head * (qk_dim + v_dim) * T per
-        layer, counted without the causal half, as PaLM and nanoGPT do. In MoE layers only the
-        active weights count: the router and top_k of n_experts experts."""
+        attention layer, counted without the causal half, as PaLM and nanoGPT do. In MoE layers
+        only the active weights count: the router and top_k of n_experts experts. A Mamba-2
+        layer's chunked scan adds, per head, the chunk's (L x L) products with B and X,
+        6 * L * (N + P), and writing and reading the (P x N) state, 6 * 2 * P * N: linear in T."""
         c = self.config
         matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         for m in self.moe_layers:   # a shared bank runs once per layer that uses it
             matmul += m.gate.weight.numel() + sum(p.numel() for p in m.experts.parameters()) * m.top_k / m.n_experts
         qk, v = ((c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim) if c.attention == "mla"
                  else (c.head_dim, c.head_dim))
-        return 6 * int(matmul) + 6 * c.n_layer * c.n_head * (qk + v) * seq_len
+        n_attn = sum(b.self_attn is not None for b in self.layers)
+        scan = sum(6 * m.n_heads * (min(m.chunk_size, seq_len) * (m.d_state + m.head_dim) + 2 * m.head_dim * m.d_state)
+                   for m in (b.mamba for b in self.layers) if m is not None)
+        return 6 * int(matmul) + 6 * n_attn * c.n_head * (qk + v) * seq_len + scan
 
     # -------------------------------------------------------------------------
     # Hugging Face checkpoints
@@ -531,9 +592,10 @@ class Model(nn.Module):
         else:
             raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
         state = {}
+        arch = hf.get("architectures", ["?"])[0]
         for shard in shards:
             for k, t in load_file(os.path.join(path, shard)).items():
-                state[k[len("model."):] if k.startswith("model.") else k] = t
+                state[our_name(k, arch)] = t
         if model.config.tie_embeddings:
             state.pop("lm_head.weight", None)   # some tied checkpoints store the copy too
         c = model.config
@@ -569,7 +631,7 @@ class Model(nn.Module):
         from safetensors.torch import save_file
         hf = config_to_hf(self.config)
         os.makedirs(path, exist_ok=True)
-        state = {hf_name(k): t for k, t in experts_to_hf(self.weights()).items()}
+        state = {hf_name(k, hf["architectures"][0]): t for k, t in experts_to_hf(self.weights()).items()}
         shards, size = [{}], 0
         for k, t in state.items():   # greedy shards of at most max_shard_bytes (one tensor may exceed it)
             nbytes = t.numel() * t.element_size()
@@ -596,9 +658,44 @@ class Model(nn.Module):
                     os.remove(tmp)
 
 
-def hf_name(key):
-    """Our parameter name -> transformers' (everything but the head lives under "model.")."""
-    return key if key == "lm_head.weight" else "model." + key
+# Where transformers names a module differently: (ours, theirs), as the start of a name without
+# its "model." / "backbone." prefix; {i} stands for a layer number. Other names are the same.
+HF_RENAMES = {
+    "Mamba2ForCausalLM": [("embed_tokens.", "embeddings."), ("norm.", "norm_f."),
+                          ("layers.{i}.input_layernorm.", "layers.{i}.norm."),
+                          ("layers.{i}.mamba.", "layers.{i}.mixer.")],
+    "BambaForCausalLM": [("norm.", "final_layernorm."),
+                         ("layers.{i}.post_attention_layernorm.", "layers.{i}.pre_ff_layernorm."),
+                         ("layers.{i}.mlp.", "layers.{i}.feed_forward.")],
+}
+
+
+def _rename(key, pairs):
+    """key with the first matching (src, dst) start rewritten."""
+    for src, dst in pairs:
+        m = re.match(re.escape(src).replace(re.escape("{i}"), r"(\d+)"), key)
+        if m:
+            return dst.replace("{i}", m.group(1) if m.groups() else "") + key[m.end():]
+    return key
+
+
+def hf_name(key, arch="LlamaForCausalLM"):
+    """Our parameter name -> transformers' for that architecture (everything but the head lives
+    under "model.", or "backbone." for Mamba-2)."""
+    if key == "lm_head.weight":
+        return key
+    return ("backbone." if arch == "Mamba2ForCausalLM" else "model.") + _rename(key, HF_RENAMES.get(arch, ()))
+
+
+def our_name(key, arch):
+    """transformers' name -> ours: the inverse of hf_name (old Mamba-2 checkpoints also say
+    "embedding." for "embeddings.")."""
+    if key == "lm_head.weight":
+        return key
+    key = re.sub(r"^(model|backbone)\.", "", key)
+    if arch == "Mamba2ForCausalLM":
+        key = re.sub(r"^embedding\.", "embeddings.", key)
+    return _rename(key, [(theirs, ours) for ours, theirs in HF_RENAMES.get(arch, ())])
 
 
 def _write_json(path, obj):
@@ -608,7 +705,35 @@ def _write_json(path, obj):
 
 
 HF_ARCHITECTURES = ("LlamaForCausalLM", "SmolLM3ForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                    "Qwen3MoeForCausalLM", "DeepseekV3ForCausalLM")
+                    "Qwen3MoeForCausalLM", "DeepseekV3ForCausalLM", "Mamba2ForCausalLM", "BambaForCausalLM")
+
+# The Mamba-2 layer's ModelConfig fields and their config.json keys: (Mamba2's, Bamba's).
+SSM_KEYS = {"ssm_heads": ("num_heads", "mamba_n_heads"), "ssm_head_dim": ("head_dim", "mamba_d_head"),
+            "ssm_state": ("state_size", "mamba_d_state"), "ssm_groups": ("n_groups", "mamba_n_groups"),
+            "ssm_conv": ("conv_kernel", "mamba_d_conv"), "ssm_chunk": ("chunk_size", "mamba_chunk_size"),
+            "ssm_conv_bias": ("use_conv_bias", "mamba_conv_bias"), "ssm_proj_bias": ("use_bias", "mamba_proj_bias")}
+
+
+def _ssm_from_hf(hf, arch, where):
+    """The ssm_* fields of a Mamba2 or Bamba config.json."""
+    bamba = arch == "BambaForCausalLM"
+    expand, dim = hf.get("mamba_expand" if bamba else "expand", 2), hf["hidden_size"]
+    out = {}
+    for field, keys in SSM_KEYS.items():
+        key = keys[bamba]
+        if key not in hf:
+            raise ValueError(f"{where}: {arch} needs {key!r}")
+        out[field] = hf[key]
+    if out["ssm_head_dim"] == "auto":
+        out["ssm_head_dim"] = expand * dim // out["ssm_heads"]
+    if out["ssm_heads"] * out["ssm_head_dim"] != expand * dim:
+        raise ValueError(f"{where}: {keys[0]} x head_dim ({out['ssm_heads']} x {out['ssm_head_dim']}) must equal "
+                         f"expand x hidden_size ({expand} x {dim})")
+    # transformers 5 writes infinity as {"__float__": "Infinity"}, older versions as Infinity
+    limit = [float(v["__float__"]) if isinstance(v, dict) else float(v) for v in hf.get("time_step_limit") or ()]
+    if limit not in ([], [0.0, math.inf]):
+        raise ValueError(f"{where}: time_step_limit {hf['time_step_limit']} is not supported (dt is not clamped here)")
+    return out
 
 
 def experts_from_hf(state):
@@ -656,6 +781,13 @@ def config_from_hf(hf, where="config.json"):
     arch = (hf.get("architectures") or [hf.get("model_type", "?")])[0]
     if arch not in HF_ARCHITECTURES:
         raise ValueError(f"{where}: architecture {arch!r} is not supported ({', '.join(HF_ARCHITECTURES)})")
+    if arch == "Mamba2ForCausalLM":   # no attention, no MLP: norm -> Mamba-2 -> residual, per layer
+        n_layer = hf["num_hidden_layers"]
+        return ModelConfig(vocab_size=hf["vocab_size"], vocab_multiple=1, n_layer=n_layer, dim=hf["hidden_size"],
+                           n_head=1, n_kv_head=1, positions="none", mixers=("ssm",) * n_layer,
+                           ffns=("none",) * n_layer, norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                           tie_embeddings=hf.get("tie_word_embeddings", False), max_seq_len=1 << 20,
+                           init_std=hf.get("initializer_range", 0.02), **_ssm_from_hf(hf, arch, where))
     if hf.get("use_sliding_window"):
         raise ValueError(f"{where}: sliding-window attention (use_sliding_window) is not supported")
     if hf.get("hidden_act", "silu") != "silu":
@@ -696,6 +828,11 @@ def config_from_hf(hf, where="config.json"):
         moe_cfg = dict(n_experts=hf.get("num_experts") or hf["num_local_experts"], top_k=hf["num_experts_per_tok"], d_expert=hf["moe_intermediate_size"],
                        norm_topk_prob=hf.get("norm_topk_prob", False),
                        ffns=tuple("moe" if i not in dense and (i + 1) % step == 0 else "dense" for i in range(n_layer)))
+    ssm_cfg = {}
+    if arch == "BambaForCausalLM":   # Mamba-2 layers except at attn_layer_indices; partial RoPE (half)
+        attn = set(hf.get("attn_layer_indices") or ())
+        ssm_cfg = dict(mixers=tuple("attention" if i in attn else "ssm" for i in range(n_layer)),
+                       partial_rotary_factor=0.5, **_ssm_from_hf(hf, arch, where))
     nope = ()
     if arch == "SmolLM3ForCausalLM":
         flags = hf.get("no_rope_layers") or [int((i + 1) % hf.get("no_rope_layer_interval", 4) != 0)
@@ -708,11 +845,13 @@ def config_from_hf(hf, where="config.json"):
         norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=hf.get("tie_word_embeddings", False),
         max_seq_len=hf.get("max_position_embeddings", 2048), rope_theta=float(theta), rope_scaling=rope,
         nope_layers=nope, qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"), attn_bias=bias,
-        init_std=hf.get("initializer_range", 0.02), **moe_cfg, **mla_cfg)
+        init_std=hf.get("initializer_range", 0.02), **moe_cfg, **mla_cfg, **ssm_cfg)
 
 
 def config_to_hf(c):
     """ModelConfig -> the config.json of the transformers class that computes the same function."""
+    if c.mixers and "ssm" in c.mixers:
+        return _ssm_config_to_hf(c)
     if c.attention == "mla":
         return _deepseek_v3_config(c)
     if c.positions != "rope" or c.partial_rotary_factor != 1.0:
@@ -743,6 +882,35 @@ def config_to_hf(c):
         hf.update(num_experts=c.n_experts, num_experts_per_tok=c.top_k, moe_intermediate_size=c.d_expert or c.mlp_dim,
                   norm_topk_prob=c.norm_topk_prob, decoder_sparse_step=1,
                   mlp_only_layers=[i for i in range(c.n_layer) if i not in moe_layers])
+    return hf
+
+
+def _ssm_config_to_hf(c):
+    """A model with Mamba-2 layers -> Mamba2's config.json (every layer Mamba-2, no feed-forward,
+    no positions) or Bamba's (Mamba-2 layers, attention layers with half-rotated RoPE, a SwiGLU
+    in every layer)."""
+    expand, rest = divmod(c.ssm_heads * c.ssm_head_dim, c.dim)
+    pure = set(c.mixers) == {"ssm"} and set(c.ffns or ()) == {"none"} and c.positions == "none"
+    bamba = (set(c.ffns or ("dense",)) == {"dense"} and c.attention == "gqa" and c.positions == "rope"
+             and c.partial_rotary_factor == 0.5 and not (c.rope_scaling or c.nope_layers or c.qk_norm or c.attn_bias)
+             and c.head_dim * c.n_head == c.dim)
+    if rest or not (pure or bamba):
+        raise ValueError("save_pretrained: models with Mamba-2 layers export as Mamba2 (every layer Mamba-2, "
+                         "ffns 'none', positions 'none') or Bamba (GQA attention layers with partial_rotary_factor "
+                         "0.5 and head_dim = dim / n_head, no RoPE scaling, NoPE, QK-norm or biases; a dense "
+                         "SwiGLU in every layer), with ssm_heads * ssm_head_dim a multiple of dim")
+    if pure:
+        hf = dict(architectures=["Mamba2ForCausalLM"], model_type="mamba2", vocab_size=c.padded_vocab,
+                  hidden_size=c.dim, num_hidden_layers=c.n_layer, layer_norm_epsilon=c.norm_eps, expand=expand,
+                  hidden_act="silu", tie_word_embeddings=c.tie_embeddings, initializer_range=c.init_std,
+                  residual_in_fp32=True, torch_dtype="float32", bos_token_id=None, eos_token_id=None,
+                  pad_token_id=None)
+    else:
+        hf = _common_hf(c, "BambaForCausalLM", "bamba")
+        hf.update(num_key_value_heads=c.n_kv_head, mamba_expand=expand, mlp_bias=False, z_loss_coefficient=0.0,
+                  attn_layer_indices=[i for i, m in enumerate(c.mixers) if m == "attention"])
+        hf["rope_parameters"]["partial_rotary_factor"] = 0.5
+    hf.update({keys[not pure]: getattr(c, field) for field, keys in SSM_KEYS.items()})
     return hf
 
 

@@ -100,6 +100,16 @@ HF_CASES = {
                                   n_group=1, topk_group=1, moe_intermediate_size=16, n_shared_experts=2,
                                   routed_scaling_factor=1.0, first_k_dense_replace=0, norm_topk_prob=False,
                                   rope_interleave=False, num_nextn_predict_layers=0),
+    "mamba2": dict(architectures=["Mamba2ForCausalLM"], model_type="mamba2", tie_word_embeddings=False,
+                   num_heads=8, head_dim=16, state_size=12, n_groups=2, expand=2, conv_kernel=4, chunk_size=16,
+                   layer_norm_epsilon=1e-5, use_conv_bias=True, use_bias=False),
+    "mamba2-tied-biases": dict(architectures=["Mamba2ForCausalLM"], model_type="mamba2", tie_word_embeddings=True,
+                               num_heads=4, head_dim=32, state_size=8, n_groups=1, expand=2, conv_kernel=3,
+                               chunk_size=8, use_conv_bias=False, use_bias=True),
+    "bamba": dict(architectures=["BambaForCausalLM"], model_type="bamba", tie_word_embeddings=False,
+                  attn_layer_indices=[1], mamba_n_heads=8, mamba_d_head=16, mamba_d_state=12, mamba_n_groups=2,
+                  mamba_expand=2, mamba_d_conv=4, mamba_chunk_size=16, mamba_conv_bias=True, mamba_proj_bias=False,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
     "llama-yarn": dict(architectures=["LlamaForCausalLM"], model_type="llama", tie_word_embeddings=False,
                        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                         "original_max_position_embeddings": 32}),
@@ -355,8 +365,14 @@ def test_config_errors_name_the_key():
         ModelConfig(positions="alibi")
     with pytest.raises(ValueError, match="nope_layers"):
         ModelConfig(n_layer=2, nope_layers=(5,))
-    with pytest.raises(ValueError, match="mixers.*'ssm'"):
-        ModelConfig(n_layer=2, mixers=("attention", "ssm"))
+    with pytest.raises(ValueError, match="mixers.*'mamba'"):
+        ModelConfig(n_layer=2, mixers=("attention", "mamba"))
+    with pytest.raises(ValueError, match=r"mixers.*A \(attention\) and M \(Mamba-2\), got 'AX'"):
+        ModelConfig(n_layer=2, mixers="AX")
+    with pytest.raises(ValueError, match="ssm_groups.*ssm_heads \\(8\\) must be divisible by ssm_groups \\(3\\)"):
+        ModelConfig(n_layer=2, dim=256, mixers="MA", ssm_groups=3)
+    with pytest.raises(ValueError, match="ssm_heads.*2 \\* dim \\(200\\) is not divisible by ssm_head_dim \\(64\\)"):
+        ModelConfig(n_layer=2, dim=100, n_head=4, n_kv_head=2, mixers="MA")
     with pytest.raises(ValueError, match="ffns.*3 entries for 2 layers"):
         ModelConfig(n_layer=2, ffns=("dense",) * 3)
     with pytest.raises(ValueError, match="unknown model preset 'gpt5'.*tiny"):
