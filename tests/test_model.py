@@ -285,6 +285,9 @@ SCHEMES = {
     "mla": dict(attention="mla", kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12),
     "mla-qlora-eager": dict(attention="mla", q_lora_rank=24, kv_lora_rank=16, qk_rope_head_dim=8,
                             qk_nope_head_dim=16, v_head_dim=12, attn_impl="eager"),
+    # Mamba-2 layers (ssm.py): chunks of 4 tokens, so prompts and documents span several
+    "hybrid": dict(mixers="MAM", ssm_head_dim=16, ssm_state=8, ssm_groups=2, ssm_chunk=4),
+    "mamba2": dict(mixers="MMM", ffns=("none",) * 3, positions="none", ssm_head_dim=32, ssm_state=8, ssm_chunk=4),
 }
 
 
@@ -301,7 +304,7 @@ def test_cached_greedy_decoding_equals_rerunning_the_full_forward(scheme):
     assert len(set(cached)) > 1      # a real test: the model does not just repeat one token
 
 
-@pytest.mark.parametrize("scheme", ["gqa-rope", "mha-learned", "mla"])
+@pytest.mark.parametrize("scheme", ["gqa-rope", "mha-learned", "mla", "hybrid", "mamba2"])
 def test_batched_prompts_of_different_lengths_decode_as_each_alone(scheme):
     m = randomize(Model(ModelConfig(**{**SMALL, **SCHEMES[scheme]})).eval(), 0.3)
     prompts = [[1, 2, 3], [9, 8, 7, 6, 5, 4, 3], [77]]
@@ -309,7 +312,7 @@ def test_batched_prompts_of_different_lengths_decode_as_each_alone(scheme):
     assert together == [m.generate([p], max_new_tokens=6, temperature=0)[0] for p in prompts]
 
 
-@pytest.mark.parametrize("scheme", ["gqa-rope", "mha-learned", "mla"])
+@pytest.mark.parametrize("scheme", ["gqa-rope", "mha-learned", "mla", "hybrid", "mamba2"])
 def test_document_masking_equals_each_document_alone(scheme):
     m = randomize(Model(ModelConfig(**{**SMALL, **SCHEMES[scheme]})).eval(), 0.3)
     lengths = [5, 9, 3]
