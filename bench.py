@@ -22,6 +22,9 @@ Benchmarks (more arrive with the files they measure):
     python bench.py moe         # (CUDA only) the grouped GEMM vs the per-expert loop (and torch's
                                 # _grouped_mm where it exists) at 8 and 64 experts; an MoE layer's
                                 # tokens/s vs a dense SwiGLU of the same active parameters
+    python bench.py ssm         # the SSD scan, forward+backward: Triton (CUDA) vs the chunked PyTorch
+                                # scan vs the sequential recurrence at T = 2k/8k/32k; decoding one
+                                # token with a Mamba-2 layer vs an attention layer against context
     python bench.py tune        # (CUDA only) try tile sizes, warps and stages for each Triton
                                 # kernel; prints the fastest for attention.FLASH_TILES / moe.GG_TILES
 
@@ -46,6 +49,7 @@ import attention
 import data
 import model
 import moe
+import ssm
 import tokenizer
 
 
@@ -767,6 +771,85 @@ def bench_moe(args):
 
 
 # -----------------------------------------------------------------------------
+# Mamba-2: the scan and decoding
+
+SSM_SHAPES = dict(batch=1, heads=64, head_dim=64, state=128, groups=1, chunk=64, dim=2048)   # a 2k-wide layer
+
+
+def ssm_scan_rows(device, T, s, rounds, sequential_max=2048):
+    """The SSD scan alone, forward and backward, for one sequence length: the Triton scan (where
+    kernels run) against the chunked PyTorch scan, the reference for the diff, and the sequential
+    recurrence (only up to sequential_max tokens: it is a Python loop over T)."""
+    b, h, p, n, g, L = (s[k] for k in ("batch", "heads", "head_dim", "state", "groups", "chunk"))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(b, T, h, p, generator=gen)
+    dt = F.softplus(torch.randn(b, T, h, generator=gen) - 3)             # about softplus(-3) = 0.05
+    A = -torch.rand(h, generator=gen).mul(15).add(1)                      # [-16, -1], Mamba-2's init range
+    B, C = torch.randn(b, T, g, n, generator=gen), torch.randn(b, T, g, n, generator=gen)
+    inputs = [t.to(device).requires_grad_() for t in (x, dt, A, B, C)]
+    dy = torch.randn(b, T, h, p, generator=gen).to(device)
+    fns = []
+    if ssm._triton_scan is not None and ssm.kernels_on(inputs[0]):
+        fns.append(("ours: Triton scan", lambda *a: ssm._triton_scan(*a, None, None, L)[0]))
+    fns.append(("chunked PyTorch", lambda *a: ssm.ssd_chunked(*a, chunk_size=L)[0]))
+    if T <= sequential_max:
+        fns.append(("sequential recurrence", lambda *a: ssm.ssd_sequential(*a)[0]))
+    impls = [(name, fwd_bwd(f, inputs, dy)) for name, f in fns]
+    kernel = f"SSD scan, T={T}, batch {b}, {h} heads of {p}, state {n}, chunks of {L}"
+    return measure(kernel, impls, device, rounds, b * T, "Mtok/s", reference="chunked PyTorch")
+
+
+def ssm_decode_rows(device, contexts, s, rounds, steps=20):
+    """Decoding one token (batch of s["batch"]) after `context` tokens: a Mamba-2 layer's recurrent
+    step against an attention layer of the same width (GQA, 64-wide heads, a quarter as many K/V
+    heads, this project's KVCache). (context, Mamba-2 s/token, attention s/token, cache bytes of each)."""
+    D, b = s["dim"], s["batch"]
+    torch.manual_seed(0)
+    mamba = ssm.Mamba2(D, s["heads"], D * 2 // s["heads"], s["state"], s["groups"], chunk_size=s["chunk"]).to(device)
+    attn = attention.Attention(D, D // 64, D // 256, 64, impl="sdpa").to(device)
+    out = []
+    with torch.no_grad():
+        for C in contexts:
+            cache = ssm.SSMCache(1)
+            mamba(torch.randn(b, C, D, device=device), cache=cache, layer=0)
+            kv = attention.KVCache(1)
+            kv.update(0, *(torch.randn(b, D // 256, C, 64, device=device) for _ in range(2)))
+            k0, v0 = kv.k[0], kv.v[0]
+            u = torch.randn(b, 1, D, device=device)
+
+            def attn_step():
+                kv.k[0], kv.v[0] = k0, v0          # the same context every call
+                attn(u, cache=kv)
+
+            t_m = median_time(lambda: [mamba(u, cache=cache, layer=0) for _ in range(steps)], device, rounds) / steps
+            t_a = median_time(lambda: [attn_step() for _ in range(steps)], device, rounds) / steps
+            out.append((C, t_m, t_a, cache.nbytes(), (k0.numel() + v0.numel()) * k0.element_size()))
+    return out
+
+
+def bench_ssm(args):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    s = {key: getattr(args, key) for key in SSM_SHAPES}
+    if device.type == "cpu":
+        print("bench.py ssm: no GPU, so no Triton scan row (the kernels run only under the interpreter on a "
+              "CPU); the PyTorch scans and decoding still run", file=sys.stderr)
+    rows = []
+    for T in args.lengths:
+        rows += ssm_scan_rows(device, T, s, args.rounds)
+    print()
+    print_kernel_table(rows)
+    print("\nrates: tokens through the scan's forward and backward per second; diff relative to the chunked "
+          "PyTorch scan's largest value. float32 inputs (the scans compute in float32 whatever the model's dtype).")
+    print("\n| context | Mamba-2 step (tok/s) | attention step (tok/s) | Mamba-2 / attention | Mamba-2 cache | KV cache |\n"
+          "|---|---|---|---|---|---|")
+    for C, t_m, t_a, m_bytes, kv_bytes in ssm_decode_rows(device, args.contexts, s, args.rounds):
+        print(f"| {C:,} | {num(s['batch'] / t_m)} | {num(s['batch'] / t_a)} | {t_a / t_m:.2f}x | "
+              f"{m_bytes / 2**20:.2f} MiB | {kv_bytes / 2**20:.1f} MiB |")
+    print(f"\ndecoding: batch {s['batch']}, one layer of width {s['dim']}, float32, no grad; {device.type}")
+    print(f"\nmachine: {machine()}, median of {args.rounds} rounds after one warm-up call")
+
+
+# -----------------------------------------------------------------------------
 # Tuning the kernels' launch settings
 
 def _settings(keys, rows):
@@ -916,10 +999,16 @@ def main():
     mo.add_argument("--rounds", type=int, default=20)
     for key, value in MOE_SHAPES.items():
         mo.add_argument("--" + key.replace("_", "-"), type=int, default=value)
+    ss = sub.add_parser("ssm", help="SSD scan: Triton vs chunked PyTorch vs sequential; decode vs attention")
+    ss.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768])
+    ss.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
+    ss.add_argument("--rounds", type=int, default=10)
+    for key, value in SSM_SHAPES.items():
+        ss.add_argument("--" + key.replace("_", "-"), type=int, default=value)
     sub.add_parser("tune", help="search the kernels' tile sizes, warps and stages (CUDA)")
     args = ap.parse_args()
     {"tokenizer": bench_tokenizer, "data": bench_data, "model": bench_model, "kernels": bench_kernels,
-     "train": bench_train, "moe": bench_moe,
+     "train": bench_train, "moe": bench_moe, "ssm": bench_ssm,
      "tune": bench_tune}[args.cmd](args)
 
 

@@ -62,6 +62,21 @@ def test_flops_per_token_is_6n_plus_attention():
     assert m.flops_per_token(2048) == 6 * n + 12 * c.n_layer * c.n_head * c.head_dim * 2048
 
 
+def test_flops_per_token_of_a_hybrid_counts_attention_only_in_attention_layers():
+    c = ModelConfig(vocab_size=1000, n_layer=4, dim=64, n_head=4, n_kv_head=2, mlp_dim=96, mixers="MAMM",
+                    ssm_head_dim=16, ssm_state=8, ssm_chunk=32)
+    with torch.device("meta"):
+        m = Model(c)
+    heads, P, N, L = 8, 16, 8, 32
+    d_inner, conv = heads * P, heads * P + 2 * N
+    ssm_weights = 64 * (d_inner + conv + heads) + d_inner * 64           # in_proj, out_proj
+    attn_weights = 2 * 64 * 4 * 16 + 2 * 64 * 2 * 16
+    n = 3 * ssm_weights + attn_weights + 4 * 3 * 64 * 96 + c.padded_vocab * 64
+    scan = 6 * heads * (L * (N + P) + 2 * P * N)
+    assert m.flops_per_token(512) == 6 * n + 12 * 4 * 16 * 512 + 3 * scan
+    assert m.flops_per_token(16) == 6 * n + 12 * 4 * 16 * 16 + 3 * 6 * heads * (16 * (N + P) + 2 * P * N)
+
+
 def test_init_std_and_scaled_residual_projections():
     c = ModelConfig(vocab_size=4096, n_layer=8, dim=256, n_head=4, n_kv_head=4, mlp_dim=1024, init_std=0.02)
     m = Model(c)
@@ -71,6 +86,19 @@ def test_init_std_and_scaled_residual_projections():
     assert std(m.layers[0].mlp.down_proj.weight) == pytest.approx(0.02 / 4, rel=0.05)   # sqrt(2 * 8) = 4
     assert std(m.layers[0].self_attn.o_proj.weight) == pytest.approx(0.02 / 4, rel=0.05)
     assert torch.all(m.layers[0].input_layernorm.weight == 1)
+
+
+def test_mamba_layers_keep_their_own_init():
+    """The model's N(0, std) loop must not overwrite A, dt, D or the convolution (a zero dt_bias
+    would give every head the same time scale); out_proj is a residual projection."""
+    m = Model(ModelConfig(vocab_size=256, n_layer=8, dim=256, n_head=4, mixers="MMMAMMMA", ssm_state=16))
+    mamba = m.layers[0].mamba
+    dt = F.softplus(mamba.dt_bias)
+    assert dt.min() >= 0.999e-3 and dt.max() <= 0.1001 and dt.std() > 0
+    assert torch.all(mamba.D == 1) and torch.all(-mamba.A_log.exp() <= -1)
+    assert mamba.conv1d.weight.abs().max() > 0.1                          # nn.Conv1d's init, not std 0.02
+    assert mamba.out_proj.weight.std().item() == pytest.approx(0.02 / 4, rel=0.05)
+    assert torch.all(mamba.norm.weight == 1)
 
 
 # -----------------------------------------------------------------------------
