@@ -789,8 +789,8 @@ def ssm_scan_rows(device, T, s, rounds, sequential_max=2048):
     inputs = [t.to(device).requires_grad_() for t in (x, dt, A, B, C)]
     dy = torch.randn(b, T, h, p, generator=gen).to(device)
     fns = []
-    if ssm._triton_scan is not None and ssm.kernels_on(inputs[0]):
-        fns.append(("ours: Triton scan", lambda *a: ssm._triton_scan(*a, None, None, L)[0]))
+    if ssm.kernels_on(inputs[0]):
+        fns.append(("ours: Triton scan", lambda *a: ssm.triton_scan(*a, None, None, L)[0]))
     fns.append(("chunked PyTorch", lambda *a: ssm.ssd_chunked(*a, chunk_size=L)[0]))
     if T <= sequential_max:
         fns.append(("sequential recurrence", lambda *a: ssm.ssd_sequential(*a)[0]))
@@ -806,14 +806,16 @@ def ssm_decode_rows(device, contexts, s, rounds, steps=20):
     D, b = s["dim"], s["batch"]
     torch.manual_seed(0)
     mamba = ssm.Mamba2(D, s["heads"], D * 2 // s["heads"], s["state"], s["groups"], chunk_size=s["chunk"]).to(device)
-    attn = attention.Attention(D, D // 64, D // 256, 64, impl="sdpa").to(device)
+    heads = max(1, D // 64)
+    kv_heads, head_dim = max(1, heads // 4), D // heads
+    attn = attention.Attention(D, heads, kv_heads, head_dim, impl="sdpa").to(device)
     out = []
     with torch.no_grad():
         for C in contexts:
             cache = ssm.SSMCache(1)
             mamba(torch.randn(b, C, D, device=device), cache=cache, layer=0)
             kv = attention.KVCache(1)
-            kv.update(0, *(torch.randn(b, D // 256, C, 64, device=device) for _ in range(2)))
+            kv.update(0, *(torch.randn(b, kv_heads, C, head_dim, device=device) for _ in range(2)))
             k0, v0 = kv.k[0], kv.v[0]
             u = torch.randn(b, 1, D, device=device)
 

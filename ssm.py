@@ -295,8 +295,8 @@ class Mamba2(nn.Module):
         if cache is not None and T == 1 and state is not None:
             y, state = ssd_step(state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], None if reset is None else reset[:, 0])
             y = y[:, None]
-        elif kernels_on(u) and _triton_scan is not None:
-            y, state = _triton_scan(x, dt, A, B, C, reset, state, self.chunk_size)
+        elif kernels_on(u):
+            y, state = triton_scan(x, dt, A, B, C, reset, state, self.chunk_size)
         else:
             y, state = ssd_chunked(x, dt, A, B, C, reset, state, self.chunk_size)
         if cache is not None:
@@ -305,7 +305,488 @@ class Mamba2(nn.Module):
         return self.out_proj(self.norm(y.flatten(-2), z))
 
 
-_triton_scan = None   # set below, where Triton is installed
+
+# -----------------------------------------------------------------------------
+# The chunked scan in Triton (forward and backward)
+#
+# ssd_chunked's four steps, with the three that touch (P x N) states or (L x L) blocks as
+# kernels and the cheap per-token scalars left to PyTorch, whose autograd then differentiates
+# them for free:
+#
+#   torch:   X = dt*x, a = dt*A, seg (_chunk_setup); cum = a.cumsum inside each chunk; and from
+#            cum three per-token or per-chunk factors, each with its document mask folded in:
+#              to_end[l]   = exp(cum[L-1] - cum[l]) [seg_l == seg_{L-1}]    token l -> chunk end
+#              from_start[m] = exp(cum[m]) [seg_m == seg_before]            chunk start -> token m
+#              carry[c]    = exp(cum[L-1]) [no reset inside chunk c]        across a whole chunk
+#   kernel 1 (_ChunkStates):  states[c] = sum_l to_end[l] X[l] B[l]^T               (P x N)
+#   kernel 2 (_StatePassing): entering[c+1] = entering[c] carry[c] + states[c]      (loop over c)
+#   kernel 3 (_ChunkScan):    y[m] = sum_{l<=m} (C_m.B_l) exp(cum_m - cum_l) [seg_m == seg_l] X[l]
+#                                    + from_start[m] C_m . entering[c]
+#
+# Kernel 3 is the hot path: causal attention inside a chunk with C as queries, B as keys, X as
+# values, and the decay mask in place of the softmax. It is tiled as flash attention is: one
+# program per (chunk, tile of BLOCK_M rows), looping over tiles of BLOCK_N columns up to the
+# diagonal, so the (L x L) matrix is never written out. There is no running max to keep: the
+# decay is at most 1, so the plain sum cannot overflow.
+#
+# Numerics. The kernel forms the decay from token l to token m as exp(cum_m - cum_l), the
+# difference of two cumulative sums, as do to_end and carry here; ssd_chunked sums each segment
+# directly (segsum), which stays exact where cum_m and cum_l are both large and close. The
+# kernel cannot afford (L x L) segment sums per tile. The difference carries an absolute error
+# of about |cum| float32 epsilons, i.e. a relative error of about |cum| * 1e-7 on the decay, and
+# the sums restart at every chunk: with chunk log-decays of a few hundred (the tests' strongest
+# case) y and the gradients stay within about 1e-6 relative of the float64 reference.
+
+# Groups. B and C stay (batch, T, groups, N): a kernel reads head h's group as h // (H / G), so
+# they are never repeated across heads. A kernel that computes dB or dC writes it per head, and
+# PyTorch sums a group's heads afterwards (one small reduction; no atomics in the kernels).
+#
+# Layouts. Every per-token scalar (cum, to_end, from_start, and their gradients) is a contiguous
+# (batch, Tp, heads) float32 tensor, Tp the length padded to whole chunks; states and entering
+# are contiguous (batch, chunks, heads, P, N). X, B and C are read through their strides (the
+# mixer hands B and C as views of one projection), last dim contiguous. P and N are padded to
+# powers of two (at least 16, tl.dot's minimum) inside the kernels and masked.
+
+# Launch settings of each kernel (read at launch, so the tests can shrink them): tiles of
+# tokens inside a chunk (BLOCK_L, BLOCK_M rows, BLOCK_N columns) or of flattened state elements
+# (BLOCK), warps and pipelining stages. Every program holds whole (P x N) states and whole P or
+# N rows, as flash attention holds a whole head dim; the tiles are chosen for the Mamba-2
+# shapes (P = 64, N = 128, L = 64) and have not been tuned yet.
+SSD_TILES = {
+    "states": dict(BLOCK_L=32, num_warps=4, num_stages=2),        # kernel 1 forward, and dentering
+    "states_bwd": dict(BLOCK_L=32, num_warps=4, num_stages=1),
+    "passing": dict(BLOCK=256, num_warps=4, num_stages=1),        # kernel 2, both directions
+    "scan": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+    "scan_bwd_dc": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1),
+    "scan_bwd_dx": dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=1),
+}
+
+
+def _pow2(n):
+    """A head or state dim padded for tl.arange (a power of two) and tl.dot (at least 16)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def _rows(t):
+    """t itself when its last dim is contiguous (the kernels take the other strides as they
+    come), else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _group_sum(per_head, G):
+    """(batch, Tp, heads, N) -> (batch, Tp, G, N): a group's gradient is the sum over its heads."""
+    b, T, H, N = per_head.shape
+    return per_head.view(b, T, G, H // G, N).sum(3)
+
+
+if triton is not None:
+    @triton.jit
+    def _ssd_states_fwd(X, W, B, S, sxb, sxt, sxh, sbb, sbt, sbg,
+                        T, H, G, L, P, N, PREC: tl.constexpr,
+                        BLOCK_L: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
+        # One chunk of one head: S = sum_l W[l] X[l] B[l]^T, a (P x N) sum of outer products,
+        # i.e. one matmul (X^T diag(W)) B accumulated over tiles of BLOCK_L tokens. The whole
+        # state stays in registers, and each chunk is one program: there is no reduction
+        # across programs. (The scan's backward reuses it for dentering: X = dY, W =
+        # from_start, B = C.)
+        c, bh = tl.program_id(0), tl.program_id(1)
+        b, h = (bh // H).to(tl.int64), bh % H     # int64: b * stride passes 2^31 at long contexts
+        g = h // (H // G)
+        t0 = c.to(tl.int64) * L
+        p, n = tl.arange(0, BP), tl.arange(0, BN)
+        acc = tl.zeros([BP, BN], tl.float32)
+        for start in range(0, L, BLOCK_L):
+            l = start + tl.arange(0, BLOCK_L)
+            ok = l < L
+            t = t0 + l
+            xt = tl.load(X + b * sxb + h * sxh + t[None, :] * sxt + p[:, None],
+                         mask=ok[None, :] & (p < P)[:, None], other=0.0)           # (BP, BLOCK_L)
+            w = tl.load(W + (b * T + t) * H + h, mask=ok, other=0.0)
+            bk = tl.load(B + b * sbb + g * sbg + t[:, None] * sbt + n[None, :],
+                         mask=ok[:, None] & (n < N)[None, :], other=0.0)          # (BLOCK_L, BN)
+            acc += tl.dot(xt * w[None, :], bk, input_precision=PREC)
+        tl.store(S + ((b * (T // L) + c) * H + h) * P * N + p[:, None] * N + n[None, :], acc,
+                 mask=(p < P)[:, None] & (n < N)[None, :])
+
+    @triton.jit
+    def _ssd_states_bwd(X, W, B, DS, DX, DW, DB, sxb, sxt, sxh, sbb, sbt, sbg,
+                        T, H, G, L, P, N, PREC: tl.constexpr,
+                        BLOCK_L: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
+        # The gradients of S = sum_l W[l] X[l] B[l]^T for a tile of BLOCK_L tokens, given dS:
+        #   dX[l] = W[l] dS B[l],   dB[l] = W[l] dS^T X[l],   dW[l] = X[l]^T dS B[l].
+        # Each token's gradient needs only its own chunk's dS, so the tokens tile freely (one
+        # program per tile: more parallel work than one per chunk) and nothing is reduced.
+        pid, bh = tl.program_id(0), tl.program_id(1)
+        tiles = tl.cdiv(L, BLOCK_L)
+        c, lt = pid // tiles, pid % tiles
+        b, h = (bh // H).to(tl.int64), bh % H
+        g = h // (H // G)
+        p, n = tl.arange(0, BP), tl.arange(0, BN)
+        l = lt * BLOCK_L + tl.arange(0, BLOCK_L)
+        ok = l < L
+        t = c.to(tl.int64) * L + l
+        ds = tl.load(DS + ((b * (T // L) + c) * H + h) * P * N + p[:, None] * N + n[None, :],
+                     mask=(p < P)[:, None] & (n < N)[None, :], other=0.0)          # (BP, BN)
+        xv = tl.load(X + b * sxb + h * sxh + t[:, None] * sxt + p[None, :],
+                     mask=ok[:, None] & (p < P)[None, :], other=0.0)               # (BLOCK_L, BP)
+        bk = tl.load(B + b * sbb + g * sbg + t[:, None] * sbt + n[None, :],
+                     mask=ok[:, None] & (n < N)[None, :], other=0.0)               # (BLOCK_L, BN)
+        w = tl.load(W + (b * T + t) * H + h, mask=ok, other=0.0)
+        dx = tl.dot(bk, tl.trans(ds), input_precision=PREC) * w[:, None]
+        xds = tl.dot(xv, ds, input_precision=PREC)                                  # X[l]^T dS, (BLOCK_L, BN)
+        tl.store(DX + ((b * T + t[:, None]) * H + h) * P + p[None, :], dx, mask=ok[:, None] & (p < P)[None, :])
+        tl.store(DB + ((b * T + t[:, None]) * H + h) * N + n[None, :], xds * w[:, None],
+                 mask=ok[:, None] & (n < N)[None, :])
+        tl.store(DW + (b * T + t) * H + h, tl.sum(xds * bk, 1), mask=ok)
+
+    @triton.jit
+    def _ssd_passing_fwd(S, CARRY, INIT, ENT, FINAL, H, NC, PN,
+                         HAS_INIT: tl.constexpr, BLOCK: tl.constexpr):
+        # The recurrence between chunks, entering[c+1] = entering[c] carry[c] + states[c], for
+        # one head and BLOCK of its P*N state elements: the elements never mix, so the state is
+        # cut into flat pieces that run in parallel, and only the loop over chunks is serial
+        # (a few dozen steps of one multiply-add per element).
+        bh, pid = tl.program_id(0), tl.program_id(1)
+        b, h = (bh // H).to(tl.int64), bh % H
+        i = pid * BLOCK + tl.arange(0, BLOCK)
+        ok = i < PN
+        if HAS_INIT:
+            s = tl.load(INIT + (b * H + h) * PN + i, mask=ok, other=0.0)
+        else:
+            s = tl.zeros([BLOCK], tl.float32)
+        for c in range(NC):
+            at = ((b * NC + c) * H + h) * PN + i
+            tl.store(ENT + at, s, mask=ok)
+            s = s * tl.load(CARRY + (b * NC + c) * H + h) + tl.load(S + at, mask=ok, other=0.0)
+        tl.store(FINAL + (b * H + h) * PN + i, s, mask=ok)
+
+    @triton.jit
+    def _ssd_passing_bwd(ENT, CARRY, DENT, DFINAL, DS, DCARRY, DINIT, H, NC, PN, BLOCK: tl.constexpr):
+        # The same recurrence backwards, from the last chunk to the first. With g the gradient
+        # of the state leaving chunk c (entering[c+1]):
+        #   dstates[c] = g,   dcarry[c] = sum(g * entering[c]),   g <- g carry[c] + dentering[c]
+        # and what is left at the start is the initial state's gradient. dcarry sums over all
+        # P*N elements, which are spread over programs: each writes its partial sum to its own
+        # slot (DCARRY is (batch, chunks, heads, programs)), and PyTorch adds the slots.
+        bh, pid = tl.program_id(0), tl.program_id(1)
+        b, h = (bh // H).to(tl.int64), bh % H
+        i = pid * BLOCK + tl.arange(0, BLOCK)
+        ok = i < PN
+        g = tl.load(DFINAL + (b * H + h) * PN + i, mask=ok, other=0.0)
+        for k in range(NC):
+            c = NC - 1 - k
+            at = ((b * NC + c) * H + h) * PN + i
+            tl.store(DS + at, g, mask=ok)
+            ent = tl.load(ENT + at, mask=ok, other=0.0)
+            tl.store(DCARRY + ((b * NC + c) * H + h) * tl.num_programs(1) + pid, tl.sum(g * ent, 0))
+            g = g * tl.load(CARRY + (b * NC + c) * H + h) + tl.load(DENT + at, mask=ok, other=0.0)
+        tl.store(DINIT + (b * H + h) * PN + i, g, mask=ok)
+
+    @triton.jit
+    def _ssd_scan_fwd(X, B, C, CUM, SEG, FS, ENT, Y, sxb, sxt, sxh, sbb, sbt, sbg, scb, sct, scg,
+                      T, H, G, L, P, N, PREC: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
+        # y for BLOCK_M rows (tokens) of one chunk of one head: first the state entering the
+        # chunk, read out by each row (from_start[m] C_m . entering, one (BLOCK_M x N) by
+        # (N x P) dot), then the causal in-chunk "attention" over tiles of BLOCK_N columns up to
+        # the diagonal. Tiles past the diagonal are never loaded: half the work of the dense
+        # (L x L) form.
+        pid, bh = tl.program_id(0), tl.program_id(1)
+        tiles = tl.cdiv(L, BLOCK_M)
+        c, mt = pid // tiles, pid % tiles
+        b, h = (bh // H).to(tl.int64), bh % H
+        g = h // (H // G)
+        t0 = c.to(tl.int64) * L
+        p, n = tl.arange(0, BP), tl.arange(0, BN)
+        rows = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < L
+        tr = t0 + rows
+        cq = tl.load(C + b * scb + g * scg + tr[:, None] * sct + n[None, :],
+                     mask=row_ok[:, None] & (n < N)[None, :], other=0.0)           # (BLOCK_M, BN)
+        cum_r = tl.load(CUM + (b * T + tr) * H + h, mask=row_ok, other=0.0)
+        seg_r = tl.load(SEG + b * T + tr, mask=row_ok, other=-1)
+        fs = tl.load(FS + (b * T + tr) * H + h, mask=row_ok, other=0.0)
+        ent_t = tl.load(ENT + ((b * (T // L) + c) * H + h) * P * N + p[None, :] * N + n[:, None],
+                        mask=(n < N)[:, None] & (p < P)[None, :], other=0.0)       # entering^T, (BN, BP)
+        acc = tl.dot(cq, ent_t, input_precision=PREC) * fs[:, None]
+        for start in range(0, tl.minimum(L, (mt + 1) * BLOCK_M), BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            col_ok = cols < L
+            tc = t0 + cols
+            bk_t = tl.load(B + b * sbb + g * sbg + tc[None, :] * sbt + n[:, None],
+                           mask=col_ok[None, :] & (n < N)[:, None], other=0.0)     # B^T, (BN, BLOCK_N)
+            xv = tl.load(X + b * sxb + h * sxh + tc[:, None] * sxt + p[None, :],
+                         mask=col_ok[:, None] & (p < P)[None, :], other=0.0)       # (BLOCK_N, BP)
+            cum_c = tl.load(CUM + (b * T + tc) * H + h, mask=col_ok, other=0.0)
+            seg_c = tl.load(SEG + b * T + tc, mask=col_ok, other=-2)
+            ok = (rows[:, None] >= cols[None, :]) & (seg_r[:, None] == seg_c[None, :]) & col_ok[None, :]
+            # exp of -inf, not a where() after the exp: above the diagonal cum_m - cum_l > 0
+            # and its exp could overflow to inf before being thrown away.
+            decay = tl.exp(tl.where(ok, cum_r[:, None] - cum_c[None, :], float("-inf")))
+            m = tl.dot(cq, bk_t, input_precision=PREC) * decay
+            acc += tl.dot(m, xv, input_precision=PREC)
+        tl.store(Y + ((b * T + tr[:, None]) * H + h) * P + p[None, :], acc, mask=row_ok[:, None] & (p < P)[None, :])
+
+    # The chunk scan's backward, derived from the forward of one chunk. With G = C B^T,
+    # D[m, l] = exp(cum_m - cum_l) [seg_m == seg_l] [l <= m], M = G * D (elementwise), E the
+    # entering state (P x N) and f = from_start:
+    #     Y = M X + diag(f) C E^T
+    # so, given dY:
+    #     dX = M^T dY
+    #     dM = dY X^T,   dG = dM * D               (D is a constant factor of each entry)
+    #     dC = dG B + diag(f) dY E,   dB = dG^T C
+    #     dcum_m += sum_l dM[m, l] M[m, l]         (d exp(cum_m - cum_l) / d cum_m = itself)
+    #     dcum_l -= sum_m dM[m, l] M[m, l]         (and -itself for cum_l); dM * M = dG * G
+    #     df[m] = dY[m] . (E C_m),   dE = sum_m f[m] dY[m]^T C_m
+    # Two kernels split it as FlashAttention-2 does: one owns a tile of rows and loops over
+    # columns (dC, the row sums of dcum, df), the other owns a tile of columns and loops over
+    # rows (dX, dB, the column sums of dcum). Both recompute G and D; neither needs atomics.
+    # dE sums over every row of the chunk: it has exactly the chunk states' form (X = dY,
+    # weights f, B = C), so _ssd_states_fwd computes it.
+
+    @triton.jit
+    def _ssd_scan_bwd_dc(X, B, C, CUM, SEG, FS, ENT, DY, DC, DCUM, DFS,
+                         sxb, sxt, sxh, sbb, sbt, sbg, scb, sct, scg,
+                         T, H, G, L, P, N, PREC: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
+        # A tile of BLOCK_M rows, looping over the column tiles up to the diagonal (the forward's
+        # loop). dC and the row sums accumulate in registers; dC is written per head.
+        pid, bh = tl.program_id(0), tl.program_id(1)
+        tiles = tl.cdiv(L, BLOCK_M)
+        c, mt = pid // tiles, pid % tiles
+        b, h = (bh // H).to(tl.int64), bh % H
+        g = h // (H // G)
+        t0 = c.to(tl.int64) * L
+        p, n = tl.arange(0, BP), tl.arange(0, BN)
+        rows = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < L
+        tr = t0 + rows
+        cq = tl.load(C + b * scb + g * scg + tr[:, None] * sct + n[None, :],
+                     mask=row_ok[:, None] & (n < N)[None, :], other=0.0)           # (BLOCK_M, BN)
+        dy = tl.load(DY + ((b * T + tr[:, None]) * H + h) * P + p[None, :],
+                     mask=row_ok[:, None] & (p < P)[None, :], other=0.0)           # (BLOCK_M, BP)
+        cum_r = tl.load(CUM + (b * T + tr) * H + h, mask=row_ok, other=0.0)
+        seg_r = tl.load(SEG + b * T + tr, mask=row_ok, other=-1)
+        fs = tl.load(FS + (b * T + tr) * H + h, mask=row_ok, other=0.0)
+        ent = tl.load(ENT + ((b * (T // L) + c) * H + h) * P * N + p[:, None] * N + n[None, :],
+                      mask=(p < P)[:, None] & (n < N)[None, :], other=0.0)         # (BP, BN)
+        dfs = tl.sum(dy * tl.dot(cq, tl.trans(ent), input_precision=PREC), 1)
+        dc = tl.dot(dy, ent, input_precision=PREC) * fs[:, None]
+        dcum = tl.zeros([BLOCK_M], tl.float32)
+        for start in range(0, tl.minimum(L, (mt + 1) * BLOCK_M), BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            col_ok = cols < L
+            tc = t0 + cols
+            bk = tl.load(B + b * sbb + g * sbg + tc[:, None] * sbt + n[None, :],
+                         mask=col_ok[:, None] & (n < N)[None, :], other=0.0)       # (BLOCK_N, BN)
+            xv_t = tl.load(X + b * sxb + h * sxh + tc[None, :] * sxt + p[:, None],
+                           mask=col_ok[None, :] & (p < P)[:, None], other=0.0)     # X^T, (BP, BLOCK_N)
+            cum_c = tl.load(CUM + (b * T + tc) * H + h, mask=col_ok, other=0.0)
+            seg_c = tl.load(SEG + b * T + tc, mask=col_ok, other=-2)
+            ok = (rows[:, None] >= cols[None, :]) & (seg_r[:, None] == seg_c[None, :]) & col_ok[None, :]
+            decay = tl.exp(tl.where(ok, cum_r[:, None] - cum_c[None, :], float("-inf")))
+            gm = tl.dot(cq, tl.trans(bk), input_precision=PREC)
+            dg = tl.dot(dy, xv_t, input_precision=PREC) * decay
+            dc += tl.dot(dg, bk, input_precision=PREC)
+            dcum += tl.sum(dg * gm, 1)
+        tl.store(DC + ((b * T + tr[:, None]) * H + h) * N + n[None, :], dc, mask=row_ok[:, None] & (n < N)[None, :])
+        tl.store(DCUM + (b * T + tr) * H + h, dcum, mask=row_ok)
+        tl.store(DFS + (b * T + tr) * H + h, dfs, mask=row_ok)
+
+    @triton.jit
+    def _ssd_scan_bwd_dx(X, B, C, CUM, SEG, DY, DX, DB, DCUM,
+                         sxb, sxt, sxh, sbb, sbt, sbg, scb, sct, scg,
+                         T, H, G, L, P, N, PREC: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
+        # A tile of BLOCK_N columns (keys B, values X), looping over the row tiles from the
+        # diagonal to the chunk's end (rows before it never read these columns). Everything is
+        # computed transposed, columns along the tile's rows, so that dX, dB and the column sums
+        # accumulate in registers: M^T = (B C^T) * D^T, dX += M^T dY, dG^T = (X dY^T) * D^T,
+        # dB += dG^T C. DCUM gets -colsum(dG * G): the column side of dcum.
+        pid, bh = tl.program_id(0), tl.program_id(1)
+        tiles = tl.cdiv(L, BLOCK_N)
+        c, nt = pid // tiles, pid % tiles
+        b, h = (bh // H).to(tl.int64), bh % H
+        g = h // (H // G)
+        t0 = c.to(tl.int64) * L
+        p, n = tl.arange(0, BP), tl.arange(0, BN)
+        cols = nt * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < L
+        tc = t0 + cols
+        bk = tl.load(B + b * sbb + g * sbg + tc[:, None] * sbt + n[None, :],
+                     mask=col_ok[:, None] & (n < N)[None, :], other=0.0)           # (BLOCK_N, BN)
+        xv = tl.load(X + b * sxb + h * sxh + tc[:, None] * sxt + p[None, :],
+                     mask=col_ok[:, None] & (p < P)[None, :], other=0.0)           # (BLOCK_N, BP)
+        cum_c = tl.load(CUM + (b * T + tc) * H + h, mask=col_ok, other=0.0)
+        seg_c = tl.load(SEG + b * T + tc, mask=col_ok, other=-2)
+        dx = tl.zeros([BLOCK_N, BP], tl.float32)
+        db = tl.zeros([BLOCK_N, BN], tl.float32)
+        dcum = tl.zeros([BLOCK_N], tl.float32)
+        for start in range(nt * BLOCK_N // BLOCK_M * BLOCK_M, L, BLOCK_M):
+            rows = start + tl.arange(0, BLOCK_M)
+            row_ok = rows < L
+            tr = t0 + rows
+            cq = tl.load(C + b * scb + g * scg + tr[:, None] * sct + n[None, :],
+                         mask=row_ok[:, None] & (n < N)[None, :], other=0.0)       # (BLOCK_M, BN)
+            dy = tl.load(DY + ((b * T + tr[:, None]) * H + h) * P + p[None, :],
+                         mask=row_ok[:, None] & (p < P)[None, :], other=0.0)       # (BLOCK_M, BP)
+            cum_r = tl.load(CUM + (b * T + tr) * H + h, mask=row_ok, other=0.0)
+            seg_r = tl.load(SEG + b * T + tr, mask=row_ok, other=-1)
+            ok = (rows[None, :] >= cols[:, None]) & (seg_c[:, None] == seg_r[None, :]) & row_ok[None, :]
+            decay_t = tl.exp(tl.where(ok, cum_r[None, :] - cum_c[:, None], float("-inf")))   # (BLOCK_N, BLOCK_M)
+            gt = tl.dot(bk, tl.trans(cq), input_precision=PREC)
+            dx += tl.dot(gt * decay_t, dy, input_precision=PREC)
+            dgt = tl.dot(xv, tl.trans(dy), input_precision=PREC) * decay_t
+            db += tl.dot(dgt, cq, input_precision=PREC)
+            dcum -= tl.sum(dgt * gt, 1)
+        tl.store(DX + ((b * T + tc[:, None]) * H + h) * P + p[None, :], dx, mask=col_ok[:, None] & (p < P)[None, :])
+        tl.store(DB + ((b * T + tc[:, None]) * H + h) * N + n[None, :], db, mask=col_ok[:, None] & (n < N)[None, :])
+        tl.store(DCUM + (b * T + tc) * H + h, dcum, mask=col_ok)
+
+
+class _ChunkStates(torch.autograd.Function):
+    """Kernel 1: states (batch, chunks, heads, P, N) = sum over each chunk's tokens of
+    to_end[l] X[l] B[l]^T. Saves its three inputs (X and B are saved by the scan anyway; to_end
+    is one number per token): the backward's dX needs B and to_end, dB needs X and to_end."""
+
+    @staticmethod
+    def forward(ctx, X, to_end, B, L, prec):
+        b, T, H, P = X.shape
+        G, N = B.shape[2:]
+        states = torch.empty(b, T // L, H, P, N, dtype=torch.float32, device=X.device)
+        _ssd_states_fwd[(T // L, b * H)](X, to_end, B, states, *X.stride()[:3], *B.stride()[:3],
+                                         T, H, G, L, P, N, PREC=prec, BP=_pow2(P), BN=_pow2(N),
+                                         **SSD_TILES["states"])
+        ctx.save_for_backward(X, to_end, B)
+        ctx.L, ctx.prec = L, prec
+        return states
+
+    @staticmethod
+    def backward(ctx, dstates):
+        X, to_end, B = ctx.saved_tensors
+        b, T, H, P = X.shape
+        G, N = B.shape[2:]
+        L, launch = ctx.L, SSD_TILES["states_bwd"]
+        dX = torch.empty(b, T, H, P, dtype=torch.float32, device=X.device)
+        dw = torch.empty(b, T, H, dtype=torch.float32, device=X.device)
+        dB = torch.empty(b, T, H, N, dtype=torch.float32, device=X.device)     # per head
+        _ssd_states_bwd[(T // L * triton.cdiv(L, launch["BLOCK_L"]), b * H)](
+            X, to_end, B, dstates.contiguous(), dX, dw, dB, *X.stride()[:3], *B.stride()[:3],
+            T, H, G, L, P, N, PREC=ctx.prec, BP=_pow2(P), BN=_pow2(N), **launch)
+        return dX, dw, _group_sum(dB, G), None, None
+
+
+class _StatePassing(torch.autograd.Function):
+    """Kernel 2: (states, carry, initial state or None) -> (entering, final state): the state
+    entering each chunk and the one after the last. Saves entering (its own output, needed for
+    dcarry) and carry; the states themselves are not needed by the backward."""
+
+    @staticmethod
+    def forward(ctx, states, carry, init):
+        b, nc, H, P, N = states.shape
+        entering = torch.empty_like(states)
+        final = torch.empty(b, H, P, N, dtype=torch.float32, device=states.device)
+        launch = SSD_TILES["passing"]
+        _ssd_passing_fwd[(b * H, triton.cdiv(P * N, launch["BLOCK"]))](
+            states, carry, states if init is None else init, entering, final, H, nc, P * N,
+            HAS_INIT=init is not None, **launch)
+        ctx.save_for_backward(entering, carry)
+        ctx.has_init = init is not None
+        return entering, final
+
+    @staticmethod
+    def backward(ctx, dentering, dfinal):
+        entering, carry = ctx.saved_tensors
+        b, nc, H, P, N = entering.shape
+        launch = SSD_TILES["passing"]
+        programs = triton.cdiv(P * N, launch["BLOCK"])
+        dstates = torch.empty_like(entering)
+        dcarry = torch.empty(b, nc, H, programs, dtype=torch.float32, device=entering.device)   # partial sums
+        dinit = torch.empty(b, H, P, N, dtype=torch.float32, device=entering.device)
+        _ssd_passing_bwd[(b * H, programs)](entering, carry, dentering.contiguous(), dfinal.contiguous(),
+                                            dstates, dcarry, dinit, H, nc, P * N, **launch)
+        return dstates, dcarry.sum(-1), dinit if ctx.has_init else None
+
+
+class _ChunkScan(torch.autograd.Function):
+    """Kernel 3: y (batch, Tp, heads, P) from X, B, C, the chunk-local cumulative log-decays cum
+    and document numbers seg, from_start and the entering states. Saves its inputs, nothing
+    computed: the backward recomputes G = C B^T and the decays tile by tile, as flash attention
+    recomputes P, so no (L x L) matrix is ever stored."""
+
+    @staticmethod
+    def forward(ctx, X, B, C, cum, seg, from_start, entering, L, prec):
+        b, T, H, P = X.shape
+        G, N = B.shape[2:]
+        launch = SSD_TILES["scan"]
+        y = torch.empty(b, T, H, P, dtype=torch.float32, device=X.device)
+        _ssd_scan_fwd[(T // L * triton.cdiv(L, launch["BLOCK_M"]), b * H)](
+            X, B, C, cum, seg, from_start, entering, y, *X.stride()[:3], *B.stride()[:3], *C.stride()[:3],
+            T, H, G, L, P, N, PREC=prec, BP=_pow2(P), BN=_pow2(N), **launch)
+        ctx.save_for_backward(X, B, C, cum, seg, from_start, entering)
+        ctx.L, ctx.prec = L, prec
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        X, B, C, cum, seg, from_start, entering = ctx.saved_tensors
+        b, T, H, P = X.shape
+        G, N = B.shape[2:]
+        L, dev = ctx.L, X.device
+        dy = dy.contiguous()                     # the kernels read dY in y's (contiguous) layout
+        meta = dict(PREC=ctx.prec, BP=_pow2(P), BN=_pow2(N))
+        strides = (*X.stride()[:3], *B.stride()[:3], *C.stride()[:3])
+        dC = torch.empty(b, T, H, N, dtype=torch.float32, device=dev)          # per head
+        dcum_rows = torch.empty(b, T, H, dtype=torch.float32, device=dev)
+        dfs = torch.empty(b, T, H, dtype=torch.float32, device=dev)
+        launch = SSD_TILES["scan_bwd_dc"]
+        _ssd_scan_bwd_dc[(T // L * triton.cdiv(L, launch["BLOCK_M"]), b * H)](
+            X, B, C, cum, seg, from_start, entering, dy, dC, dcum_rows, dfs, *strides,
+            T, H, G, L, P, N, **meta, **launch)
+        dX = torch.empty(b, T, H, P, dtype=torch.float32, device=dev)
+        dB = torch.empty(b, T, H, N, dtype=torch.float32, device=dev)          # per head
+        dcum_cols = torch.empty(b, T, H, dtype=torch.float32, device=dev)
+        launch = SSD_TILES["scan_bwd_dx"]
+        _ssd_scan_bwd_dx[(T // L * triton.cdiv(L, launch["BLOCK_N"]), b * H)](
+            X, B, C, cum, seg, dy, dX, dB, dcum_cols, *strides,
+            T, H, G, L, P, N, **meta, **launch)
+        # dE = sum_m from_start[m] dY[m]^T C_m over each chunk: kernel 1's forward.
+        dentering = torch.empty_like(entering)
+        _ssd_states_fwd[(T // L, b * H)](dy, from_start, C, dentering, *dy.stride()[:3], *C.stride()[:3],
+                                         T, H, G, L, P, N, **meta, **SSD_TILES["states"])
+        return (dX, _group_sum(dB, G), _group_sum(dC, G), dcum_rows + dcum_cols, None, dfs, dentering,
+                None, None)
+
+
+def triton_scan(x, dt, A, B, C, reset=None, state=None, chunk_size=64):
+    """ssd_chunked with its three heavy steps as Triton kernels: the same arguments and results
+    (to float32 rounding), differentiable in x, dt, A, B, C and state. Inputs in float32, bf16
+    or fp16, computed in float32 (float64, the tests' exact references, runs ssd_chunked)."""
+    if x.dtype == torch.float64:
+        return ssd_chunked(x, dt, A, B, C, reset, state, chunk_size)
+    b, T, h, p = x.shape
+    L = chunk_size
+    # fp32 inputs get fp32 dots. 16-bit inputs come with at most 10 mantissa bits, so tf32
+    # dots (10 bits, on the tensor cores) add errors of the order the inputs already carry.
+    prec = "ieee" if x.dtype == torch.float32 else "tf32"
+    X, a, B, C, seg = _chunk_setup(x, dt, A, B, C, reset, L)
+    Tp = X.shape[1]
+    nc = Tp // L
+    # The per-token factors, in PyTorch (autograd carries dcum back to dt and A through them):
+    # cum is the chunk-local cumulative log-decay; the masks are ssd_chunked's.
+    cum = a.view(b, nc, L, h).cumsum(2)                                   # (b, c, l, h)
+    segc = seg.view(b, nc, L)
+    seg_before = torch.cat([segc.new_zeros(b, 1), segc[:, :-1, -1]], 1)  # the document a chunk inherits
+    to_end = torch.exp(cum[:, :, -1:] - cum) * (segc == segc[:, :, -1:])[..., None]
+    from_start = torch.exp(cum) * (segc == seg_before[:, :, None])[..., None]
+    carry = torch.exp(cum[:, :, -1]) * (segc[:, :, -1] == seg_before)[..., None]   # (b, c, h)
+    B, C = _rows(B), _rows(C)
+    states = _ChunkStates.apply(X, to_end.reshape(b, Tp, h), B, L, prec)
+    entering, final = _StatePassing.apply(states, carry.contiguous(),
+                                          None if state is None else state.float().contiguous())
+    y = _ChunkScan.apply(X, B, C, cum.reshape(b, Tp, h), seg.contiguous(), from_start.reshape(b, Tp, h),
+                         entering, L, prec)
+    return y[:, :T], final
 
 
 # -----------------------------------------------------------------------------

@@ -56,20 +56,28 @@ class Kernels:
     def on(self):
         import attention
         import model
+        import ssm
         if self.device.type == "cpu":
-            for module in (attention, model):
+            for module in (attention, model, ssm):
                 self.monkeypatch.setattr(module, "kernels_on", lambda t: True)
 
     def small_tiles(self, m=16, n=16):
         """Every kernel's tiles m x n (and 16 deep), so that small inputs span several tiles and
-        end in partial ones; the flash kernels' settings for both dtype classes."""
+        end in partial ones; the flash kernels' settings for both dtype classes; the SSD scan's
+        state pieces of 64 elements (several programs per state)."""
         import attention
         import moe
+        import ssm
         flash = {kernel: dict(BLOCK_M=m, BLOCK_N=n, num_warps=4, num_stages=1) for kernel in ("fwd", "dq", "dkdv")}
         self.monkeypatch.setattr(attention, "FLASH_TILES", {"small": flash, "big": flash})
         gemm = {"fwd": dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=16, num_warps=4, num_stages=1),
                 "dw": dict(BLOCK_M=n, BLOCK_K=16, BLOCK_R=m, num_warps=4, num_stages=1)}
         self.monkeypatch.setattr(moe, "GG_TILES", {"small": gemm, "big": gemm})
+        launch = dict(num_warps=4, num_stages=1)
+        self.monkeypatch.setattr(ssm, "SSD_TILES", {
+            "states": dict(BLOCK_L=m, **launch), "states_bwd": dict(BLOCK_L=m, **launch),
+            "passing": dict(BLOCK=64, **launch), "scan": dict(BLOCK_M=m, BLOCK_N=n, **launch),
+            "scan_bwd_dc": dict(BLOCK_M=m, BLOCK_N=n, **launch), "scan_bwd_dx": dict(BLOCK_M=m, BLOCK_N=n, **launch)})
 
     def poison(self):
         empty, empty_like = torch.empty, torch.empty_like

@@ -140,3 +140,17 @@ def test_train_measures_kernels_on_and_off_side_by_side(kernels, monkeypatch, ca
     n_layer = model.PRESETS["tiny"]["n_layer"]
     assert kernels == {"flash": n_layer, "rms_norm": 2 * n_layer + 1, "cross_entropy": 1}
     assert attention.kernels_on(torch.zeros(1)) and model.kernels_on(torch.zeros(1))   # switched back on
+
+
+def test_ssm_rows_run_the_triton_scan_and_agree_with_pytorch(kernels, monkeypatch, capsys):
+    """bench.py ssm at tiny shapes: the Triton scan's row (kernels on for CPU tensors), the chunked
+    PyTorch scan and the sequential recurrence agree; decoding rows report a fixed Mamba-2 cache
+    and a KV cache that grows with the context."""
+    import ssm
+    monkeypatch.setattr(ssm, "kernels_on", lambda t: True)
+    s = dict(batch=1, heads=2, head_dim=16, state=16, groups=1, chunk=16, dim=32)
+    rows = bench.ssm_scan_rows(torch.device("cpu"), 40, s, rounds=1)
+    assert [r["impl"] for r in rows] == ["ours: Triton scan", "chunked PyTorch", "sequential recurrence"]
+    assert all("error" not in r and r["diff"] < 1e-5 for r in rows)
+    decode = bench.ssm_decode_rows(torch.device("cpu"), [16, 64], s, rounds=1, steps=2)
+    assert decode[0][3] == decode[1][3] and decode[1][4] == 4 * decode[0][4]

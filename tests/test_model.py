@@ -507,10 +507,10 @@ def test_model_loss_with_the_kernels_on_equals_the_reference(z_loss, kernels):
         torch.testing.assert_close(p.grad.cpu(), g, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("scheme", ["gqa-rope", "mla"])
+@pytest.mark.parametrize("scheme", ["gqa-rope", "mla", "hybrid"])
 def test_model_with_flash_attention_equals_sdpa(scheme, kernels, monkeypatch):
-    """attn_impl="triton" with every kernel on (flash attention, RMSNorm, cross-entropy) against
-    the sdpa model with the same weights, on packed documents: loss and every gradient; then
+    """attn_impl="triton" with every kernel on (flash attention, RMSNorm, cross-entropy, and for
+    the hybrid the SSD scan) against the sdpa model with the same weights and no kernels, on packed documents: loss and every gradient; then
     cached decoding, where the kernel hands over to sdpa."""
     import attention
     cfg = {**SMALL, **SCHEMES[scheme]}
@@ -527,9 +527,12 @@ def test_model_with_flash_attention_equals_sdpa(scheme, kernels, monkeypatch):
     _, loss, _ = m(x[:, :-1], labels=x[:, 1:], position_ids=pos[:, :-1])
     loss.backward()
     torch.testing.assert_close(loss.cpu(), want, rtol=1e-5, atol=1e-6)
+    # float32 sums in another order: within 1e-5 of the gradient's own scale. The Mamba-2 layers'
+    # gradients are noisier in float32 (sums of products of decays): measured against float64,
+    # the PyTorch path and the kernels are each about 2e-5 of the scale away, so 4e-5 there.
+    scale = 4e-5 if "mixers" in SCHEMES[scheme] else 1e-5
     for (name, p), q in zip(m.named_parameters(), ref.parameters()):
-        # float32 sums in another order: within 1e-5 of the gradient's own scale
-        torch.testing.assert_close(p.grad.cpu(), q.grad, rtol=1e-4, atol=1e-5 * q.grad.abs().max().item(),
+        torch.testing.assert_close(p.grad.cpu(), q.grad, rtol=1e-4, atol=scale * q.grad.abs().max().item(),
                                    msg=lambda s: f"{name}: {s}")
     prompts = [[5, 17, 99, 3, 42], [7]]
     assert m.eval().generate(prompts, 8, temperature=0) == ref.eval().generate(prompts, 8, temperature=0)

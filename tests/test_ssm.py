@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import ssm
+from conftest import Kernels
 
 F64 = torch.float64
 
@@ -26,7 +27,9 @@ def inputs(b=2, T=23, h=4, p=6, g=2, n=5, dtype=F64, requires_grad=False):
 
 
 def resets(b, T, starts):
-    """reset (b, T) with True at each row's document starts."""
+    """reset (b, T) with True at each row's document starts, or None."""
+    if starts is None:
+        return None
     r = torch.zeros(b, T, dtype=torch.bool)
     for row, cols in enumerate(starts):
         r[row, cols] = True
@@ -171,3 +174,138 @@ def test_demo(capsys):
     out = capsys.readouterr().out
     assert "Mamba-2 ms" in out and "KV cache" in out
     assert len([line for line in out.splitlines() if line.strip().startswith(("64 ", "128 ", "16 ", "32 "))]) == 4
+
+
+# -----------------------------------------------------------------------------
+# The Triton scan, under the interpreter on machines without CUDA: small shapes and 16-wide
+# tiles, so that a chunk spans several row and column tiles and ends in partial ones.
+
+@pytest.fixture
+def scan(kernels, monkeypatch):
+    """triton_scan with 16-wide tiles and poisoned buffers (an element a kernel forgets to write
+    is NaN). Returns a function that runs it on the kernels' device and gives back y, the final
+    state and the gradients of a random linear loss on the CPU."""
+    kernels.poison()
+    kernels.small_tiles()
+    dev = kernels.device
+
+    def run(inputs, reset, chunk_size, grads=None):
+        inputs = [None if t is None else t.detach().to(dev).requires_grad_(grads is not None) for t in inputs]
+        x, dt, A, B, C, state = inputs
+        y, final = ssm.triton_scan(x, dt, A, B, C, None if reset is None else reset.to(dev), state, chunk_size)
+        got = [] if grads is None else torch.autograd.grad(
+            (y, final), [t for t in inputs if t is not None], [g.to(dev) for g in grads])
+        return y.detach().cpu(), final.detach().cpu(), [g.cpu() for g in got]
+    return run
+
+
+def make_inputs(b, T, h, g, P, N, with_state, seed, decay=1.0):
+    """Random scan inputs; `decay` scales A (|dt A| averages 0.36 decay per token)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, T, h, P, generator=gen)
+    dt = torch.rand(b, T, h, generator=gen) * 0.5 + 0.05
+    A = -(torch.rand(h, generator=gen) * 2 + 0.2) * decay
+    B = torch.randn(b, T, g, N, generator=gen)
+    C = torch.randn(b, T, g, N, generator=gen)
+    state = torch.randn(b, h, P, N, generator=gen) if with_state else None
+    return [x, dt, A, B, C, state]
+
+
+# b, T, heads, groups, P, N, chunk, document starts per row, initial state, decay scale
+CASES = {
+    "one-document": (1, 32, 2, 1, 16, 16, 32, None, False, 1),
+    "ragged-T-state": (2, 70, 4, 1, 12, 10, 32, None, True, 1),
+    # a reset at t=0 (the given state is dropped), exactly at a chunk boundary (32), mid-chunk,
+    # two in one chunk, and a one-token document
+    "documents-g2": (2, 70, 4, 2, 12, 10, 32, [[0, 32, 50], [5, 40, 41, 69]], True, 1),
+    "documents-no-state": (2, 45, 4, 2, 16, 16, 32, [[10, 32], [1, 31]], False, 1),
+    # a chunk of 24 ends in a partial tile of 16; P and N beyond one padded tile
+    "chunk24-wide": (1, 50, 2, 1, 20, 18, 24, [[24, 30]], True, 1),
+    "single-token": (1, 1, 2, 1, 16, 16, 32, None, True, 1),
+    # chunk-local log-decays of a few hundred: the kernels' exp(cum_m - cum_l), a difference
+    # of two large sums, against ssd_chunked's direct segment sums
+    "strong-decay": (1, 128, 2, 1, 16, 16, 64, None, True, 8),
+}
+
+
+def reference(inputs, reset, chunk_size, grads=None):
+    """ssd_chunked in float64: y, the final state and the gradients."""
+    wide = [None if t is None else t.double().requires_grad_(grads is not None) for t in inputs]
+    y, final = ssm.ssd_chunked(*wide[:5], reset, wide[5], chunk_size)
+    got = [] if grads is None else torch.autograd.grad(
+        (y, final), [t for t in wide if t is not None], [g.double() for g in grads])
+    return y.detach(), final.detach(), list(got)
+
+
+def close(got, want, tol, what):
+    err = ((got.double() - want).norm() / want.norm().clamp(min=1e-30)).item()
+    assert err < tol, f"{what}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_triton_scan_equals_the_chunked_reference(case, scan):
+    b, T, h, g, P, N, L, starts, with_state, decay = CASES[case]
+    inputs = make_inputs(b, T, h, g, P, N, with_state, seed=len(case), decay=decay)
+    reset = resets(b, T, starts)
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(b, T, h, P, generator=gen), torch.randn(b, h, P, N, generator=gen)]
+    y, final, got = scan(inputs, reset, L, grads)
+    want_y, want_final, want = reference(inputs, reset, L, grads)
+    torch.testing.assert_close(y.double(), want_y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(final.double(), want_final, rtol=1e-5, atol=1e-5)
+    names = [n for n, t in zip(["x", "dt", "A", "B", "C", "state"], inputs) if t is not None]
+    for name, a, w in zip(names, got, want):
+        close(a, w, 1e-4, f"d{name}")
+
+
+@pytest.mark.parametrize("tiles", [(32, 16), (16, 32)], ids=["tall", "wide"])
+@pytest.mark.parametrize("case", ["documents-g2", "chunk24-wide"])
+def test_triton_scan_with_unequal_tiles(case, tiles, scan, monkeypatch):
+    # The default tiles differ between rows and columns: the causal bounds round to each
+    # kernel's own tiles, and a tile may be larger than what is left of the chunk.
+    Kernels(monkeypatch).small_tiles(*tiles)
+    test_triton_scan_equals_the_chunked_reference(case, scan)
+
+
+def test_triton_scan_equals_the_recurrence(scan):
+    """Against the token-by-token recurrence itself, with documents and an initial state."""
+    b, T, h, g, P, N = 2, 40, 4, 2, 12, 10
+    inputs = make_inputs(b, T, h, g, P, N, True, seed=3)
+    reset = resets(b, T, [[0, 16, 17], [20, 39]])
+    y, final, _ = scan(inputs, reset, 16)
+    want_y, want_final = ssm.ssd_sequential(*(t.double() for t in inputs[:5]), reset, inputs[5].double())
+    torch.testing.assert_close(y.double(), want_y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(final.double(), want_final, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_scan_takes_16_bit_inputs(scan):
+    """bf16 x, B, C (as under autocast) are computed in float32: only the inputs' rounding shows."""
+    b, T, h, g, P, N = 1, 40, 2, 1, 16, 16
+    inputs = make_inputs(b, T, h, g, P, N, False, seed=4)
+    for i in (0, 3, 4):
+        inputs[i] = inputs[i].bfloat16()
+    y, final, _ = scan(inputs, None, 32)
+    want_y, want_final, _ = reference([None if t is None else t.double() for t in inputs], None, 32)
+    assert y.dtype == torch.float32
+    close(y, want_y, 5e-3, "y")          # loose for the GPU's tf32 dots (the interpreter's are fp32)
+    close(final, want_final, 5e-3, "final state")
+
+
+def test_mamba2_with_the_kernels_equals_without(scan, kernels, monkeypatch):
+    """The mixer hands B and C as strided views of one projection (T a whole number of chunks:
+    no padding copies them), which the kernels read in place. Output and parameter gradients as
+    with ssd_chunked."""
+    torch.manual_seed(0)
+    dev = kernels.device
+    layer = ssm.Mamba2(dim=16, n_heads=4, head_dim=8, d_state=16, n_groups=2, chunk_size=16).to(dev)
+    u = torch.randn(2, 48, 16, device=dev)
+    reset = resets(2, 48, [[0, 20], [0, 32]]).to(dev)
+    outs = []
+    for on in (False, True):
+        monkeypatch.setattr(ssm, "kernels_on", lambda t: on)
+        y = layer(u, reset)
+        outs.append((y, torch.autograd.grad(y.square().sum(), list(layer.parameters()))))
+    (want, want_grads), (got, got_grads) = outs
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for (name, _), a, w in zip(layer.named_parameters(), got_grads, want_grads):
+        close(a, w.double(), 1e-4, name)
