@@ -606,14 +606,14 @@ def bench_kernels(args):
 def kernels_off():
     """Inside: every Triton kernel gives way to its PyTorch path (flash attention to sdpa, even
     with attn_impl "triton"; RMSNorm and cross-entropy to their references; the grouped GEMM to
-    the per-expert loop). kernels_on is the one switch: attention.py and moe.py read their own,
-    model.py the name it imported."""
-    saved = attention.kernels_on, model.kernels_on, moe.kernels_on
-    attention.kernels_on = model.kernels_on = moe.kernels_on = lambda t: False
+    the per-expert loop; the SSD scan to ssd_chunked). kernels_on is the one switch: attention.py,
+    moe.py and ssm.py read their own, model.py the name it imported."""
+    saved = attention.kernels_on, model.kernels_on, moe.kernels_on, ssm.kernels_on
+    attention.kernels_on = model.kernels_on = moe.kernels_on = ssm.kernels_on = lambda t: False
     try:
         yield
     finally:
-        attention.kernels_on, model.kernels_on, moe.kernels_on = saved
+        attention.kernels_on, model.kernels_on, moe.kernels_on, ssm.kernels_on = saved
 
 
 def bench_train(args):

@@ -115,17 +115,20 @@ def test_kernels_needs_cuda(monkeypatch, capsys):
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
-def test_kernels_off_switches_both_files_and_restores_them(monkeypatch):
+def test_kernels_off_switches_every_file_and_restores_them(monkeypatch):
+    import moe
+    import ssm
     on = lambda t: True  # noqa: E731
-    monkeypatch.setattr(attention, "kernels_on", on)
-    monkeypatch.setattr(model, "kernels_on", on)
+    files = (attention, model, moe, ssm)
+    for f in files:
+        monkeypatch.setattr(f, "kernels_on", on)
     x = torch.zeros(1)
     with bench.kernels_off():
-        assert not attention.kernels_on(x) and not model.kernels_on(x)
-    assert attention.kernels_on is on and model.kernels_on is on
+        assert not any(f.kernels_on(x) for f in files)
+    assert all(f.kernels_on is on for f in files)
     with pytest.raises(ValueError), bench.kernels_off():
         raise ValueError
-    assert attention.kernels_on is on and model.kernels_on is on
+    assert all(f.kernels_on is on for f in files)
 
 
 def test_train_measures_kernels_on_and_off_side_by_side(kernels, monkeypatch, capsys):

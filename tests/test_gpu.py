@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import attention as A
 import model
 import moe
+import ssm
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or A.triton is None,
                                 reason="the kernels compiled for real need a CUDA GPU and Triton")
@@ -138,11 +139,50 @@ def test_grouped_mm_compiled(dtype):
     assert grads[1][[1, 5]].abs().max().item() == 0
 
 
-@pytest.mark.parametrize("moe_layers", [False, True])
+SSD = {   # b, T, heads, groups, P, N, chunk, document starts: Mamba-2's real head and state sizes
+    "p64-n128-T2000": (2, 2000, 8, 1, 64, 128, 64, None),
+    "p64-n64-g2-documents": (1, 1500, 8, 2, 64, 64, 64, [0, 700, 701, 1300]),
+    "p32-n16-chunk128": (1, 777, 4, 1, 32, 16, 128, [100]),
+}
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(SSD))
+def test_ssd_scan_compiled(case, dtype):
+    """The Triton SSD scan at its production tiles against ssd_chunked in float64, forward and
+    every gradient. The scan computes in float32 (tf32 dots for bf16 inputs)."""
+    b, T, h, g, P, N, L, starts = SSD[case]
+    gen = torch.Generator().manual_seed(3)
+    dt = DTYPES[dtype]
+    x = torch.randn(b, T, h, P, generator=gen).to("cuda", dt)
+    dts = (torch.rand(b, T, h, generator=gen) * 0.1 + 0.001).cuda()
+    A = -(torch.rand(h, generator=gen) * 15 + 1).cuda()
+    B, C = (torch.randn(b, T, g, N, generator=gen).to("cuda", dt) for _ in range(2))
+    state = torch.randn(b, h, P, N, generator=gen).cuda()
+    reset = None
+    if starts:
+        reset = torch.zeros(b, T, dtype=torch.bool, device="cuda")
+        reset[:, starts] = True
+    dy, dfinal = torch.randn(b, T, h, P, device="cuda"), torch.randn(b, h, P, N, device="cuda")
+    ins = leaves(x, dts, A, B, C, state)
+    y, final = ssm.triton_scan(*ins[:5], reset, ins[5], L)
+    grads = torch.autograd.grad((y, final), ins, (dy, dfinal))
+    ref = leaves(*(t.double() for t in (x, dts, A, B, C, state)))
+    want, want_final = ssm.ssd_chunked(*ref[:5], reset, ref[5], L)
+    want_grads = torch.autograd.grad((want, want_final), ref, (dy.double(), dfinal.double()))
+    tol = 1e-4 if dtype == "fp32" else 2e-2   # fp32: the decays' cumsum differences; bf16: tf32 dots
+    for name, a, w in zip(("y", "final", "dx", "ddt", "dA", "dB", "dC", "dstate"),
+                          (y, final, *grads), (want, want_final, *want_grads)):
+        assert rel(a, w) < tol, (name, rel(a, w))
+
+
+@pytest.mark.parametrize("moe_layers", [False, True, "hybrid"])
 def test_training_step_kernels_on_equals_off(moe_layers):
     """One bf16-autocast step of a small model with every kernel on, and again with every one
-    off (sdpa, torch's RMSNorm and loss, the expert loop): the same loss and gradients, to bf16."""
-    moe_fields = dict(n_experts=8, top_k=2, d_expert=128) if moe_layers else {}
+    off (sdpa, torch's RMSNorm and loss, the expert loop, the PyTorch scan): the same loss and
+    gradients, to bf16. "hybrid": Mamba-2 layers beside attention, no experts."""
+    moe_fields = (dict(mixers="MAMA") if moe_layers == "hybrid" else
+                  dict(n_experts=8, top_k=2, d_expert=128) if moe_layers else {})
     cfg = model.preset("tiny", n_layer=4, max_seq_len=512, **moe_fields)
     m = model.Model(cfg).cuda()
     x = torch.randint(0, cfg.vocab_size, (4, 513), device="cuda")
@@ -156,15 +196,15 @@ def test_training_step_kernels_on_equals_off(moe_layers):
         return loss.detach().float(), {n: p.grad.float() for n, p in m.named_parameters() if p.grad is not None}
 
     on = step()
-    saved = A.kernels_on, model.kernels_on, moe.kernels_on
-    A.kernels_on = model.kernels_on = moe.kernels_on = lambda t: False
+    saved = A.kernels_on, model.kernels_on, moe.kernels_on, ssm.kernels_on
+    A.kernels_on = model.kernels_on = moe.kernels_on = ssm.kernels_on = lambda t: False
     try:
         off = step()
     finally:
-        A.kernels_on, model.kernels_on, moe.kernels_on = saved
+        A.kernels_on, model.kernels_on, moe.kernels_on, ssm.kernels_on = saved
     assert abs(on[0].item() - off[0].item()) < 1e-2 * off[0].item()
     assert on[1].keys() == off[1].keys()
     worst = max(rel(on[1][n], off[1][n]) for n in off[1])
     # With experts, a token whose top-k choice is a near tie may flip between the two runs
     # (bf16 hidden states differ in the last bit), moving its gradient to another expert.
-    assert worst < (0.15 if moe_layers else 5e-2), worst
+    assert worst < (0.15 if moe_layers is True else 5e-2), worst
