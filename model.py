@@ -19,7 +19,10 @@ The playbook's lessons, as they show up here:
 - Measure throughput in FLOPs: `flops_per_token` gives 6N plus attention, the number MFU
   divides by.
 - Start from and give back real checkpoints: `from_pretrained` / `save_pretrained` speak
-  Hugging Face's format for Llama, SmolLM2, SmolLM3, Qwen2 and Qwen3.
+  Hugging Face's format for Llama, SmolLM2, SmolLM3, Qwen2, Qwen3, Qwen3-MoE, DeepSeek-V3,
+  Mamba2 and Bamba.
+- Hybrids: `mixers` says which layers are attention and which are Mamba-2 (ssm.py), as
+  Nemotron-H and Jamba mix them; `ffns` may drop a layer's MLP (pure Mamba-2 has none).
 
 The loss never holds the whole (tokens x vocabulary) float32 logit matrix: it walks over
 chunks of tokens and computes each chunk's gradient right away (the "fused linear

@@ -48,6 +48,10 @@ al. 2024 (an empirical study of Mamba-based language models); Gu et al. 2022 (S4
 Run:
     python ssm.py      # time and memory against sequence length, SSM against attention, on this
                        # CPU (linear against quadratic); decode time per token against context
+
+Status: the three forms and the mixer (tested against each other in float64, and through
+model.py against transformers' Mamba2 and Bamba); the Triton scan, forward and backward, tested
+under Triton's interpreter only: it has not yet been compiled or timed on a GPU.
 """
 
 import math
