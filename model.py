@@ -369,17 +369,17 @@ class Block(nn.Module):
         return x if self.mlp is None else x + self.mlp(self.post_attention_layernorm(x))
 
 
-class Cache(KVCache):
+class Cache(KVCache, ssm.SSMCache):
     """The decoding cache of any layer pattern: keys and values of attention layers (KVCache,
     growing with the context) and, for Mamba-2 layers, the convolution's last inputs and the
-    SSM state (ssm.SSMCache's lists, a fixed size)."""
+    SSM state (SSMCache, a fixed size). Each layer uses the half its mixer needs."""
 
     def __init__(self, n_layers):
-        super().__init__(n_layers)
-        self.conv, self.ssm = [None] * n_layers, [None] * n_layers
+        KVCache.__init__(self, n_layers)
+        ssm.SSMCache.__init__(self, n_layers)
 
     def nbytes(self):
-        return super().nbytes() + sum(t.numel() * t.element_size() for t in self.conv + self.ssm if t is not None)
+        return KVCache.nbytes(self) + ssm.SSMCache.nbytes(self)
 
 
 class Model(nn.Module):

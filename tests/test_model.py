@@ -228,6 +228,18 @@ def test_checkpoint_errors_name_the_problem(tmp_path):
         Model(ModelConfig(**mla, n_experts=4, top_k=2, d_expert=16, n_shared_experts=1)).save_pretrained(tmp_path / "m")
     with pytest.raises(ValueError, match="QK-norm"):
         Model(ModelConfig(**mla, qk_norm=True)).save_pretrained(tmp_path / "m")
+    hybrid = dict(SMALL, mixers="MAM", ssm_head_dim=16, ssm_state=8)
+    with pytest.raises(ValueError, match="Mamba2 .* or Bamba .*partial_rotary_factor 0.5"):
+        Model(ModelConfig(**hybrid)).save_pretrained(tmp_path / "h")    # full RoPE: no Bamba
+    mamba = hf_model("mamba2")
+    mamba.save_pretrained(tmp_path / "mamba")
+    cfg = json.loads((tmp_path / "mamba" / "config.json").read_text())
+    (tmp_path / "mamba" / "config.json").write_text(json.dumps({**cfg, "time_step_limit": [0.001, 0.1]}))
+    with pytest.raises(ValueError, match=r"config.json: time_step_limit \[0.001, 0.1\] is not supported"):
+        Model.from_pretrained(tmp_path / "mamba")
+    (tmp_path / "mamba" / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "n_groups"}))
+    with pytest.raises(ValueError, match="config.json: Mamba2ForCausalLM needs 'n_groups'"):
+        Model.from_pretrained(tmp_path / "mamba")
 
 
 # -----------------------------------------------------------------------------
