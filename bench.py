@@ -27,6 +27,7 @@ Benchmarks (more arrive with the files they measure):
                                 # token with a Mamba-2 layer vs an attention layer against context
     python bench.py tune        # (CUDA only) try tile sizes, warps and stages for each Triton
                                 # kernel; prints the fastest for attention.FLASH_TILES / moe.GG_TILES
+                                # / ssm.SSD_TILES (--kernels flash grouped_mm ssd: some of them)
 
 The baselines are benchmark-only tools, not dependencies of the project:
     pip install rustbpe tokenizers
@@ -871,6 +872,14 @@ GG_FWD_CANDIDATES = _settings(("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "nu
 GG_DW_CANDIDATES = _settings(("BLOCK_M", "BLOCK_K", "BLOCK_R", "num_warps", "num_stages"), [
     (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 3), (128, 64, 64, 4, 4), (128, 256, 64, 8, 3),
     (64, 64, 64, 4, 3), (64, 32, 64, 4, 3), (64, 64, 32, 4, 2)])
+# The SSD scan: tokens per tile inside a chunk (the chunk is 64 by default, so 16-64).
+SSD_TILE_CANDIDATES = _settings(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), [
+    (64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2), (32, 64, 8, 1), (64, 16, 4, 2),
+    (16, 64, 4, 1), (32, 16, 4, 3), (64, 32, 8, 3), (16, 16, 4, 2)])
+SSD_STATES_CANDIDATES = _settings(("BLOCK_L", "num_warps", "num_stages"), [
+    (16, 4, 2), (32, 4, 2), (32, 8, 2), (64, 8, 2), (16, 8, 3), (32, 4, 1), (64, 4, 1)])
+SSD_PASSING_CANDIDATES = _settings(("BLOCK", "num_warps", "num_stages"), [
+    (128, 4, 1), (256, 4, 1), (512, 4, 1), (1024, 8, 1), (2048, 8, 1)])
 
 
 def _best(name, candidates, set_launch, fn, check=None):
@@ -948,17 +957,53 @@ def tune_grouped_mm(size, n_tokens, n_experts, top_k, dim, d_expert, dtype, devi
     return dict(tiles)
 
 
+def tune_ssd(b, T, heads, head_dim, state, groups, chunk, device="cuda"):
+    """ssm.SSD_TILES, kernel by kernel: the three forward kernels on the forward alone, the
+    backward kernels on forward + backward (the forward's settings are fixed by then). The scan
+    runs in float32 whatever the model's dtype, so one class of settings serves all."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(b, T, heads, head_dim, generator=g).to(device).requires_grad_()
+    dt = F.softplus(torch.randn(b, T, heads, generator=g) - 3).to(device).requires_grad_()
+    A = -torch.rand(heads, generator=g).mul(15).add(1).to(device).requires_grad_()
+    B, C = (torch.randn(b, T, groups, state, generator=g).to(device).requires_grad_() for _ in range(2))
+    dy = torch.randn(b, T, heads, head_dim, generator=g).to(device)
+    ins = (x, dt, A, B, C)
+    tiles = ssm.SSD_TILES
+    print(f"SSD scan ({b}x{T}, {heads} heads of {head_dim}, state {state}, chunks of {chunk}):", flush=True)
+
+    def forward():
+        return ssm.triton_scan(*ins, None, None, chunk)[0]
+
+    def forward_backward():
+        return torch.autograd.grad(forward(), ins, dy)
+
+    def setter(kernel):
+        return lambda c: tiles.__setitem__(kernel, c)
+
+    _best("states", SSD_STATES_CANDIDATES, setter("states"), forward)
+    _best("passing", SSD_PASSING_CANDIDATES, setter("passing"), forward)
+    _best("scan", SSD_TILE_CANDIDATES, setter("scan"), forward)
+    _best("states_bwd", SSD_STATES_CANDIDATES, setter("states_bwd"), forward_backward)
+    for kernel in ("scan_bwd_dc", "scan_bwd_dx"):
+        _best(kernel, SSD_TILE_CANDIDATES, setter(kernel), forward_backward)
+    return dict(tiles)
+
+
 def bench_tune(args):
     if not torch.cuda.is_available() or not attention.kernels_on(torch.empty(0, device="cuda")):
         print("bench.py tune: tuning needs a CUDA GPU with Triton (and no NANOPLAYBOOK_KERNELS=0)", file=sys.stderr)
         raise SystemExit(2)
-    found = {"FLASH_TILES": {}, "GG_TILES": {}}
-    found["FLASH_TILES"]["small"] = tune_flash("small", 8, 16, 4, 2048, 128, 128, torch.bfloat16)
-    found["FLASH_TILES"]["big"] = tune_flash("big", 4, 16, 16, 2048, 192, 128, torch.bfloat16,
-                                             also=torch.float32)
-    found["GG_TILES"]["small"] = tune_grouped_mm("small", 16384, 64, 8, 2048, 768, torch.bfloat16)
-    found["GG_TILES"]["big"] = tune_grouped_mm("big", 4096, 8, 2, 1024, 512, torch.float32)
-    print("\nthe fastest settings (attention.FLASH_TILES, moe.GG_TILES):")
+    found = {}
+    if "flash" in args.kernels:
+        found["FLASH_TILES"] = {
+            "small": tune_flash("small", 8, 16, 4, 2048, 128, 128, torch.bfloat16),
+            "big": tune_flash("big", 4, 16, 16, 2048, 192, 128, torch.bfloat16, also=torch.float32)}
+    if "grouped_mm" in args.kernels:
+        found["GG_TILES"] = {"small": tune_grouped_mm("small", 16384, 64, 8, 2048, 768, torch.bfloat16),
+                             "big": tune_grouped_mm("big", 4096, 8, 2, 1024, 512, torch.float32)}
+    if "ssd" in args.kernels:
+        found["SSD_TILES"] = tune_ssd(2, 8192, 64, 64, 128, 1, 64)
+    print("\nthe fastest settings (attention.FLASH_TILES, moe.GG_TILES, ssm.SSD_TILES):")
     print(json.dumps(found, indent=1))
     print(f"\nmachine: {machine()}, median ms of triton.testing.do_bench")
 
@@ -1007,7 +1052,9 @@ def main():
     ss.add_argument("--rounds", type=int, default=10)
     for key, value in SSM_SHAPES.items():
         ss.add_argument("--" + key.replace("_", "-"), type=int, default=value)
-    sub.add_parser("tune", help="search the kernels' tile sizes, warps and stages (CUDA)")
+    tu = sub.add_parser("tune", help="search the kernels' tile sizes, warps and stages (CUDA)")
+    tu.add_argument("--kernels", nargs="+", default=["flash", "grouped_mm", "ssd"],
+                    choices=["flash", "grouped_mm", "ssd"])
     args = ap.parse_args()
     {"tokenizer": bench_tokenizer, "data": bench_data, "model": bench_model, "kernels": bench_kernels,
      "train": bench_train, "moe": bench_moe, "ssm": bench_ssm,

@@ -157,3 +157,26 @@ def test_ssm_rows_run_the_triton_scan_and_agree_with_pytorch(kernels, monkeypatc
     assert all("error" not in r and r["diff"] < 1e-5 for r in rows)
     decode = bench.ssm_decode_rows(torch.device("cpu"), [16, 64], s, rounds=1, steps=2)
     assert decode[0][3] == decode[1][3] and decode[1][4] == 4 * decode[0][4]
+
+
+def test_tune_ssd_tries_every_candidate_and_keeps_a_working_one(monkeypatch):
+    """bench.py tune's SSD search, with the timing replaced by one run of each candidate under
+    the interpreter: every candidate launches every kernel it is tried on, and the settings left
+    in ssm.SSD_TILES are the chosen ones."""
+    import ssm
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs the kernels on CPU tensors under TRITON_INTERPRET=1; on a GPU, run bench.py tune")
+    monkeypatch.setattr(ssm, "SSD_TILES", dict(ssm.SSD_TILES))
+    tried = []
+
+    def first_that_runs(name, candidates, set_launch, fn, check=None):
+        for c in candidates[:2]:      # the interpreter is slow: two candidates per kernel
+            set_launch(c)
+            fn()
+            tried.append(name)
+        return c
+
+    monkeypatch.setattr(bench, "_best", first_that_runs)
+    tiles = bench.tune_ssd(1, 40, 2, 16, 16, 1, 32, device="cpu")
+    assert sorted(set(tried)) == sorted(tiles) == sorted(ssm.SSD_TILES)
+    assert tiles["scan"] == bench.SSD_TILE_CANDIDATES[1] and tiles["passing"] == bench.SSD_PASSING_CANDIDATES[1]
