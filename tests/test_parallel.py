@@ -1,0 +1,140 @@
+"""Tests for parallel.py, with two gloo processes on this CPU (torch.multiprocessing): data
+parallelism against one process on the whole batch and against torch's DistributedDataParallel,
+gradient accumulation with no_sync, a parameter that gets no gradient; the bandwidth table and
+the health check's slow rank."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import parallel
+from model import Model, ModelConfig
+
+SMALL = dict(vocab_size=256, n_layer=2, dim=32, n_head=4, n_kv_head=2, mlp_dim=64, max_seq_len=64)
+
+
+def _join(rank, store):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+
+
+def _batches(steps, accum, rows=4, T=16):
+    g = torch.Generator().manual_seed(0)
+    return [[torch.randint(0, 256, (rows, T + 1), generator=g) for _ in range(accum)] for _ in range(steps)]
+
+
+def _train(model, batches, rank=0, world=1, wrapper=None):
+    """AdamW steps; each step's micro-batches split by rows over the ranks. Returns the losses
+    (this rank's) and the final weights."""
+    net = wrapper(model) if wrapper else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    losses = []
+    for micro in batches:
+        for i, x in enumerate(micro):
+            x = x.chunk(world)[rank]
+            last = i == len(micro) - 1
+            with net.no_sync() if wrapper and not last else torch.enable_grad():
+                _, loss, _ = net(x[:, :-1], labels=x[:, 1:])
+                (loss / len(micro)).backward()
+            losses.append(loss.item())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _dp_worker(rank, store, state, batches, impl, out):
+    _join(rank, store)
+    torch.manual_seed(rank)                 # different inits: the broadcast must fix them
+    model = Model(ModelConfig(**SMALL))
+    if impl == "torch":
+        model.load_state_dict(state)        # DDP also broadcasts, but start it from the same place
+        wrapper = torch.nn.parallel.DistributedDataParallel
+    else:
+        wrapper = lambda m: parallel.DataParallel(m, bucket_mb=0.01)   # noqa: E731 (many small buckets)
+        if rank == 0:
+            model.load_state_dict(state)
+    losses, weights = _train(model, batches, rank, 2, wrapper)
+    torch.save({"losses": losses, "weights": weights}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("impl", ["ours", "torch"])
+@pytest.mark.parametrize("accum", [1, 2])
+def test_data_parallel_equals_one_process(impl, accum, tmp_path):
+    """Two ranks on half a batch each, for 3 AdamW steps (with 2 micro-batches: no_sync on the
+    first), end with the weights of one process on the whole batch, on both ranks."""
+    torch.manual_seed(0)
+    model = Model(ModelConfig(**SMALL))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = _batches(3, accum)
+    _, want = _train(model, batches)
+    mp.spawn(_dp_worker, args=(str(tmp_path / "store"), state, batches, impl, str(tmp_path / "out")), nprocs=2)
+    # Averaging two half-batch means sums in another order than one whole-batch mean, and Adam
+    # divides by sqrt(v): a near-zero gradient's rounding can move its weight by a visible
+    # fraction of lr (1e-2). atol 1e-5 is 1e-3 of one step; a missing or doubled gradient would
+    # be off by a whole step.
+    for rank in range(2):
+        got = torch.load(tmp_path / f"out.{rank}")["weights"]
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5, msg=lambda s: f"rank {rank} {k}: {s}")
+
+
+class _TwoBranches(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+    def forward(self, x, use_b):
+        return self.b(x) if use_b else self.a(x)
+
+
+def _unused_worker(rank, store, out):
+    _join(rank, store)
+    torch.manual_seed(0)
+    net = parallel.DataParallel(_TwoBranches())
+    x = torch.full((2, 4), float(rank + 1))
+    net(x, use_b=rank == 1).sum().backward()       # rank 0 never touches b, rank 1 never a
+    torch.save({k: p.grad for k, p in net.module.named_parameters()}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_a_parameter_without_gradient_on_one_rank_counts_as_zeros(tmp_path):
+    mp.spawn(_unused_worker, args=(str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2)
+    g0, g1 = (torch.load(tmp_path / f"out.{r}") for r in range(2))
+    for k in g0:
+        torch.testing.assert_close(g0[k], g1[k])
+    # a's gradient came from rank 0 alone (inputs of 1), b's from rank 1 (inputs of 2), halved
+    torch.testing.assert_close(g0["a.weight"], torch.full((4, 4), 2.0 / 2))
+    torch.testing.assert_close(g0["b.weight"], torch.full((4, 4), 4.0 / 2))
+    torch.testing.assert_close(g0["a.bias"], torch.full((4,), 2.0 / 2))
+
+
+def _net_worker(rank, store, out):
+    _join(rank, store)
+    rows = parallel.bandwidth_table(sizes=[4096, 2 ** 20], iters=2)
+    # rank 1 multiplies matrices of 64 times the work: the health check must name it
+    mm, ar, slow = parallel.health_check(matmul=128 if rank == 0 else 512, allreduce_mb=1, iters=3)
+    torch.save({"rows": rows, "slow": slow, "mm": mm}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_bandwidth_table_and_health_check(tmp_path, capsys):
+    mp.spawn(_net_worker, args=(str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"out.{r}") for r in range(2))
+    assert r0["rows"] == r1["rows"]                       # one table: every rank agrees
+    ops = [row[0] for row in r0["rows"]]
+    assert ops == [op for op in parallel.BUS_FACTOR for _ in range(2)]
+    for op, n_bytes, sec, alg, bus in r0["rows"]:
+        assert sec > 0 and alg == pytest.approx(n_bytes / sec) and bus == pytest.approx(alg * parallel.BUS_FACTOR[op](2))
+    assert r0["slow"] == r1["slow"] == [1]
+    parallel.print_bandwidth(r0["rows"], 2, "gloo")
+    assert "| all_reduce | 4 KiB |" in capsys.readouterr().out
+
+
+def test_parallel_commands_need_torchrun(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr("sys.argv", ["parallel.py", "bench"])
+    with pytest.raises(SystemExit, match="torchrun --nproc_per_node=2 parallel.py bench"):
+        parallel._main()
