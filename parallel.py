@@ -30,7 +30,6 @@ Run (always under torchrun; gloo on CPU, NCCL on GPU):
 """
 
 import contextlib
-import math
 import os
 import statistics
 import sys
@@ -222,7 +221,7 @@ def bandwidth_table(sizes=None, ops=tuple(BUS_FACTOR), iters=10, device=None):
 
 
 def print_bandwidth(rows, world, backend):
-    print(f"| collective | size | time | algbw (GB/s) | busbw (GB/s) |\n|---|---|---|---|---|")
+    print("| collective | size | time | algbw (GB/s) | busbw (GB/s) |\n|---|---|---|---|---|")
     for op, n_bytes, sec, alg, bus in rows:
         size = f"{n_bytes / 2**20:.0f} MiB" if n_bytes >= 2 ** 20 else f"{n_bytes / 2**10:.0f} KiB"
         print(f"| {op} | {size} | {sec * 1e6:,.0f} us | {alg / 1e9:.2f} | {bus / 1e9:.2f} |")

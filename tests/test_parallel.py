@@ -3,8 +3,6 @@ parallelism against one process on the whole batch and against torch's Distribut
 gradient accumulation with no_sync, a parameter that gets no gradient; the bandwidth table and
 the health check's slow rank."""
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
