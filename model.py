@@ -784,6 +784,10 @@ def config_from_hf(hf, where="config.json"):
     arch = (hf.get("architectures") or [hf.get("model_type", "?")])[0]
     if arch not in HF_ARCHITECTURES:
         raise ValueError(f"{where}: architecture {arch!r} is not supported ({', '.join(HF_ARCHITECTURES)})")
+    if hf.get("use_sliding_window"):
+        raise ValueError(f"{where}: sliding-window attention (use_sliding_window) is not supported")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (silu)")
     if arch == "Mamba2ForCausalLM":   # no attention, no MLP: norm -> Mamba-2 -> residual, per layer
         n_layer = hf["num_hidden_layers"]
         return ModelConfig(vocab_size=hf["vocab_size"], vocab_multiple=1, n_layer=n_layer, dim=hf["hidden_size"],
@@ -791,10 +795,6 @@ def config_from_hf(hf, where="config.json"):
                            ffns=("none",) * n_layer, norm_eps=hf.get("layer_norm_epsilon", 1e-5),
                            tie_embeddings=hf.get("tie_word_embeddings", False), max_seq_len=1 << 20,
                            init_std=hf.get("initializer_range", 0.02), **_ssm_from_hf(hf, arch, where))
-    if hf.get("use_sliding_window"):
-        raise ValueError(f"{where}: sliding-window attention (use_sliding_window) is not supported")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (silu)")
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
     if rope.get("rope_type", rope.get("type", "default")) == "default":
@@ -913,7 +913,7 @@ def _ssm_config_to_hf(c):
         hf.update(num_key_value_heads=c.n_kv_head, mamba_expand=expand, mlp_bias=False, z_loss_coefficient=0.0,
                   attn_layer_indices=[i for i, m in enumerate(c.mixers) if m == "attention"])
         hf["rope_parameters"]["partial_rotary_factor"] = 0.5
-    hf.update({keys[not pure]: getattr(c, field) for field, keys in SSM_KEYS.items()})
+    hf.update({keys[0 if pure else 1]: getattr(c, field) for field, keys in SSM_KEYS.items()})
     return hf
 
 

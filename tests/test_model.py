@@ -237,6 +237,9 @@ def test_checkpoint_errors_name_the_problem(tmp_path):
     (tmp_path / "mamba" / "config.json").write_text(json.dumps({**cfg, "time_step_limit": [0.001, 0.1]}))
     with pytest.raises(ValueError, match=r"config.json: time_step_limit \[0.001, 0.1\] is not supported"):
         Model.from_pretrained(tmp_path / "mamba")
+    (tmp_path / "mamba" / "config.json").write_text(json.dumps({**cfg, "hidden_act": "gelu"}))
+    with pytest.raises(ValueError, match="config.json: hidden_act 'gelu' is not supported"):
+        Model.from_pretrained(tmp_path / "mamba")
     (tmp_path / "mamba" / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "n_groups"}))
     with pytest.raises(ValueError, match="config.json: Mamba2ForCausalLM needs 'n_groups'"):
         Model.from_pretrained(tmp_path / "mamba")
