@@ -426,8 +426,10 @@ class Model(nn.Module):
             if block.mamba is not None:
                 block.mamba.reset_ssm_parameters()
 
-    def hidden_states(self, input_ids, position_ids=None, cache=None):
-        """The final normalised hidden states (B, T, dim), before the head."""
+    def embed(self, input_ids, position_ids=None, cache=None):
+        """The stack's input and what every block needs beside it: (x, rope, mask, reset).
+        Split out of hidden_states so that a pipeline stage (parallel.py) can run its own
+        slice of self.layers between this and head()."""
         B, T = input_ids.shape
         past = len(cache) if cache is not None else 0
         if past + T > self.config.max_seq_len:
@@ -445,6 +447,11 @@ class Model(nn.Module):
             x = x + self.embed_positions(position_ids.clamp(min=0))
         rope = self.rotary(position_ids) if self.rotary is not None else None
         reset = position_ids == 0     # where Mamba-2 layers restart their state from zero
+        return x, rope, mask, reset
+
+    def hidden_states(self, input_ids, position_ids=None, cache=None):
+        """The final normalised hidden states (B, T, dim), before the head."""
+        x, rope, mask, reset = self.embed(input_ids, position_ids, cache)
         for block in self.layers:
             x = block(x, rope, mask, cache, reset)
         return self.norm(x)
@@ -457,14 +464,22 @@ class Model(nn.Module):
         mean cross-entropy (B,). With MoE layers the loss also holds their balancing terms
         (moe_aux_loss, router_z_loss), logged as "moe_loss", and aux["moe"] maps each MoE
         layer's index to its load statistics (min_load, max_load, load_entropy, dropped)."""
-        h = self.hidden_states(input_ids, position_ids, cache)
+        return self.head(self.hidden_states(input_ids, position_ids, cache), labels, return_logits)
+
+    def head(self, h, labels=None, return_logits=None):
+        """forward's second half, from the final hidden states h (B, T, dim): see forward. A
+        head module with its own loss() (parallel.py's vocabulary-parallel head, whose rows
+        are spread over ranks) computes the cross-entropy itself."""
         if labels is None:
             return self.lm_head(h), None, {}
         logits = self.lm_head(h) if return_logits else None
         rows = (labels != -100).flatten().nonzero().squeeze(1)
-        loss, token_ce, z = ChunkedCrossEntropy.apply(h.flatten(0, 1).index_select(0, rows), self.lm_head.weight,
-                                                      labels.flatten()[rows], float(self.config.z_loss),
-                                                      torch.is_grad_enabled())
+        h_rows, y = h.flatten(0, 1).index_select(0, rows), labels.flatten()[rows]
+        if hasattr(self.lm_head, "loss"):
+            loss, token_ce, z = self.lm_head.loss(h_rows, y, float(self.config.z_loss))
+        else:
+            loss, token_ce, z = ChunkedCrossEntropy.apply(h_rows, self.lm_head.weight, y, float(self.config.z_loss),
+                                                          torch.is_grad_enabled())
         # Each sequence's own mean cross-entropy, for per-source loss curves.
         row = rows // labels.shape[1]
         count = torch.zeros(labels.shape[0], device=h.device).index_add_(0, row, torch.ones_like(token_ce))
