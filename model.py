@@ -426,6 +426,17 @@ class Model(nn.Module):
             if block.mamba is not None:
                 block.mamba.reset_ssm_parameters()
 
+    def block_inputs(self, position_ids, cache=None):
+        """What every block takes beside x: (rope, mask, reset), all from the positions. A
+        pipeline stage without the embedding (parallel.py) computes them from here."""
+        # The flash kernel takes position_ids instead of a (T x T) mask and skips the tiles
+        # that document boundaries mask out. With a cache, also records the new positions.
+        flash = self.config.attn_impl == "triton" and kernels_on(position_ids)
+        mask = attention_mask(position_ids, cache, flash)
+        rope = self.rotary(position_ids) if self.rotary is not None else None
+        reset = position_ids == 0     # where Mamba-2 layers restart their state from zero
+        return rope, mask, reset
+
     def embed(self, input_ids, position_ids=None, cache=None):
         """The stack's input and what every block needs beside it: (x, rope, mask, reset).
         Split out of hidden_states so that a pipeline stage (parallel.py) can run its own
@@ -438,15 +449,10 @@ class Model(nn.Module):
                              "rope_theta (ABF) or rope_scaling (YaRN) too)")
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
-        # Also records the new tokens in the cache. The flash kernel takes position_ids instead
-        # of a (T x T) mask and skips the tiles that document boundaries mask out.
-        flash = self.config.attn_impl == "triton" and kernels_on(input_ids)
-        mask = attention_mask(position_ids, cache, flash)
+        rope, mask, reset = self.block_inputs(position_ids, cache)
         x = self.embed_tokens(input_ids)
         if self.embed_positions is not None:          # padding (position < 0) reads position 0
             x = x + self.embed_positions(position_ids.clamp(min=0))
-        rope = self.rotary(position_ids) if self.rotary is not None else None
-        reset = position_ids == 0     # where Mamba-2 layers restart their state from zero
         return x, rope, mask, reset
 
     def hidden_states(self, input_ids, position_ids=None, cache=None):
