@@ -165,6 +165,78 @@ class DataParallel(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# The layout: which ranks share what
+
+def make_mesh(tp=1, pp=1, device_type="cpu"):
+    """The world as a grid of shape (pp, dp, tp), a torch DeviceMesh with those dimension names;
+    the data-parallel degree dp is whatever remains of the world size. mesh["tp"].get_group()
+    is this rank's tensor-parallel group, and so on.
+
+    Row-major order puts tensor parallelism innermost: the ranks of a TP group are consecutive,
+    so on a node of 8 GPUs they share NVLink. TP communicates inside every layer, forward and
+    backward; DP once per step (overlapped with the backward); PP only activations between
+    neighbours. So TP stays inside a node, and PP is what crosses the slow links."""
+    world = dist.get_world_size()
+    if tp < 1 or pp < 1 or world % (tp * pp):
+        raise ValueError(f"tensor ({tp}) x pipeline ({pp}) parallel degrees must divide the world size "
+                         f"({world}); the data-parallel degree is what remains")
+    from torch.distributed.device_mesh import init_device_mesh
+    return init_device_mesh(device_type, (pp, world // (tp * pp), tp), mesh_dim_names=("pp", "dp", "tp"))
+
+
+# -----------------------------------------------------------------------------
+# The torch-native path: the same layout with torch's FSDP2 and DTensor
+
+def torch_parallelize(model, mesh, fsdp=True):
+    """Production engines for what this file writes out by hand: tensor parallelism with
+    DTensor's parallelize_module (q/k/v and gate/up column-wise, o and down row-wise; the
+    embedding, norms and head stay replicated over the TP ranks), then FSDP2's fully_shard
+    over the data-parallel ranks, one unit per block and one for the rest. Returns the model,
+    whose parameters are now DTensors. Without fsdp the caller wraps it in DDP (only when
+    tp == 1: DDP does not take DTensor parameters)."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    tp = mesh["tp"].size()
+    if tp > 1:
+        for i, block in enumerate(model.layers):
+            attn, mlp = block.self_attn, block.mlp
+            if attn is None or not hasattr(attn, "q_proj") or not hasattr(mlp, "gate_proj"):
+                raise ValueError(f"layers.{i}: torch tensor parallelism here splits GQA attention and the dense "
+                                 "SwiGLU MLP; MLA, Mamba-2 and MoE layers are not split")
+            if attn.n_kv_head % tp or attn.n_head % tp:
+                raise ValueError(f"layers.{i}: {attn.n_head} query and {attn.n_kv_head} key/value heads do not "
+                                 f"split over {tp} ranks (the scratch path, --parallel_impl scratch, replicates "
+                                 "K/V heads when there are fewer than ranks)")
+            parallelize_module(block, mesh["tp"], {
+                "self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
+                "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel(),
+                "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
+                "mlp.down_proj": RowwiseParallel()})
+            # the projections' outputs are local tensors holding this rank's heads
+            attn.n_head, attn.n_kv_head = attn.n_head // tp, attn.n_kv_head // tp
+    if fsdp:
+        for block in model.layers:
+            fully_shard(block, mesh=mesh["dp"])
+        fully_shard(model, mesh=mesh["dp"])
+    return model
+
+
+def grad_norm(params):
+    """The global L2 norm of the gradients of `params`, whatever their layout: a DTensor's
+    vector norm is itself a DTensor (a partial sum over the ranks that hold pieces), which
+    full_tensor() completes. Parameters on different meshes (TP-split blocks, replicated
+    embeddings) are summed one by one, which torch's own clip_grad_norm_ refuses to mix."""
+    total = None
+    for p in params:
+        if p.grad is None:
+            continue
+        n = torch.linalg.vector_norm(p.grad.float())
+        n = n.full_tensor() if hasattr(n, "full_tensor") else n
+        total = n.square() if total is None else total + n.square()
+    return total.sqrt() if total is not None else torch.zeros(())
+
+
+# -----------------------------------------------------------------------------
 # The network, measured: bus bandwidth as nccl-tests define it
 
 # A collective's algorithm bandwidth is bytes / time; its bus bandwidth corrects for how much
