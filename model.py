@@ -503,6 +503,8 @@ class Model(nn.Module):
         differentiable, for dpo.py and rl.py. Chunks over time, recomputing each chunk's
         logits in the backward pass (checkpointing), so full logits are never kept."""
         h = self.hidden_states(input_ids, position_ids)
+        if hasattr(self.lm_head, "log_probs"):   # a vocabulary-parallel head (parallel.py) normalises over every rank
+            return self.lm_head.log_probs(h, labels, temperature)
         step = max(1, _chunk_rows(self.config.padded_vocab) // h.shape[0])   # time steps per chunk
         return torch.cat([torch.utils.checkpoint.checkpoint(_label_log_probs, h[:, s:s + step], self.lm_head.weight,
                                                             labels[:, s:s + step], temperature, use_reentrant=False)

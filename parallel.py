@@ -27,6 +27,7 @@ Papers: Li et al. 2020 (PyTorch DDP: gradient bucketing and overlap); Rajbhandar
 Run (always under torchrun; gloo on CPU, NCCL on GPU):
     torchrun --nproc_per_node=2 parallel.py bench     # bus bandwidth of each collective by size
     torchrun --nproc_per_node=2 parallel.py health    # a timed matmul and all-reduce on every rank
+    torchrun --nproc_per_node=2 parallel.py tp        # a SwiGLU MLP split over ranks, and the SmolLM3 seed bug caught
 """
 
 import contextlib
@@ -38,6 +39,7 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
 # torch 2.13 renamed the flat-tensor collectives; older versions have only the old names.
 all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -162,6 +164,527 @@ class DataParallel(nn.Module):
         for h in self._hooks:
             h.remove()
         self._hooks = []
+
+
+# =============================================================================
+# Tensor parallelism (Megatron-LM)
+#
+# The concept. Data parallelism copies the whole model onto every GPU; when one layer's weights,
+# activations and optimizer state no longer fit, split the matmuls themselves. A linear layer
+# y = x W^T can be split two ways:
+# - column-parallel: each rank keeps a block of W's output rows and computes its slice of y
+#   from the whole x (nothing to communicate in the forward pass);
+# - row-parallel: each rank keeps a block of W's input columns, takes its slice of x and gets a
+#   partial y; the partial sums are added with one all-reduce.
+# A column-parallel matmul whose sharded output feeds a row-parallel one needs no communication
+# in between, and an elementwise function (SwiGLU's silu(gate) * up, attention's per-head
+# softmax) can sit in the middle as long as it never mixes slices. So an MLP is gate/up by
+# columns, down by rows; attention splits by whole heads: q, k, v by columns, o by rows. Each
+# sublayer then costs exactly one all-reduce forward (after the row-parallel matmul: "g") and
+# one backward (the gradient of the sublayer's replicated input, which every rank only knows in
+# part: "f"). The embedding and the head split the vocabulary, and the cross-entropy is computed
+# without ever putting the full (tokens x vocabulary) logits on one rank.
+#
+# The playbook's lesson: TP cuts every layer's memory by tp, but it puts an all-reduce on the
+# critical path of every sublayer, twice per step: keep it inside a node (NVLink), never across
+# InfiniBand, and combine it with DP/ZeRO (and PP) beyond 8 GPUs. And its most expensive bug:
+# SmolLM3's first trillion tokens ran with every TP rank initialising its shards from the same
+# seed, so each full matrix was tp copies of one block (a model with a fraction of its
+# parameters, learning slower, silently). Sharded weights must *differ* between ranks; replicated
+# ones must be *identical*. `check_replicas` tests both, and `tp_seed` gives the per-rank seed.
+
+def _tp(group):
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+# -----------------------------------------------------------------------------
+# The conjugate operators (Megatron's f and g)
+#
+# Inside a sublayer each rank holds a slice; outside it, the residual stream is replicated:
+# every rank holds the same (B, T, dim) activations. f enters the parallel region: identity
+# forward (every rank already has x), but in the backward pass each rank's dL/dx only counts
+# the paths through its own slice, so the gradients are summed (all-reduce). g leaves it: the
+# row-parallel partial outputs are summed forward, and the gradient of a sum is the same for
+# every term, so backward is the identity. Each is the other's transpose.
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()   # never reduce into a buffer autograd may still share
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.contiguous().clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    """All-gather slices along the last dimension; backward keeps this rank's slice of the
+    gradient (every rank holds the whole, identical gradient of the gathered tensor)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        tp, _ = _tp(group)
+        parts = [torch.empty_like(x) for _ in range(tp)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        tp, rank = _tp(ctx.group)
+        return grad.chunk(tp, dim=-1)[rank].contiguous(), None
+
+
+def copy_to_tp(x, group=None):
+    """f: identity forward, all-reduce (sum) of the gradient backward."""
+    return _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp(x, group=None):
+    """g: all-reduce (sum) forward, identity backward."""
+    return _ReduceFromTP.apply(x, group)
+
+
+def gather_from_tp(x, group=None):
+    """All-gather along the last dimension forward, split backward."""
+    return _GatherFromTP.apply(x, group)
+
+
+# -----------------------------------------------------------------------------
+# Marking parameters: what each rank holds
+#
+# Every parameter of a sharded model carries two attributes:
+#   tp_dim   the dimension it was cut along (None: not cut),
+#   tp_slots how many distinct blocks exist across the group (tp: a shard per rank; 1: the
+#            whole tensor, replicated on every rank; in between: replicated KV heads, each
+#            block held by tp / tp_slots ranks).
+# Rank r holds block r * tp_slots // tp. The gathering of full weights, the replica check, the
+# gradient norm and the broadcast below read nothing else.
+
+def _mark(p, dim, slots):
+    p.tp_dim, p.tp_slots = dim, slots
+    return p
+
+
+def _slot(p, tp, rank):
+    return rank * getattr(p, "tp_slots", 1) // tp
+
+
+def _sum_grad_over_sharers(p, group):
+    """A replicated parameter whose *consumers* are split over the ranks (QK-norm weights: each
+    rank normalises only its own heads; a KV head shared by query heads on several ranks):
+    each rank's gradient is a partial sum and the full one is their total, over the ranks
+    holding the same block. The hook runs on each backward's gradient before it is accumulated
+    into .grad, so gradient accumulation and a DataParallel wrapper see the summed gradient."""
+    tp, rank = _tp(group)
+    slots, slot = p.tp_slots, _slot(p, tp, rank)
+    if not p.requires_grad:    # frozen: no gradient to sum
+        return
+
+    def hook(grad):
+        # one all-reduce over the whole group, each block in its own row of a zero buffer:
+        # ranks holding different blocks add zeros to each other (no sub-groups to create)
+        buf = grad.new_zeros(slots, *grad.shape)
+        buf[slot] = grad
+        dist.all_reduce(buf, group=group)
+        return buf[slot]
+
+    p.register_hook(hook)
+
+
+def _shard(p, dim, slots, group, partial_grad=False):
+    """A new Parameter holding this rank's block of p (cut into `slots` blocks along dim)."""
+    tp, rank = _tp(group)
+    size = p.shape[dim] // slots
+    block = p.detach().narrow(dim, rank * slots // tp * size, size).clone()
+    q = _mark(nn.Parameter(block, requires_grad=p.requires_grad), dim, slots)
+    if partial_grad and slots < tp:
+        _sum_grad_over_sharers(q, group)
+    return q
+
+
+# -----------------------------------------------------------------------------
+# Parallel layers
+
+class ColumnParallelLinear(nn.Module):
+    """y_r = x W_r^T + b_r: this rank's block of output features; the output stays sharded (it
+    feeds a row-parallel layer, or an elementwise op then one). copy_input applies f to x;
+    tensor_parallel turns it off for q/k/v (and gate/up) and applies f once to the sublayer's
+    input instead: one all-reduce in backward for the three matmuls together (Megatron fuses
+    them into one QKV matmul to the same end). copy_input=False is right only for an input
+    that already went through f: otherwise its gradient stays partial. slots < tp: replicated blocks (KV heads when
+    n_kv_head < tp), each held by tp / slots ranks that use it for different query heads, so
+    their gradients are summed over those ranks after every backward (automatic: a hook)."""
+
+    def __init__(self, linear, group=None, copy_input=True, slots=None):
+        super().__init__()
+        tp, _ = _tp(group)
+        slots = slots or tp
+        self.group, self.copy_input = group, copy_input
+        self.in_features, self.out_features = linear.in_features, linear.out_features // slots
+        self.weight = _shard(linear.weight, 0, slots, group, partial_grad=True)
+        self.bias = _shard(linear.bias, 0, slots, group, partial_grad=True) if linear.bias is not None else None
+
+    def forward(self, x):
+        if self.copy_input:
+            x = copy_to_tp(x, self.group)
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """y = sum_r x_r W_r^T + b: this rank's block of input features (a column-parallel output),
+    the partial products summed by g. The bias is added once, after the sum (on every rank: it
+    is replicated, and its gradient, the gradient of y, is the same everywhere)."""
+
+    def __init__(self, linear, group=None):
+        super().__init__()
+        tp, _ = _tp(group)
+        self.group = group
+        self.in_features, self.out_features = linear.in_features // tp, linear.out_features
+        self.weight = _shard(linear.weight, 1, tp, group)
+        self.bias = None
+        if linear.bias is not None:
+            self.bias = _mark(nn.Parameter(linear.bias.detach().clone()), None, 1)
+
+    def forward(self, x):
+        y = reduce_from_tp(F.linear(x, self.weight), self.group)
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rank r keeps rows [r V/tp, (r+1) V/tp) of the table. A token outside that range looks
+    up zeros, so exactly one rank contributes each token's row, and g (all-reduce) gives every
+    rank the full embedding. Backward is the identity: each rank's rows get the full gradient
+    of their own tokens."""
+
+    def __init__(self, embedding, group=None):
+        super().__init__()
+        tp, rank = _tp(group)
+        self.group = group
+        self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
+        self.weight = _shard(embedding.weight, 0, tp, group)
+        self.vocab_start = rank * self.weight.shape[0]
+
+    def forward(self, ids):
+        local = ids - self.vocab_start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        x = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return reduce_from_tp(x.masked_fill(outside[..., None], 0.0), self.group)
+
+
+class VocabParallelCrossEntropy(torch.autograd.Function):
+    """loss = mean over tokens of (lse - logit[label]) + z_coef * mean(lse^2), from this rank's
+    logits l_r = h W_r^T alone (rows, V/tp): the full logits never exist anywhere.
+
+    Forward: the max over the vocabulary is the all-reduce (MAX) of the local maxima; then
+    sum(exp(l - max)) and the label's logit (from the one rank whose block holds the label, 0
+    elsewhere) are summed in a single all-reduce: lse = max + log(sum). Three numbers per token
+    cross the network instead of V/tp * (tp - 1).
+    Backward, by hand: d/dl of (ce + z lse^2) = softmax(l) (1 + 2 z lse) - onehot(label), where
+    softmax(l_r) = exp(l_r - lse) needs only this rank's logits (lse is global already), and the
+    onehot is this rank's only if it owns the label. Then dW_r = g^T h (this rank's shard, done)
+    and dh = g W_r, a partial sum over ranks: the caller applies f to h first, so autograd sums
+    it. The logits are recomputed in backward (one more matmul) instead of saved: memory for
+    the loss stays one (rows, V/tp) block, live only inside forward and backward."""
+
+    @staticmethod
+    def forward(ctx, h, weight, labels, z_coef, vocab_start, group):
+        n_local = weight.shape[0]
+        logits = (h @ weight.to(h.dtype).t()).float()
+        m = logits.max(dim=-1).values
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        local = labels - vocab_start
+        mine = (local >= 0) & (local < n_local)
+        local = local.clamp(0, n_local - 1)
+        rows = torch.arange(labels.numel(), device=labels.device)
+        target = torch.where(mine, logits[rows, local], 0.0)
+        sums = torch.stack([torch.exp(logits - m[:, None]).sum(-1), target])
+        del logits
+        dist.all_reduce(sums, group=group)
+        lse = m + sums[0].log()
+        token_ce = lse - sums[1]
+        n = max(labels.numel(), 1)
+        z = lse.pow(2).sum() / n
+        ctx.save_for_backward(h, weight, lse, local, mine)
+        ctx.n, ctx.z_coef = n, z_coef
+        ctx.mark_non_differentiable(token_ce, z)
+        return token_ce.sum() / n + z_coef * z, token_ce, z
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_token_ce, _grad_z):
+        h, weight, lse, local, mine = ctx.saved_tensors
+        w = weight.to(h.dtype)
+        g = torch.exp((h @ w.t()).float() - lse[:, None])                  # softmax, this block
+        g.mul_((1 + 2 * ctx.z_coef * lse)[:, None])
+        rows = torch.arange(local.numel(), device=local.device)
+        g[rows[mine], local[mine]] -= 1
+        g.mul_(grad_loss.float() / ctx.n)
+        g = g.to(h.dtype)
+        dh = (g @ w).to(h.dtype) if ctx.needs_input_grad[0] else None
+        dw = (g.t() @ h).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return dh, dw, None, None, None, None
+
+
+class VocabParallelHead(nn.Module):
+    """The output head over this rank's block of the vocabulary. weight: this rank's shard (the
+    embedding's very Parameter when tied: the same rows, the same split). forward(h) gathers
+    full logits (generation samples from them); loss() never does. Model.head calls loss()."""
+
+    def __init__(self, linear=None, group=None, weight=None):
+        super().__init__()
+        tp, rank = _tp(group)
+        self.group = group
+        self.weight = weight if weight is not None else _shard(linear.weight, 0, tp, group)
+        self.vocab_start = rank * self.weight.shape[0]
+        self.in_features, self.out_features = self.weight.shape[1], self.weight.shape[0] * tp
+
+    def forward(self, h):
+        return gather_from_tp(F.linear(copy_to_tp(h, self.group), self.weight), self.group)
+
+    def loss(self, h, labels, z_coef=0.0):
+        """(loss, token_ce, z) exactly as model.py's ChunkedCrossEntropy: h (rows, dim) and
+        labels (rows,), every row labelled; the loss is the same number on every rank."""
+        h = copy_to_tp(h, self.group)
+        return VocabParallelCrossEntropy.apply(h, self.weight, labels, float(z_coef), self.vocab_start, self.group)
+
+    def log_probs(self, h, labels, temperature=1.0):
+        """log p(label) per position (labels -100 give 0), differentiable, from the vocabulary
+        shards: the lse of logits / temperature by the same max / sum all-reduces; no full
+        logits. (model.py's log_probs reads lm_head.weight directly and would see one shard:
+        Model.log_probs hands itself over here.)"""
+        h = copy_to_tp(h, self.group)
+        logits = F.linear(h, self.weight.to(h.dtype)).float() / temperature
+        m = logits.detach().max(-1, keepdim=True).values
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=self.group)
+        local = labels - self.vocab_start
+        mine = (local >= 0) & (local < self.weight.shape[0])
+        target = logits.gather(-1, local.clamp(0, self.weight.shape[0] - 1)[..., None]).squeeze(-1)
+        sums = torch.stack([(logits - m).exp().sum(-1), torch.where(mine, target, 0.0)])
+        sums = reduce_from_tp(sums, self.group)
+        return (sums[1] - m.squeeze(-1) - sums[0].log()).masked_fill(labels == -100, 0.0)
+
+
+# -----------------------------------------------------------------------------
+# Sharding a model.py Model (duck typing on Hugging Face's Llama names)
+
+def _refusals(model, tp):
+    """What this file cannot shard, as sentences (empty: go ahead)."""
+    c, out = model.config, []
+    if getattr(c, "attention", "gqa") == "mla":
+        out.append("MLA attention (config.attention='mla'): its shared latent projection is not split here")
+    if any(getattr(b, "mamba", None) is not None for b in model.layers):
+        out.append("Mamba-2 layers: their mixer is not split here")
+    if getattr(model, "moe_layers", None) or "moe" in (getattr(c, "ffns", None) or ()):
+        out.append("MoE layers: experts are split by expert parallelism, not by TP, here")
+    if c.n_head % tp:
+        out.append(f"n_head ({c.n_head}) is not divisible by tp ({tp})")
+    if c.n_kv_head >= tp and c.n_kv_head % tp:
+        out.append(f"n_kv_head ({c.n_kv_head}) is not divisible by tp ({tp})")
+    if c.n_kv_head < tp and tp % c.n_kv_head:
+        out.append(f"n_kv_head ({c.n_kv_head}) < tp ({tp}) must divide tp (each rank's query heads "
+                   "must share one KV head)")
+    if c.mlp_dim % tp:
+        out.append(f"mlp_dim ({c.mlp_dim}) is not divisible by tp ({tp})")
+    if c.padded_vocab % tp:
+        out.append(f"padded_vocab ({c.padded_vocab}) is not divisible by tp ({tp}); raise vocab_multiple")
+    return out
+
+
+def _enter_with_f(module, group):
+    """Apply f once to the module's input (its first positional argument): one backward
+    all-reduce for all the column-parallel matmuls inside."""
+    module.register_forward_pre_hook(lambda mod, args: (copy_to_tp(args[0], group), *args[1:]))
+
+
+def tensor_parallel(model, group=None):
+    """Shard a model.py Model in place over `group` and return it. Every rank must have built
+    the same full model (same seed, or the same checkpoint): each keeps its slices, so the
+    sharded model computes exactly the full model's function and every shard is different.
+    Every rank then runs the same (whole) batch. The config keeps the full model's shapes;
+    each attention module's n_head / n_kv_head become the local counts."""
+    tp, _ = _tp(group)
+    problems = _refusals(model, tp)
+    if problems:
+        raise ValueError(f"tensor_parallel over {tp} ranks: " + "; ".join(problems))
+    for block in model.layers:
+        attn = block.self_attn
+        # Heads are contiguous blocks of head_dim rows in q/k/v (and columns in o), so an even
+        # split of rows is a split by whole heads; GQA's query head i reads KV head
+        # i // (n_head / n_kv_head), so rank r's query heads read exactly its KV block, or, when
+        # there are fewer KV heads than ranks, the one KV head r * n_kv_head // tp.
+        kv_slots = min(tp, attn.n_kv_head)
+        attn.q_proj = ColumnParallelLinear(attn.q_proj, group, copy_input=False)
+        attn.k_proj = ColumnParallelLinear(attn.k_proj, group, copy_input=False, slots=kv_slots)
+        attn.v_proj = ColumnParallelLinear(attn.v_proj, group, copy_input=False, slots=kv_slots)
+        attn.o_proj = RowParallelLinear(attn.o_proj, group)
+        attn.n_head, attn.n_kv_head = attn.n_head // tp, max(attn.n_kv_head // tp, 1)
+        # QK-norm's weight (head_dim) is shared by every head, and each rank normalises only its
+        # own heads: replicated, with a partial gradient to be summed over the group.
+        for norm in (attn.q_norm, attn.k_norm):
+            if norm is not None:
+                _sum_grad_over_sharers(_mark(norm.weight, None, 1), group)
+        _enter_with_f(attn, group)
+        if block.mlp is not None:
+            mlp = block.mlp
+            mlp.gate_proj = ColumnParallelLinear(mlp.gate_proj, group, copy_input=False)
+            mlp.up_proj = ColumnParallelLinear(mlp.up_proj, group, copy_input=False)
+            mlp.down_proj = RowParallelLinear(mlp.down_proj, group)
+            _enter_with_f(mlp, group)
+    tied = model.lm_head.weight is model.embed_tokens.weight
+    model.embed_tokens = VocabParallelEmbedding(model.embed_tokens, group)
+    model.lm_head = (VocabParallelHead(weight=model.embed_tokens.weight, group=group) if tied
+                     else VocabParallelHead(model.lm_head, group))
+    # Everything else (the block norms, the final norm, learned positions) sees only the
+    # replicated residual stream: replicated, and its gradient is already whole on every rank.
+    for p in model.parameters():
+        if not hasattr(p, "tp_slots"):
+            _mark(p, None, 1)
+    model.tp_group = group
+    return model
+
+
+# -----------------------------------------------------------------------------
+# Seeds and the replica check (the SmolLM3 bug)
+#
+# Which random numbers must agree across TP ranks and which must differ:
+# - agree: anything applied to a replicated tensor. Dropout on the residual stream, or on the
+#   embedding output, must drop the same elements on every rank (else the ranks' "replicated"
+#   activations silently diverge), and so must any init of a replicated parameter (norms,
+#   replicated KV heads): seed the default generator with the shared seed.
+# - differ: anything applied to a shard. A shard initialised locally (instead of sliced from a
+#   full matrix, which is how big models are built without ever holding the full matrix) with
+#   the shared seed makes every rank's block the same: the full matrix is tp copies of one
+#   block. Dropout inside the parallel region (on attention probabilities, on a column-parallel
+#   output) must also differ, or each rank drops the same pattern in its different slice.
+# Megatron keeps two generators for exactly this: the default one seeded alike on every TP
+# rank, and a "model-parallel" one seeded with seed + offset + tp_rank, entered around every
+# sharded init and dropout.
+
+def tp_seed(seed, group=None):
+    """The seed for shard-local randomness (shard init, dropout inside a shard) on this rank:
+    seed + tp_rank. Replicated randomness uses `seed` itself."""
+    return seed + dist.get_rank(group)
+
+
+@torch.no_grad()
+def broadcast_replicas(model, group=None):
+    """Make every replicated parameter (tp_slots < tp) equal to the copy on the first rank
+    holding its block: the fix after a shard-local init that also drew replicated tensors
+    from the per-rank seed."""
+    tp, rank = _tp(group)
+    for p in model.parameters():
+        slots = getattr(p, "tp_slots", 1)
+        if slots == tp:
+            continue
+        buf = p.new_zeros(slots, *p.shape)
+        if rank % (tp // slots) == 0:           # the first of the ranks holding this block
+            buf[_slot(p, tp, rank)] = p
+        dist.all_reduce(buf, group=group)
+        p.copy_(buf[_slot(p, tp, rank)])
+
+
+@torch.no_grad()
+def check_replicas(model, group=None, atol=0.0):
+    """[(parameter name, problem)], the same list on every rank, empty when healthy:
+    - ranks holding the same block of a parameter (replicated ones: norms, QK-norms, replicated
+      KV heads) must hold identical values (|difference| <= atol);
+    - ranks holding different blocks of a sharded parameter must hold different values, unless
+      the block is a constant (zero biases and unit norms are equal by design): identical
+      random shards are the SmolLM3 seed bug.
+    Gathers every parameter once: a check for start-up and after loading, not every step."""
+    tp, _ = _tp(group)
+    problems = []
+    for name, p in model.named_parameters():
+        slot_of = [_slot(p, tp, r) for r in range(tp)]
+        every = [torch.empty_like(p) for _ in range(tp)]
+        dist.all_gather(every, p.detach().contiguous(), group=group)
+        constant = bool((every[0] == every[0].flatten()[0]).all())
+        for r in range(1, tp):
+            found = None
+            for q in range(r):
+                same = bool(((every[r] - every[q]).abs() <= atol).all())
+                if slot_of[q] == slot_of[r] and not same:
+                    found = (f"replicated, but ranks {q} and {r} differ by "
+                             f"{(every[r] - every[q]).abs().max().item():.3g}")
+                elif slot_of[q] != slot_of[r] and same and not constant:
+                    found = (f"ranks {q} and {r} hold identical shards of different blocks: initialised "
+                             "from the same seed? (the full matrix repeats one block)")
+                if found:
+                    break
+            if found:
+                problems.append((name, found))
+                break
+    return problems
+
+
+# -----------------------------------------------------------------------------
+# Gradient norm and checkpoints
+#
+# After backward, a replicated parameter's gradient is the same on every TP rank: the
+# gradient reaching it is a function of the replicated residual stream and of the gradient
+# of the stream, which f's backward all-reduce made whole and identical before it arrived
+# (and the QK-norm / replicated-KV hooks summed the partial ones). A sharded parameter's
+# gradient is its own block, held nowhere else. So ||grad||^2 of the full model is the sum
+# over ranks of the local squares, with each replicated block counted once: divide its square
+# by the number of ranks holding it.
+
+@torch.no_grad()
+def tp_grad_norm(model, group=None):
+    """The full model's gradient L2 norm (float32 tensor), the same on every rank."""
+    tp, _ = _tp(group)
+    sq = torch.zeros((), dtype=torch.float32, device=next(model.parameters()).device)
+    for p in model.parameters():
+        if p.grad is not None:
+            sq += p.grad.float().pow(2).sum() / (tp // getattr(p, "tp_slots", 1))
+    dist.all_reduce(sq, group=group)
+    return sq.sqrt()
+
+
+@torch.no_grad()
+def tp_clip_grad_norm_(model, max_norm, group=None):
+    """torch.nn.utils.clip_grad_norm_ for a sharded model: every rank scales by the same,
+    global norm (clipping with the local norm would scale each shard differently). Returns
+    the norm before clipping."""
+    norm = tp_grad_norm(model, group)
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(scale.to(p.grad.dtype))
+    return norm
+
+
+@torch.no_grad()
+def full_state_dict(model, group=None):
+    """The unsharded state dict (the names and shapes of the model before tensor_parallel), on
+    every rank: shards all-gathered and put back in order. For checkpoints and for tests."""
+    tp, _ = _tp(group)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    out = {}
+    for name, t in model.state_dict().items():
+        p = params.get(name)
+        slots = getattr(p, "tp_slots", 1)
+        if p is None or slots == 1:
+            out[name] = t.detach().clone()
+            continue
+        every = [torch.empty_like(t) for _ in range(tp)]
+        dist.all_gather(every, t.detach().contiguous(), group=group)
+        out[name] = torch.cat([every[s * tp // slots] for s in range(slots)], dim=p.tp_dim)
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -328,9 +851,73 @@ def health_check(device=None, matmul=1024, allreduce_mb=16, iters=5, slow=1.5):
     every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(every, mine)
     mm, ar = [t[0].item() for t in every], [t[1].item() for t in every]
-    # each rank against the median of the others, so that with two ranks the slow one is
-    # measured against the healthy one and not against a median it drags up itself
-    return mm, ar, [r for r, t in enumerate(mm) if t >= slow * statistics.median(mm[:r] + mm[r + 1:] or [t])]
+    return mm, ar, slow_ranks(mm, slow)
+
+
+def slow_ranks(times, slow=1.5):
+    """The ranks whose time is `slow` times the median of the other ranks' or more. Each rank
+    is measured against the others, so that with two ranks the slow one is compared with the
+    healthy one and not with a median it drags up itself."""
+    return [r for r, t in enumerate(times) if t >= slow * statistics.median(times[:r] + times[r + 1:] or [t])]
+
+
+def gather_times(seconds, device=None):
+    """Every rank's number (a step's compute time), on every rank: one tiny all-gather."""
+    mine = torch.tensor([seconds], dtype=torch.float64, device=device)
+    every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    return [t.item() for t in every]
+
+
+# -----------------------------------------------------------------------------
+# The tensor-parallel demo
+
+class _MLP(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(dim, hidden, bias=False), nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _tp_demo():
+    """`torchrun --nproc_per_node=2 parallel.py tp`: a SwiGLU MLP split column-then-row against
+    the whole one, then the SmolLM3 seed bug, caught."""
+    tp, rank = _tp(None)
+    torch.manual_seed(0)                      # every rank builds the same full MLP and input
+    full, x = _MLP(64, 256), torch.randn(8, 64, requires_grad=True)
+    y_full = full(x)
+    y_full.square().sum().backward()
+    dx_full = x.grad.clone()
+    x.grad = None
+    mlp = _MLP(64, 256)
+    mlp.load_state_dict(full.state_dict())
+    mlp.gate_proj = ColumnParallelLinear(mlp.gate_proj, copy_input=False)
+    mlp.up_proj = ColumnParallelLinear(mlp.up_proj, copy_input=False)
+    mlp.down_proj = RowParallelLinear(mlp.down_proj)
+    _enter_with_f(mlp, None)      # f once on the MLP's input (both gate and up read it); down applies g
+    y = mlp(x)
+    y.square().sum().backward()
+    bad = check_replicas(mlp)
+    torch.manual_seed(0)                      # the SmolLM3 bug: shards initialised alike
+    for p in mlp.parameters():
+        nn.init.normal_(p, std=0.02)
+    same_seed = check_replicas(mlp)
+    torch.manual_seed(tp_seed(0))             # the fix
+    for p in mlp.parameters():
+        nn.init.normal_(p, std=0.02)
+    fixed = check_replicas(mlp)
+    if rank == 0:
+        print(f"SwiGLU MLP 64 -> 256 -> 64 over {tp} ranks: column-parallel gate/up, row-parallel down")
+        print(f"  |y_tp - y_full| max {(y - y_full).abs().max().item():.2e}, "
+              f"|dx_tp - dx_full| max {(x.grad - dx_full).abs().max().item():.2e}  (one all-reduce each way)")
+        print(f"  check_replicas after slicing the full matrices: {bad or 'healthy'}")
+        print(f"  after initialising every shard from seed 0 on every rank: {len(same_seed)} problems:")
+        for name, why in same_seed:
+            print(f"    {name}: {why}")
+        print(f"  after initialising with tp_seed(0) = 0 + tp_rank: {fixed or 'healthy'}")
 
 
 def _main():
@@ -343,6 +930,8 @@ def _main():
         rows = bandwidth_table(sizes, device=device)
         if rank == 0:
             print_bandwidth(rows, world, dist.get_backend())
+    elif cmd == "tp":
+        _tp_demo()
     elif cmd == "health":
         mm, ar, slow = health_check(device)
         if rank == 0:
@@ -350,7 +939,7 @@ def _main():
                 print(f"rank {r}: matmul {mm[r] * 1e3:.2f} ms, all-reduce {ar[r] * 1e3:.2f} ms")
             print(f"slow ranks (matmul >= 1.5x the other ranks' median): {slow or 'none'}")
     else:
-        raise SystemExit(f"parallel.py: unknown command {cmd!r} (bench, health)")
+        raise SystemExit(f"parallel.py: unknown command {cmd!r} (bench, health, tp)")
     dist.destroy_process_group()
 
 

@@ -63,6 +63,7 @@ import torch.distributed as dist
 import data
 import model as M
 import moe
+import parallel
 
 
 # -----------------------------------------------------------------------------
@@ -99,6 +100,13 @@ class TrainConfig:
     grad_clip: float = 1.0
     compile: bool = False
     device: str = "auto"                # auto | cpu | cuda
+    # parallelism under torchrun (parallel.py): the data-parallel degree is what tp x pp leave
+    parallel_impl: str = "scratch"      # scratch (parallel.py's own, from the collectives) | torch (FSDP2, DTensor)
+    tp: int = 1                         # tensor-parallel degree (ranks that split every matmul)
+    pp: int = 1                         # pipeline-parallel degree (ranks that split the layers; scratch only)
+    fsdp: bool = False                  # shard weights, gradients and optimizer state over the data-parallel ranks
+    zero_stage: int = 3                 # with --fsdp, scratch: 1 optimizer state, 2 + gradients, 3 + weights (FSDP)
+    straggler: float = 1.5              # alert when a rank's compute time is this many times the others' median
     # evaluation, logging, checkpoints
     eval_every: int = 50
     eval_batches: int = 4
@@ -736,6 +744,7 @@ class Trainer:
                          else contextlib.nullcontext())
         self.monitor = Monitor(cfg.spike_sigma, stall_steps=cfg.stall_steps)
         self.start_step, self.nan_streak, self.rollbacks, self.stop_signal = 0, 0, 0, None
+        self.slow_streak = {}
         self.flops_per_token = self.raw_model.flops_per_token(cfg.seq_len)
         if cfg.resume and checkpoints(cfg.out_dir):
             self.restore(checkpoints(cfg.out_dir)[-1], loader=True)
@@ -778,6 +787,23 @@ class Trainer:
     def alert(self, step, kind, message):
         if self.rank == 0:
             alert(self.cfg.out_dir, self.cfg.alert_cmd, step, kind, message)
+
+    def check_stragglers(self, step, fwd_time, record):
+        """Every rank's forward time this step, gathered (one tiny all-gather). Data-parallel
+        ranks wait for each other at every gradient all-reduce, so one throttled GPU sets the
+        whole run's pace; its forward, which waits on nothing under plain DP, shows it. (Under
+        FSDP and TP the forward holds collectives too, which dilutes the signal.) Three slow
+        steps in a row raise an alert naming the rank."""
+        times = parallel.gather_times(fwd_time, self.device)
+        slow = parallel.slow_ranks(times, self.cfg.straggler)
+        record["forward_s_max_over_median"] = max(times) / statistics.median(times)
+        self.slow_streak = {r: self.slow_streak.get(r, 0) + 1 for r in slow}
+        for r, n in self.slow_streak.items():
+            if n == 3:
+                self.alert(step, "straggler", f"rank {r}'s forward took {times[r] * 1e3:.1f} ms, "
+                                              f"{times[r] / statistics.median(times[:r] + times[r + 1:]):.1f}x the "
+                                              "other ranks' median, 3 steps in a row: check that GPU (clocks, "
+                                              "temperature, ECC errors) or run `torchrun ... parallel.py health`")
 
     def train(self):
         """Preflight, then the loop; returns the last step done."""
@@ -825,13 +851,18 @@ class Trainer:
             # per-source (loss sum, tokens), then (mean-loss sum, micro-batches), then (stop, -):
             # one all-reduce carries them all, so every rank agrees on the loss and on stopping
             stats = torch.zeros(len(self.stage.names) + 2, 2, device=self.device)
+            fwd_time = 0.0
             for micro in range(self.accum):
                 batch = {k: v.to(self.device) for k, v in self.stage.next_batch().items()}
                 # DDP all-reduces gradients in backward: only on the last micro-batch
                 sync = micro == self.accum - 1 or self.world_size == 1
                 with contextlib.nullcontext() if sync else model.no_sync():
+                    t_fwd = time.perf_counter()
                     with self.autocast:
                         loss, aux = self.stage.loss(model, batch)
+                    if self.world_size > 1 and self.device.type == "cuda":
+                        torch.cuda.synchronize()       # the forward's own time, for the straggler check
+                    fwd_time += time.perf_counter() - t_fwd
                     (loss / self.accum).backward()
                 stats[-2] += torch.stack([loss.detach().float(), torch.ones((), device=self.device)])
                 n_tok = (batch["labels"] != -100).sum(1).float()
@@ -871,6 +902,8 @@ class Trainer:
                     record.update({f"moe/{layer}/{k}": v.item() for k, v in layer_stats.items()})
             for kind, message in self.monitor.update(step, loss_value, gn, tps):
                 self.alert(step, kind, message)
+            if self.world_size > 1:
+                self.check_stragglers(step, fwd_time, record)
             if self.nan_streak >= cfg.nan_patience:
                 self.rollbacks += 1
                 if self.rollbacks > 3:   # not the data: the model or the learning rate
