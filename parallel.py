@@ -669,22 +669,34 @@ def tp_clip_grad_norm_(model, max_norm, group=None):
 
 
 @torch.no_grad()
+def tp_full(t, p, group=None):
+    """The whole of tensor t, which is shaped like parameter p's shard on this rank (p itself,
+    its gradient, or one of its AdamW moments), on every rank: the blocks all-gathered and put
+    back in order (a replicated K/V head appears once). Replicated parameters come back as they are."""
+    tp, _ = _tp(group)
+    slots = getattr(p, "tp_slots", 1)
+    if slots == 1:
+        return t.detach().clone()
+    every = [torch.empty_like(t) for _ in range(tp)]
+    dist.all_gather(every, t.detach().contiguous(), group=group)
+    return torch.cat([every[s * tp // slots] for s in range(slots)], dim=p.tp_dim)
+
+
+def tp_local(full, p, group=None):
+    """tp_full's inverse: this rank's block of a whole tensor shaped like parameter p."""
+    tp, rank = _tp(group)
+    slots = getattr(p, "tp_slots", 1)
+    if slots == 1:
+        return full
+    size = full.shape[p.tp_dim] // slots
+    return full.narrow(p.tp_dim, _slot(p, tp, rank) * size, size)
+
+
 def full_state_dict(model, group=None):
     """The unsharded state dict (the names and shapes of the model before tensor_parallel), on
-    every rank: shards all-gathered and put back in order. For checkpoints and for tests."""
-    tp, _ = _tp(group)
+    every rank. For checkpoints and for tests."""
     params = dict(model.named_parameters(remove_duplicate=False))
-    out = {}
-    for name, t in model.state_dict().items():
-        p = params.get(name)
-        slots = getattr(p, "tp_slots", 1)
-        if p is None or slots == 1:
-            out[name] = t.detach().clone()
-            continue
-        every = [torch.empty_like(t) for _ in range(tp)]
-        dist.all_gather(every, t.detach().contiguous(), group=group)
-        out[name] = torch.cat([every[s * tp // slots] for s in range(slots)], dim=p.tp_dim)
-    return out
+    return {name: tp_full(t, params.get(name), group) for name, t in model.state_dict().items()}
 
 
 # -----------------------------------------------------------------------------

@@ -214,17 +214,19 @@ def param_groups(model, weight_decay, decay_embeddings=False):
     and biases (decay pulls a norm's gain toward 0, which is not a simpler model), and none on
     embeddings unless asked (the playbook: decaying rare tokens' rows toward 0 hurts them).
     A tied head is the embedding, so it follows the embedding's rule."""
-    decay, no_decay, seen = [], [], set()
+    groups = {True: ([], []), False: ([], [])}     # decay? -> (params, names)
+    seen = set()
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
         is_embedding = name.startswith("embed_")
-        if p.dim() < 2 or "norm" in name or (is_embedding and not decay_embeddings):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decay = not (p.dim() < 2 or "norm" in name or (is_embedding and not decay_embeddings))
+        groups[decay][0].append(p)
+        groups[decay][1].append(name)
+    # param_names: a sharded run matches its optimizer state with the whole model's by name
+    return [{"params": groups[True][0], "param_names": groups[True][1], "weight_decay": weight_decay},
+            {"params": groups[False][0], "param_names": groups[False][1], "weight_decay": 0.0}]
 
 
 def lr_at(step, cfg):
@@ -503,6 +505,176 @@ def barrier():
         dist.barrier()
 
 
+class Layout:
+    """Who holds what under torchrun (parallel.py): a mesh of pp x dp x tp ranks, this rank's
+    place in it, how the model is wrapped, and how a sharded model and optimizer go back to
+    one process's view. Checkpoints are always that view (the same files whatever the
+    layout, so a run saved on 8 GPUs resumes on 2, or on a laptop): every rank gathers its
+    shards, rank 0 writes them through a full copy on the CPU, and a resume slices them
+    again. At a scale where one full copy does not fit in a host's memory, torch's
+    distributed checkpoint (torch.distributed.checkpoint) writes the shards in parallel."""
+
+    def __init__(self, cfg, world, device):
+        self.cfg, self.world, self.device = cfg, world, device
+        self.tp, self.pp, self.impl = cfg.tp, cfg.pp, cfg.parallel_impl
+        if self.impl not in ("scratch", "torch"):
+            raise SystemExit(f"--parallel_impl {self.impl!r}: scratch (parallel.py's own) or torch (FSDP2, DTensor)")
+        if cfg.zero_stage not in (1, 2, 3):
+            raise SystemExit(f"--zero_stage {cfg.zero_stage}: 1 (optimizer state), 2 (+ gradients) or 3 (+ weights)")
+        if self.tp < 1 or self.pp < 1 or world % (self.tp * self.pp):
+            raise SystemExit(f"--tp {self.tp} x --pp {self.pp} must divide the {world} processes (the data-parallel "
+                             "degree is what remains): " + ("run under torchrun --nproc_per_node=N" if world == 1
+                                                            else f"use a world size that is a multiple of {self.tp * self.pp}"))
+        if self.pp > 1 and self.impl == "torch":
+            raise SystemExit("--pp: pipeline parallelism is parallel.py's own (--parallel_impl scratch)")
+        if self.pp > 1 and cfg.fsdp:
+            raise SystemExit("--pp with --fsdp: not combined here (a stage's weights would be gathered and freed "
+                             "once per micro-batch); use --pp with plain data parallelism")
+        self.dp = world // (self.tp * self.pp)
+        self.mesh = parallel.make_mesh(self.tp, self.pp, device.type) if world > 1 else None
+        self.dp_rank = self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
+        self.zero = cfg.fsdp and self.impl == "scratch"
+        # plain data parallelism keeps whole replicas: nothing to gather for a checkpoint
+        self.sharded = world > 1 and (self.tp > 1 or self.pp > 1 or cfg.fsdp)
+
+    def group(self, dim):
+        return self.mesh[dim].get_group()
+
+    def describe(self):
+        kind = {"scratch": "parallel.py", "torch": "torch FSDP2/DTensor"}[self.impl]
+        shard = f", ZeRO-{self.cfg.zero_stage} over dp" if self.zero else ", FSDP over dp" if self.cfg.fsdp else ""
+        return f"{self.world} processes = dp {self.dp} x tp {self.tp} x pp {self.pp} ({kind}{shard})"
+
+    def wrap(self, model):
+        """Split the (full, identical on every rank) model in place; returns what the loop calls."""
+        cfg = self.cfg
+        # Names and shapes of the whole model: checkpoints are written in these terms.
+        self.full_shapes = {n: p.shape for n, p in model.named_parameters()}
+        if self.mesh is None:
+            return model
+        if self.impl == "torch":
+            if self.tp > 1 or cfg.fsdp:
+                try:
+                    parallel.torch_parallelize(model, self.mesh, fsdp=cfg.fsdp)
+                except ValueError as e:
+                    raise SystemExit(f"--tp {self.tp}: {e}")
+            if self.dp > 1 and not cfg.fsdp:
+                if self.tp > 1:
+                    raise SystemExit("--parallel_impl torch with --tp and data parallelism needs --fsdp "
+                                     "(DDP does not take DTensor parameters)")
+                return torch.nn.parallel.DistributedDataParallel(model, process_group=self.group("dp"))
+            return model
+        if self.tp > 1:
+            try:
+                parallel.tensor_parallel(model, self.group("tp"))
+            except ValueError as e:
+                raise SystemExit(f"--tp {self.tp}: {e}")
+        self.tp_params = dict(model.named_parameters())
+        net = model
+        if self.pp > 1:
+            net = parallel.PipelineStage(model, self.group("pp"))
+        if self.zero:
+            return parallel.ZeRO(net, stage=cfg.zero_stage, group=self.group("dp"))
+        if self.dp > 1:
+            return parallel.DataParallel(net, group=self.group("dp"))
+        return net
+
+    # -- one process's view of the sharded state (checkpoints) --------------------------
+
+    def to_full(self, name, t):
+        """The whole tensor of parameter `name` (or of anything shaped like it: its AdamW
+        moments) from this rank's piece t, on every rank of its groups."""
+        if self.impl == "torch":               # a DTensor knows its own layout; the rest is replicated
+            return t.full_tensor() if hasattr(t, "full_tensor") else t
+        if self.zero:                          # ZeRO: rows over the data-parallel ranks
+            t = parallel.zero_full(t, self.tp_params[name].shape[0], self.group("dp"))
+        if self.tp > 1:                        # TP: blocks over the tensor-parallel ranks
+            t = parallel.tp_full(t, self.tp_params[name], self.group("tp"))
+        return t
+
+    def to_local(self, name, full, like):
+        """to_full's inverse: this rank's piece of a whole tensor, in the layout of `like`."""
+        if hasattr(like, "device_mesh"):
+            from torch.distributed.tensor import distribute_tensor
+            return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements)
+        if self.impl == "torch":
+            return full.to(like.device, like.dtype)
+        if self.tp > 1:
+            full = parallel.tp_local(full, self.tp_params[name], self.group("tp"))
+        if self.zero:
+            full = parallel.zero_local(full, self.group("dp"))
+        return full.to(like.device, like.dtype)
+
+    def full_state(self, raw, optimizer):
+        """({name: whole weight}, {name: {AdamW state}}) on every rank (a pipeline stage's
+        pieces are exchanged with the other stages)."""
+        weights = {n: self.to_full(n, p.detach()) for n, p in raw.named_parameters()}
+        moments = {}
+        if optimizer is not None:
+            sd = optimizer.state_dict()
+            for g in sd["param_groups"]:
+                for pid, name in zip(g["params"], g["param_names"]):
+                    moments[name] = {k: self.to_full(name, v) if torch.is_tensor(v) and v.dim() else v
+                                     for k, v in sd["state"].get(pid, {}).items()}
+        if self.pp > 1:
+            parts = [None] * self.pp
+            dist.all_gather_object(parts, ({k: v.cpu() for k, v in weights.items()},
+                                           {k: {a: b.cpu() if torch.is_tensor(b) else b for a, b in st.items()}
+                                            for k, st in moments.items()}), group=self.group("pp"))
+            weights, moments = {}, {}
+            for w, m in parts:
+                weights.update(w)
+                moments.update(m)
+        return weights, moments
+
+    def load_full(self, raw, optimizer, weights, moments):
+        """Put a whole state (from full_state or a checkpoint) into this rank's pieces."""
+        with torch.no_grad():
+            for n, p in raw.named_parameters():
+                p.copy_(self.to_local(n, weights[n], p))
+        if optimizer is None:
+            return
+        sd = optimizer.state_dict()
+        params = dict(raw.named_parameters())
+        for g in sd["param_groups"]:
+            for pid, name in zip(g["params"], g["param_names"]):
+                if moments.get(name):
+                    sd["state"][pid] = {k: self.to_local(name, v, params[name]) if torch.is_tensor(v) and v.dim()
+                                        else v for k, v in moments[name].items()}
+        optimizer.load_state_dict(sd)
+
+    def clip_grad_norm_(self, raw, max_norm):
+        """The whole model's gradient norm, clipped to max_norm on every rank alike. Each rank
+        adds its gradients' squares divided by how many ranks hold the same piece (the DP
+        replicas; the TP ranks of a replicated norm or K/V head), and one all-reduce over the
+        world sums the pieces. Clipping by a rank's own norm would scale the shards of one
+        matrix differently."""
+        params = [(n, p) for n, p in raw.named_parameters() if p.grad is not None]
+        if self.mesh is None:
+            return torch.nn.utils.clip_grad_norm_([p for _, p in params], max_norm)
+        if self.impl == "torch":
+            norm = parallel.grad_norm([p for _, p in params])
+        else:
+            sq = torch.zeros((), dtype=torch.float32, device=self.device)
+            for n, p in params:
+                sq += p.grad.float().square().sum() / self.copies(n)
+            dist.all_reduce(sq)
+            norm = sq.sqrt()
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for _, p in params:
+            p.grad.mul_(coef.item() if hasattr(p.grad, "device_mesh") else coef)
+        return norm
+
+    def copies(self, name):
+        """How many ranks of the world hold this parameter's piece of gradient identically."""
+        n = 1 if self.zero else self.dp
+        if self.tp > 1:
+            n *= self.tp // getattr(self.tp_params[name], "tp_slots", 1)
+        if self.pp > 1:
+            n *= parallel.pipeline_copies(name)
+        return n
+
+
 def get_tokenizer(cfg, rank):
     """The tokenizer (an object with encode/decode and n_vocab or vocab_size): `bytes`, a
     tokenizer.py file, or one trained here on the built-in corpus when missing."""
@@ -639,13 +811,18 @@ def preflight(t):
     report("PASS" if math.isfinite(lv) and not bad else "FAIL", "forward/backward finite",
            "loss and every gradient finite" if math.isfinite(lv) and not bad else f"loss {lv}, non-finite grads {bad[:5]}")
     model.zero_grad(set_to_none=True)
-    # 4. a checkpoint saves and reloads to identical weights
+    # 4. a checkpoint saves and reloads to identical weights (a sharded run's: the whole model)
+    whole = t.layout.full_state(model, None)[0] if t.layout.sharded else model.state_dict()
     if t.rank == 0:
         with tempfile.TemporaryDirectory(dir=cfg.out_dir) as d:
-            save_checkpoint(os.path.join(d, "step"), model, None, {"step": 0})
-            copy = M.Model(model.config)
+            host = t.host_copy()[0] if t.layout.sharded else model
+            host.load_state_dict({k: v.cpu() for k, v in whole.items()}, strict=False)
+            save_checkpoint(os.path.join(d, "step"), host, None, {"step": 0})
+            with torch.random.fork_rng(devices=[]):
+                copy = M.Model(t.full_config)
             load_checkpoint(os.path.join(d, "step"), copy)
-            same = all(torch.equal(a.cpu(), b) for a, b in zip(model.state_dict().values(), copy.state_dict().values()))
+            back = copy.state_dict()
+            same = all(torch.equal(v.cpu(), back[k]) for k, v in whole.items())
             size = sum(os.path.getsize(os.path.join(d, "step", f)) for f in os.listdir(os.path.join(d, "step")))
         report("PASS" if same else "FAIL", "checkpoint round trip",
                f"weights identical after save and load ({size / 1e6:.1f} MB without optimizer state)" if same
@@ -661,10 +838,10 @@ def preflight(t):
     tps = tokens / step_time
     peak = peak_flops(cfg, device)
     mfu = model.flops_per_token(cfg.seq_len) * tps / peak if peak else None
-    total = cfg.max_steps * t.accum * tokens * t.world_size
-    report("PASS", "throughput", f"~{tps * t.world_size:,.0f} tokens/s (first step, cold), "
-           f"{'MFU ~%.0f%%' % (100 * mfu) if mfu else 'MFU n/a (set --peak_flops for this device)'}; "
-           f"{total / 1e6:.2f}M tokens would take ~{total / (tps * t.world_size) / 60:.1f} min")
+    total = cfg.max_steps * t.accum * tokens * t.dp
+    report("PASS", "throughput", f"~{tps * t.dp:,.0f} tokens/s (first step, cold), "
+           f"{'MFU ~%.0f%%' % (100 * mfu / (t.world_size // t.dp)) if mfu else 'MFU n/a (set --peak_flops for this device)'}; "
+           f"{total / 1e6:.2f}M tokens would take ~{total / (tps * t.dp) / 60:.1f} min")
     # 7. memory: weights, gradients and AdamW's two moments in fp32, plus activations (an estimate)
     c = model.config
     n_params = model.num_params()[0]
@@ -678,20 +855,33 @@ def preflight(t):
     free = shutil.disk_usage(cfg.out_dir).free
     report("FAIL" if need > free else "PASS", "disk", f"{need / 2 ** 30:.2f} GiB for {cfg.keep_last + 1} "
            f"checkpoints, {free / 2 ** 30:.1f} GiB free in {cfg.out_dir}")
-    # 9. under torchrun: the same weights everywhere, different data on each rank
+    # 9. under torchrun: the layout, the same (whole) weights everywhere, different data on
+    # each data-parallel rank and the same data within its TP / PP group
     if t.world_size > 1:
-        checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).to(device)
+        report("PASS", "layout", t.layout.describe())
+        checksum = torch.stack([v.detach().double().sum() for v in whole.values()]).to(device)
         sums = [torch.zeros_like(checksum) for _ in range(t.world_size)]
         dist.all_gather(sums, checksum)
         same = all(torch.equal(s, sums[0]) for s in sums)
         report("PASS" if same else "FAIL", "identical initial weights",
                f"{t.world_size} ranks agree" if same else "ranks hold different weights: seed every rank alike")
-        h = torch.tensor([hash(tuple(batch["input_ids"].flatten().tolist())) % (2 ** 61)], device=device)
+        if t.layout.tp > 1 and t.layout.impl == "scratch":
+            # sharded blocks must differ between TP ranks, replicated ones agree (SmolLM3's bug)
+            bad = parallel.check_replicas(model, t.layout.group("tp"))
+            report("FAIL" if bad else "PASS", "tensor-parallel shards",
+                   "; ".join(f"{n}: {why}" for n, why in bad[:3]) if bad else
+                   "sharded weights differ between TP ranks, replicated ones agree")
+        h = torch.tensor([hash(tuple(batch["input_ids"].flatten().tolist())) % (2 ** 61), t.dp_rank], device=device)
         hashes = [torch.zeros_like(h) for _ in range(t.world_size)]
         dist.all_gather(hashes, h)
-        distinct = len({int(x) for x in hashes}) == t.world_size
+        by_dp = {}
+        for x in hashes:
+            by_dp.setdefault(int(x[1]), set()).add(int(x[0]))
+        distinct = all(len(v) == 1 for v in by_dp.values()) and len({min(v) for v in by_dp.values()}) == t.dp
         report("PASS" if distinct else "FAIL", "different data per rank",
-               "every rank's first batch differs" if distinct else "ranks read the same batch: check rank sharding")
+               f"each of the {t.dp} data-parallel ranks reads its own batch" + (
+                   ", shared by its TP/PP ranks" if t.world_size > t.dp else "") if distinct else
+               "ranks read the wrong batches (data-parallel ranks alike, or a TP/PP group split): check the sharding")
     else:
         report("PASS", "ranks", "one process (no cross-rank checks)")
     return results
@@ -704,7 +894,9 @@ class Trainer:
     def __init__(self, cfg, overrides):
         self.cfg = cfg
         self.rank, self.world_size, self.device = setup_distributed(cfg)
-        torch.manual_seed(cfg.seed)           # the same init on every rank
+        self.layout = Layout(cfg, self.world_size, self.device)
+        self.dp, self.dp_rank = self.layout.dp, self.layout.dp_rank
+        torch.manual_seed(cfg.seed)           # the same init on every rank (TP slices it: no seed bug)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         if cfg.stage in ("sft", "dpo", "rl"):
@@ -715,10 +907,10 @@ class Trainer:
             raise SystemExit("--stage midtrain continues a trained model: give --init CHECKPOINT")
         if not cfg.init and cfg.preset not in M.PRESETS:
             raise SystemExit(f"--preset {cfg.preset!r}: presets are {', '.join(M.PRESETS)}")
-        per_step = cfg.batch_size * cfg.seq_len * self.world_size
+        per_step = cfg.batch_size * cfg.seq_len * self.dp      # TP and PP ranks share their batch
         if cfg.total_batch_tokens % per_step:
             raise SystemExit(f"--total_batch_tokens {cfg.total_batch_tokens} is not a multiple of batch_size x "
-                             f"seq_len x processes = {per_step}")
+                             f"seq_len x data-parallel ranks = {per_step}")
         self.accum = cfg.total_batch_tokens // per_step
         # (the checks above are cheap; the tokenizer and data below may take a while the first time)
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -732,12 +924,11 @@ class Trainer:
             raise SystemExit(f"--seq_len {cfg.seq_len} exceeds the model's max_seq_len "
                              f"{self.raw_model.config.max_seq_len}; raise --max_seq_len (with --rope_theta or "
                              "--rope_scaling to extend a trained model's context)")
-        self.stage = PretrainStage(cfg, self.rank, self.world_size, cfg.max_steps * cfg.total_batch_tokens)
+        self.stage = PretrainStage(cfg, self.dp_rank, self.dp, cfg.max_steps * cfg.total_batch_tokens)
+        self.full_config = self.raw_model.config
+        self.model = self.layout.wrap(self.raw_model)     # the raw model now holds this rank's pieces
         self.optimizer = torch.optim.AdamW(param_groups(self.raw_model, cfg.weight_decay, cfg.decay_embeddings),
                                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-        self.model = self.raw_model
-        if self.world_size > 1:
-            self.model = torch.nn.parallel.DistributedDataParallel(self.raw_model)
         if cfg.compile:
             self.model = torch.compile(self.model)
         self.autocast = (torch.autocast("cuda", torch.bfloat16) if self.device.type == "cuda"
@@ -761,7 +952,12 @@ class Trainer:
     def restore(self, path, loader):
         """Model, optimizer, RNG and step from a checkpoint; the loader too unless we are
         skipping past bad batches."""
-        state = load_checkpoint(path, self.raw_model, self.optimizer)
+        if self.layout.sharded:    # every rank reads the whole checkpoint, then keeps its pieces
+            host, host_opt = self.host_copy()
+            state = load_checkpoint(path, host, host_opt)
+            self.layout.load_full(self.raw_model, self.optimizer, *self.host_state(host, host_opt))
+        else:
+            state = load_checkpoint(path, self.raw_model, self.optimizer)
         self.start_step = state["step"]
         self.monitor.load_state_dict(state["monitor"])
         if loader:
@@ -769,10 +965,38 @@ class Trainer:
         self.log(f"restored {path} (step {self.start_step})")
         return state
 
+    def host_copy(self):
+        """A whole model and its AdamW on the CPU, to read or write a checkpoint of a sharded run
+        (built without touching the run's random state)."""
+        with torch.random.fork_rng(devices=[]):
+            host = M.Model(self.full_config)
+        return host, torch.optim.AdamW(param_groups(host, self.cfg.weight_decay, self.cfg.decay_embeddings))
+
+    def host_state(self, host, host_opt):
+        """(weights, moments) by parameter name, from the host copy: what Layout.load_full takes."""
+        weights = dict(host.named_parameters())
+        sd = host_opt.state_dict()
+        moments = {name: sd["state"][pid] for g in sd["param_groups"]
+                   for pid, name in zip(g["params"], g["param_names"]) if pid in sd["state"]}
+        return weights, moments
+
     def save(self, step):
+        model, optimizer = self.raw_model, self.optimizer
+        if self.layout.sharded:    # every rank gathers, rank 0 writes one process's view
+            weights, moments = self.layout.full_state(self.raw_model, self.optimizer)
+            if self.rank == 0:
+                model, optimizer = self.host_copy()
+                model.load_state_dict({k: v.cpu() for k, v in weights.items()}, strict=False)
+                sd = optimizer.state_dict()
+                for g, mine in zip(sd["param_groups"], self.optimizer.state_dict()["param_groups"]):
+                    g.update({k: v for k, v in mine.items() if k not in ("params", "param_names")})
+                    for pid, name in zip(g["params"], g["param_names"]):
+                        if moments.get(name):
+                            sd["state"][pid] = {k: v.cpu() if torch.is_tensor(v) else v for k, v in moments[name].items()}
+                optimizer.load_state_dict(sd)
         if self.rank == 0:
             path = os.path.join(self.cfg.out_dir, "ckpt", f"step_{step:06d}")
-            save_checkpoint(path, self.raw_model, self.optimizer,
+            save_checkpoint(path, model, optimizer,
                             {"step": step, "config": asdict(self.cfg), "stage": self.stage.state_dict(),
                              "monitor": self.monitor.state_dict()})
             if self.cfg.keep_last > 0:     # 0 keeps every checkpoint
@@ -814,7 +1038,7 @@ class Trainer:
                 json.dump({"train": asdict(cfg), "model": asdict(c)}, f, indent=1)
             print(f"config: {json.dumps(asdict(cfg))}\nmodel: {json.dumps(asdict(c))}")
             print(f"model: {total:,} parameters ({non_emb:,} non-embedding), {self.flops_per_token / 1e6:.1f} "
-                  f"MFLOPs/token; batch: {cfg.batch_size} x {cfg.seq_len} x {self.world_size} processes x "
+                  f"MFLOPs/token; batch: {cfg.batch_size} x {cfg.seq_len} x {self.dp} data-parallel ranks x "
                   f"{self.accum} accumulation = {cfg.total_batch_tokens:,} tokens/step; {cfg.max_steps} steps = "
                   f"{cfg.max_steps * cfg.total_batch_tokens / 1e6:.2f}M tokens; device {self.device}")
         if cfg.preflight:
@@ -854,8 +1078,9 @@ class Trainer:
             fwd_time = 0.0
             for micro in range(self.accum):
                 batch = {k: v.to(self.device) for k, v in self.stage.next_batch().items()}
-                # DDP all-reduces gradients in backward: only on the last micro-batch
-                sync = micro == self.accum - 1 or self.world_size == 1
+                # DDP all-reduces gradients in backward: only on the last micro-batch (wrappers
+                # without no_sync, FSDP2's and TP alone, communicate on every micro-batch)
+                sync = micro == self.accum - 1 or not hasattr(model, "no_sync")
                 with contextlib.nullcontext() if sync else model.no_sync():
                     t_fwd = time.perf_counter()
                     with self.autocast:
@@ -870,7 +1095,7 @@ class Trainer:
                     stats[:-2, 0].index_add_(0, batch["source"], aux["row_ce"].float() * n_tok)
                     stats[:-2, 1].index_add_(0, batch["source"], n_tok)
             stats[-1, 0] = float(self.stop_signal is not None)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
+            grad_norm = self.layout.clip_grad_norm_(self.raw_model, cfg.grad_clip)
             if dist.is_initialized():
                 dist.all_reduce(stats)
             loss_value = (stats[-2, 0] / stats[-2, 1]).item()
@@ -941,9 +1166,16 @@ class Trainer:
 
 
 def sample(t, prompt="def ", n_tokens=48):
+    """A continuation of prompt. Sharded weights take every rank of the model: all of them
+    generate together (the same seed, so the same tokens), and rank 0 prints."""
     ids = t.tok.encode(prompt)
-    out = t.raw_model.generate([ids], max_new_tokens=n_tokens, temperature=0.8, top_k=50,
-                               generator=torch.Generator(device=t.device).manual_seed(0))[0]
+    m = t.raw_model
+    if hasattr(m, "unshard"):        # FSDP2: generate() calls hidden_states, not forward
+        m.unshard()
+    out = m.generate([ids], max_new_tokens=n_tokens, temperature=0.8, top_k=50,
+                     generator=torch.Generator(device=t.device).manual_seed(0))[0]
+    if hasattr(m, "reshard"):
+        m.reshard()
     return prompt + t.decode(out)
 
 
@@ -994,9 +1226,13 @@ def main(argv=None):
     t = Trainer(cfg, overrides)
     try:
         step = t.train()
+        if step >= cfg.max_steps and cfg.sample_tokens:
+            if cfg.pp > 1:
+                t.log("sample: skipped (generation across pipeline stages is not written here)")
+            elif t.rank == 0 or t.layout.sharded:
+                text = sample(t, n_tokens=cfg.sample_tokens)
+                t.log(f"sample: {text!r}")
         if t.rank == 0 and step >= cfg.max_steps:
-            if cfg.sample_tokens:
-                print(f"sample: {sample(t, n_tokens=cfg.sample_tokens)!r}")
             plot(cfg.out_dir)
     finally:
         if dist.is_initialized():

@@ -336,10 +336,10 @@ def test_sigterm_saves_last_step_and_resume_continues(data_dir, tmp_path):
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one_process(data_dir, base_run, tmp_path):
     # base_run is one process: 4 x 64 x 2 accumulation = 512 tokens a step; here 4 x 64 x 2 processes
-    assert "4 x 64 x 1 processes x 2 accumulation" in base_run["stdout"]
+    assert "4 x 64 x 1 data-parallel ranks x 2 accumulation" in base_run["stdout"]
     rc, two_stdout = run_torchrun(common(data_dir) + MODEL + RESUME_ARGS + ["--out_dir", "two"], tmp_path)
     assert rc == 0, f"torchrun exited {rc}:\n{two_stdout[-3000:]}"
-    assert "4 x 64 x 2 processes x 1 accumulation" in two_stdout
+    assert "4 x 64 x 2 data-parallel ranks x 1 accumulation" in two_stdout
     checks = {item: status for status, item, _ in preflight_lines(two_stdout)}
     assert checks.get("identical initial weights") == "PASS", two_stdout[-3000:]
     assert checks.get("different data per rank") == "PASS", two_stdout[-3000:]
