@@ -28,9 +28,11 @@ Run (always under torchrun; gloo on CPU, NCCL on GPU):
     torchrun --nproc_per_node=2 parallel.py bench     # bus bandwidth of each collective by size
     torchrun --nproc_per_node=2 parallel.py health    # a timed matmul and all-reduce on every rank
     torchrun --nproc_per_node=2 parallel.py tp        # a SwiGLU MLP split over ranks, and the SmolLM3 seed bug caught
+    python parallel.py pp                             # the pipeline bubble, and GPipe's and 1F1B's timelines
 """
 
 import contextlib
+import math
 import os
 import statistics
 import sys
@@ -699,6 +701,373 @@ def full_state_dict(model, group=None):
     return {name: tp_full(t, params.get(name), group) for name, t in model.state_dict().items()}
 
 
+# =============================================================================
+# Pipeline parallelism (GPipe, 1F1B)
+#
+# The concept. Split the stack of layers into n consecutive stages, one per rank: rank 0 holds the
+# embedding and the first L/n blocks, the last rank the last L/n blocks, the final norm and the
+# head. A batch flows forward through the ranks as activations (rows, T, dim) sent to the next
+# rank, and its gradient flows back as the gradient of those activations sent to the previous
+# rank. Each rank holds 1/n of the weights, gradients and optimizer state, and the only traffic
+# is one activation tensor per micro-batch between neighbours: no all-reduce of the weights.
+#
+# The catch: with one batch, rank s waits for ranks 0..s-1 on the way forward and for the ranks
+# after it on the way back; n-1 of every n slots are idle. Cut the batch into m micro-batches and
+# the stages work on different micro-batches at once. With every forward and backward taking one
+# time slot, the idle part of the timeline (the bubble) is
+#
+#     bubble = (n - 1) / (m + n - 1)        (bubble_fraction; 4 stages, 8 micro-batches: 27%)
+#
+# so m >> n makes it small, at the price of small micro-batches (less efficient matmuls).
+#
+# Two schedules run the same m forwards and backwards in a different order:
+# - GPipe (Huang et al. 2019): all forwards, then all backwards. Simple, but every stage keeps
+#   the activations of all m micro-batches until their backward: memory grows with m.
+# - 1F1B (Narayanan et al. 2021, "PipeDream-Flush"): stage s runs n - s - 1 warm-up forwards,
+#   then alternates one forward and one backward, then finishes the remaining backwards. Same
+#   bubble, but a micro-batch's activations are freed as soon as its backward ran, so at most
+#   n - s micro-batches are alive on stage s (at most n), whatever m is.
+#
+# The playbook's lesson: pipeline parallelism trades the bubble for very little communication, which
+# is why it is the strategy that crosses slow links (between nodes), while tensor parallelism,
+# which all-reduces inside every layer, stays inside a node's NVLink domain. Combined with
+# gradient accumulation (many micro-batches per optimizer step) the bubble becomes small.
+
+# What a model must offer to be cut into stages (model.py's Model does).
+NEEDED = ("embed", "block_inputs", "layers", "norm", "head", "embed_tokens", "lm_head")
+
+
+def bubble_fraction(n_stages, n_micro):
+    """The share of a pipeline's timeline that each stage spends idle, with equal-length forward
+    and backward slots: the first micro-batch needs n-1 slots to reach the last stage and the last
+    one n-1 slots to come back, around the m slots of useful work: (n-1) / (m+n-1)."""
+    return (n_stages - 1) / (n_micro + n_stages - 1)
+
+
+def split_layers(n_layer, n_stages):
+    """[(lo, hi)] per stage: a near-even split. The ceiling puts the extra layers on the early
+    stages, because the last stage also runs the head (a (dim x vocab) matmul and the loss)."""
+    if n_stages > n_layer:
+        raise ValueError(f"PipelineStage: {n_stages} stages need at least as many layers (the model has {n_layer})")
+    bounds = [math.ceil(s * n_layer / n_stages) for s in range(n_stages + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+# -----------------------------------------------------------------------------
+# The schedules, as plain lists: what one stage runs, in order
+
+def schedule_ops(schedule, n, s, m):
+    """[("F", i) | ("B", i), ...]: the forwards and backwards stage s of n runs for m micro-batches."""
+    if schedule == "gpipe":
+        return [("F", i) for i in range(m)] + [("B", i) for i in range(m)]
+    if schedule == "1f1b":
+        # Warm-up: enough forwards that, by the time this stage's first backward can start (its
+        # gradient has to come back from the n-s-1 stages after it), the pipe is full.
+        warm = min(n - s - 1, m)
+        ops = [("F", i) for i in range(warm)]
+        for i in range(m - warm):             # steady state: one forward, one backward
+            ops += [("F", warm + i), ("B", i)]
+        return ops + [("B", i) for i in range(m - warm, m)]   # cool-down: drain the backwards
+    raise ValueError(f"pipeline_step: unknown schedule {schedule!r} (gpipe, 1f1b)")
+
+
+def p2p_plan(schedule, n, s, m):
+    """schedule_ops with the communication put in: a list of ("F", i), ("B", i) and
+    ("comm", [(kind, i), ...]), kind one of send_act (to s+1), recv_act (from s-1), send_grad
+    (to s-1), recv_grad (from s+1).
+
+    Why batches: if every send waited for its receive (NCCL does; gloo may), 1F1B deadlocks when
+    done naively: stage s sends micro-batch 1's activations forward while stage s+1 sends
+    micro-batch 0's gradient back, and each waits for the other to receive. So the send that
+    ends an op is posted together with the receive that starts the next one, as one batch
+    (dist.batch_isend_irecv, a NCCL group): both sides' batches then hold both halves of the
+    exchange. tests/test_parallel_pp.py checks every (n, m) up to 8 stages for deadlocks under
+    those strict semantics."""
+    plan, pending = [], []
+    for op, i in schedule_ops(schedule, n, s, m):
+        need = []
+        if op == "F" and s > 0:
+            need = [("recv_act", i)]
+        if op == "B" and s < n - 1:
+            need = [("recv_grad", i)]
+        if pending or need:
+            plan.append(("comm", pending + need))
+        plan.append((op, i))
+        pending = []
+        if op == "F" and s < n - 1:
+            pending = [("send_act", i)]
+        if op == "B" and s > 0:
+            pending = [("send_grad", i)]
+    if pending:
+        plan.append(("comm", pending))
+    return plan
+
+
+# -----------------------------------------------------------------------------
+# One stage of the pipeline
+
+class PipelineStage(nn.Module):
+    """This rank's slice of the model. Stage s of the group's n ranks keeps layers
+    split_layers(L, n)[s]; stage 0 keeps the embedding, the last stage the final norm and the
+    head; every other module is removed (set to None: its memory is freed, and the optimizer
+    built on stage.parameters() only sees this stage's weights). self.model keeps the model's
+    own parameter names (layers.5.mlp... stays layers.5.mlp...), so checkpoints of the stages
+    merge by a plain dict union.
+
+    Tied embeddings: the first and the last stage both hold the (vocab x dim) matrix, one as the
+    embedding and one as the head, starting from stage 0's values; pipeline_step adds their
+    two gradients together (sync_tied_grads), so the two copies take the same optimizer step
+    and stay equal, as the one matrix of the unsplit model would.
+
+    The whole model is built on every rank before the cut, so construction briefly needs the
+    full model's memory (in the optimizer and the training step, only the stage's)."""
+
+    def __init__(self, model, group=None):
+        super().__init__()
+        missing = [a for a in NEEDED if not hasattr(model, a)]
+        if missing:
+            raise ValueError(f"PipelineStage: the model has no {', '.join(missing)}; it needs "
+                             f"{', '.join(NEEDED)} (model.py's Model)")
+        if getattr(model, "moe_layers", None):
+            # head() adds up the MoE layers' balancing losses, but only the last stage runs it:
+            # the other stages' routers would never be trained to balance.
+            raise ValueError("PipelineStage: MoE layers are not supported (their auxiliary losses are summed "
+                             "at the head, which would miss the other stages' layers)")
+        self.model, self.group = model, group
+        if dist.is_initialized():
+            self.ranks = dist.get_process_group_ranks(group or dist.group.WORLD)
+            if dist.get_rank() not in self.ranks:
+                raise ValueError(f"PipelineStage: rank {dist.get_rank()} is not in the group {self.ranks}")
+            self.stage = dist.get_rank(group)
+        else:                                 # one process: the whole model, no communication
+            self.ranks, self.stage = [0], 0
+        self.n = len(self.ranks)
+        self.lo, self.hi = split_layers(len(model.layers), self.n)[self.stage]
+        self.is_first, self.is_last = self.stage == 0, self.stage == self.n - 1
+        self.tied = model.lm_head is not None and model.lm_head.weight is model.embed_tokens.weight
+        self.dim = model.embed_tokens.weight.shape[1]
+
+        for i in range(len(model.layers)):
+            if not self.lo <= i < self.hi:
+                model.layers[i] = None        # ModuleList keeps the slot, so the names stay put
+        if not self.is_first:
+            model.embed_tokens = None         # a tied head keeps its reference to the weight
+            if getattr(model, "embed_positions", None) is not None:
+                model.embed_positions = None
+        if not self.is_last:
+            model.norm, model.lm_head = None, None
+        self.tied_weight = None
+        if self.tied and self.n > 1 and (self.is_first or self.is_last):
+            self.tied_weight = model.embed_tokens.weight if self.is_first else model.lm_head.weight
+        p = next(self.parameters())
+        self.dtype, self.device = p.dtype, p.device
+        self.peak_in_flight = 0
+        if self.n > 1:
+            # A collective on the whole group first: NCCL then sets up its communicator with
+            # every rank present, before the point-to-point traffic between pairs.
+            dist.barrier(group=group)
+            if self.tied_weight is not None:
+                with torch.no_grad():         # the head starts as stage 0's embedding
+                    if self.is_first:
+                        dist.send(self.tied_weight.data.contiguous(), self.ranks[-1], group=group, tag=1)
+                    else:
+                        dist.recv(self.tied_weight.data, self.ranks[0], group=group, tag=1)
+
+    def forward(self, x, position_ids, input_ids=None, labels=None):
+        """This stage's part of the model: from input_ids (first stage) or the previous stage's
+        activations x, through its layers, to the next stage's input or (last stage) the head's
+        (logits, loss, aux). rope, mask and reset depend only on the positions, so every stage
+        computes its own instead of receiving them."""
+        m = self.model
+        if self.is_first:
+            x, rope, mask, reset = m.embed(input_ids, position_ids)
+        else:
+            rope, mask, reset = m.block_inputs(position_ids)
+        for i in range(self.lo, self.hi):
+            x = m.layers[i](x, rope, mask, None, reset)
+        if self.is_last:
+            return m.head(m.norm(x), labels)
+        return x
+
+    def sync_tied_grads(self):
+        """Add the tied matrix's two gradients, the embedding's (first stage) and the head's (last
+        stage), on both: each then holds the gradient the one shared matrix gets in one process.
+        A no-op on other stages, with untied embeddings, or with one stage."""
+        if self.tied_weight is None:
+            return
+        w = self.tied_weight
+        mine = w.grad if w.grad is not None else torch.zeros_like(w)
+        other = torch.empty_like(mine)
+        peer = self.ranks[-1] if self.is_first else self.ranks[0]
+        for work in dist.batch_isend_irecv([dist.P2POp(dist.isend, mine.contiguous(), peer, self.group, tag=1),
+                                            dist.P2POp(dist.irecv, other, peer, self.group, tag=1)]):
+            work.wait()
+        # first + last in that order on both ranks, so that the two copies stay bit-identical
+        w.grad = mine + other if self.is_first else other + mine
+
+
+# -----------------------------------------------------------------------------
+# The step: forwards and backwards of all micro-batches, activations passed along
+
+def pipeline_step(stage, micro_batches, schedule="1f1b"):
+    """Forward and backward of every micro-batch (dicts of input_ids, labels, position_ids; every
+    stage gets the same list, only the last stage reads labels) through the pipeline, in the
+    schedule's order. Each loss is scaled by 1/len(micro_batches), so the gradients that pile up
+    in .grad are those of the mean over micro-batches, as gradient accumulation gives; step
+    the optimizer afterwards. Gradients add up across calls too (the tied matrix's included).
+
+    Returns (losses, aux): the per-micro-batch losses on every stage (float32 scalars sent from
+    the last stage, for logging), and the head's aux dict of each micro-batch on the last stage
+    (None on the others). stage.peak_in_flight is the most micro-batches whose activations
+    were alive at once on this stage during the step."""
+    M, s, n = len(micro_batches), stage.stage, stage.n
+    if M == 0:
+        raise ValueError("pipeline_step: no micro-batches")
+    prev = stage.ranks[s - 1] if s > 0 else None
+    nxt = stage.ranks[s + 1] if s < n - 1 else None
+
+    batches = []
+    for b in micro_batches:
+        ids = b["input_ids"].to(stage.device)
+        pos = b.get("position_ids")
+        pos = (torch.arange(ids.shape[1], device=stage.device).expand_as(ids) if pos is None
+               else pos.to(stage.device))
+        labels = b.get("labels") if stage.is_last else None
+        batches.append((ids, pos, None if labels is None else labels.to(stage.device)))
+
+    # The step's own gradient of the tied matrix is exchanged at the end; what .grad held before
+    # (an earlier call of the same accumulation) was exchanged then, so it is set aside meanwhile.
+    w = stage.tied_weight
+    held = None
+    if w is not None:
+        held, w.grad = w.grad, None
+
+    inputs, outputs, received = {}, {}, {}   # per micro-batch: the stage's input x, output, and incoming tensors
+    losses, auxes = [None] * M, [None] * M
+    in_flight, stage.peak_in_flight = 0, 0
+
+    def communicate(ops):
+        p2p = []
+        for kind, i in ops:
+            if kind == "send_act":
+                p2p.append(dist.P2POp(dist.isend, outputs[i].detach().to(stage.dtype).contiguous(), nxt, stage.group))
+            elif kind == "send_grad":
+                p2p.append(dist.P2POp(dist.isend, inputs.pop(i).grad.contiguous(), prev, stage.group))
+            elif kind == "recv_act":
+                rows, T = batches[i][0].shape
+                received[i] = torch.empty(rows, T, stage.dim, dtype=stage.dtype, device=stage.device)
+                p2p.append(dist.P2POp(dist.irecv, received[i], prev, stage.group))
+            else:                             # recv_grad: shaped as what this stage sent forward
+                received[i] = torch.empty_like(outputs[i], dtype=stage.dtype)
+                p2p.append(dist.P2POp(dist.irecv, received[i], nxt, stage.group))
+        for work in dist.batch_isend_irecv(p2p):
+            work.wait()
+
+    for op, i in p2p_plan(schedule, n, s, M):
+        if op == "comm":
+            communicate(i)
+        elif op == "F":
+            ids, pos, labels = batches[i]
+            x = None
+            if not stage.is_first:
+                # A leaf that wants a gradient: its .grad is what goes back to the previous stage.
+                x = received.pop(i).requires_grad_()
+                inputs[i] = x
+            out = stage(x, pos, ids, labels)
+            if stage.is_last:
+                _, loss, auxes[i] = out
+                losses[i] = loss.detach().float()
+                outputs[i] = loss / M
+            else:
+                outputs[i] = out
+            in_flight += 1
+            stage.peak_in_flight = max(stage.peak_in_flight, in_flight)
+        else:                                 # "B"
+            out = outputs.pop(i)
+            # Last stage: the scaled loss. Others: the output, with the gradient the next stage sent.
+            torch.autograd.backward(out, None if stage.is_last else received.pop(i).to(out.dtype))
+            in_flight -= 1                    # the graph of micro-batch i is freed by its backward
+
+    if w is not None:
+        stage.sync_tied_grads()
+        if held is not None:
+            w.grad = held + w.grad
+    # The losses exist on the last stage only; send them to every stage for logging.
+    t = torch.stack(losses) if stage.is_last else torch.empty(M, dtype=torch.float32, device=stage.device)
+    if n > 1:
+        dist.broadcast(t, stage.ranks[-1], group=stage.group)
+    return list(t.unbind()), (auxes if stage.is_last else None)
+
+
+@torch.no_grad()
+def pipeline_forward(stage, batch):
+    """Forward only (evaluation), one batch through the stages in turn: each stage receives
+    the previous one's activations, runs its layers and sends them on. Returns the head's
+    (logits, loss, aux) on the last stage and None on the others."""
+    ids = batch["input_ids"].to(stage.device)
+    pos = batch["position_ids"].to(stage.device)
+    x = None
+    if not stage.is_first:
+        x = torch.empty(*ids.shape, stage.dim, dtype=stage.dtype, device=stage.device)
+        dist.recv(x, stage.ranks[stage.stage - 1], group=stage.group)
+    out = stage(x, pos, ids, batch["labels"].to(stage.device) if stage.is_last else None)
+    if stage.is_last:
+        return out
+    dist.send(out.to(stage.dtype).contiguous(), stage.ranks[stage.stage + 1], group=stage.group)
+    return None
+
+
+def pp_clip_grad_norm_(stage, max_norm):
+    """torch.nn.utils.clip_grad_norm_ for the whole pipelined model: each stage holds only its own
+    gradients, so the squared norms are summed over the stages (the tied matrix counted once,
+    on stage 0) and every stage scales by the same coefficient. Returns the total norm."""
+    sq = torch.zeros((), dtype=torch.float32, device=stage.device)
+    for p in stage.parameters():
+        if p.grad is not None and not (p is stage.tied_weight and not stage.is_first):
+            sq += p.grad.float().pow(2).sum()
+    if stage.n > 1:
+        dist.all_reduce(sq, group=stage.group)
+    norm = sq.sqrt()
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)   # torch's formula: never scales up
+    for p in stage.parameters():
+        if p.grad is not None:
+            p.grad.mul_(coef.to(p.grad.dtype))
+    return norm
+
+
+# -----------------------------------------------------------------------------
+# Demo: the bubble, and the two schedules drawn as timelines
+
+def timeline(schedule, n, m):
+    """Each stage's row of slots (one forward or one backward each; "." idle): an op starts when
+    its stage is free and its input is ready (forward: the previous stage's forward of the same
+    micro-batch; backward: the next stage's backward, or on the last stage its own forward)."""
+    done, rows = {}, []
+    ops = [schedule_ops(schedule, n, s, m) for s in range(n)]
+    pos, free = [0] * n, [0] * n
+    while any(pos[s] < len(ops[s]) for s in range(n)):
+        for s in range(n):
+            while pos[s] < len(ops[s]):
+                op, i = ops[s][pos[s]]
+                dep = ("F", i, s - 1) if op == "F" else ("B", i, s + 1) if s < n - 1 else ("F", i, s)
+                if dep[2] < 0:                # stage 0's forwards wait for nothing
+                    ready = 0
+                elif dep in done:
+                    ready = done[dep]
+                else:
+                    break
+                done[(op, i, s)] = free[s] = max(free[s], ready) + 1
+                pos[s] += 1
+    end = max(free)
+    for s in range(n):
+        row = ["."] * end
+        for (op, i, st), t in done.items():
+            if st == s:
+                row[t - 1] = str(i % 10) if op == "F" else "abcdefghij"[i % 10]
+        rows.append("".join(row))
+    return rows
+
+
 # -----------------------------------------------------------------------------
 # The layout: which ranks share what
 
@@ -932,8 +1301,35 @@ def _tp_demo():
         print(f"  after initialising with tp_seed(0) = 0 + tp_rank: {fixed or 'healthy'}")
 
 
+def _pp_demo():
+    """`python parallel.py pp` (no torchrun): the bubble table and the two schedules drawn."""
+    print("bubble = (n-1)/(m+n-1): the idle share of each stage's time\n")
+    ms = (1, 4, 8, 16, 32, 64)
+    print("stages \\ micro-batches " + "".join(f"{m:>7}" for m in ms))
+    for n in (2, 4, 8, 16):
+        print(f"{n:>22} " + "".join(f"{bubble_fraction(n, m):>7.0%}" for m in ms))
+    n, m = 4, 8
+    for schedule in ("gpipe", "1f1b"):
+        rows = timeline(schedule, n, m)
+        idle = sum(r.count(".") for r in rows) / sum(len(r) for r in rows)
+        peak = []
+        for s in range(n):                    # most micro-batches forwarded and not yet backwarded
+            alive = best = 0
+            for op, _ in schedule_ops(schedule, n, s, m):
+                alive += 1 if op == "F" else -1
+                best = max(best, alive)
+            peak.append(best)
+        print(f"\n{schedule}: {n} stages, {m} micro-batches (digit i: forward of micro-batch i; letter: its backward, a for 0)")
+        for s, r in enumerate(rows):
+            print(f"  stage {s}  {r}   activations alive at most: {peak[s]}")
+        print(f"  idle {idle:.0%} of the slots; bubble_fraction({n}, {m}) = {bubble_fraction(n, m):.0%}")
+
+
 def _main():
     cmd = sys.argv[1] if len(sys.argv) > 1 else "bench"
+    if cmd == "pp":
+        _pp_demo()
+        return
     if "RANK" not in os.environ:
         raise SystemExit(f"parallel.py {cmd}: run it under torchrun, e.g. torchrun --nproc_per_node=2 parallel.py {cmd}")
     rank, world, device = init()
@@ -951,7 +1347,7 @@ def _main():
                 print(f"rank {r}: matmul {mm[r] * 1e3:.2f} ms, all-reduce {ar[r] * 1e3:.2f} ms")
             print(f"slow ranks (matmul >= 1.5x the other ranks' median): {slow or 'none'}")
     else:
-        raise SystemExit(f"parallel.py: unknown command {cmd!r} (bench, health, tp)")
+        raise SystemExit(f"parallel.py: unknown command {cmd!r} (bench, health, tp, pp)")
     dist.destroy_process_group()
 
 
