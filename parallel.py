@@ -27,6 +27,7 @@ Papers: Li et al. 2020 (PyTorch DDP: gradient bucketing and overlap); Rajbhandar
 Run (always under torchrun; gloo on CPU, NCCL on GPU):
     torchrun --nproc_per_node=2 parallel.py bench     # bus bandwidth of each collective by size
     torchrun --nproc_per_node=2 parallel.py health    # a timed matmul and all-reduce on every rank
+    torchrun --nproc_per_node=2 parallel.py zero      # bytes per rank at ZeRO stages 1, 2, 3 against the paper's
     torchrun --nproc_per_node=2 parallel.py tp        # a SwiGLU MLP split over ranks, and the SmolLM3 seed bug caught
     python parallel.py pp                             # the pipeline bubble, and GPipe's and 1F1B's timelines
 """
@@ -166,6 +167,563 @@ class DataParallel(nn.Module):
         for h in self._hooks:
             h.remove()
         self._hooks = []
+
+
+# =============================================================================
+# ZeRO stages 1, 2 and 3 (FSDP)
+#
+# The concept. Data parallelism keeps W identical copies of everything a model needs in training:
+# the weights P, the gradients G and the optimizer state O (Adam: two more tensors per weight, so
+# O = 2P in float32, more with fp32 master weights under mixed precision). Only the batch is split.
+# ZeRO notices that each rank needs the whole of these only briefly, and shards them over the W
+# ranks instead, one more thing per stage:
+# - stage 1 shards the optimizer state: each rank updates only its 1/W of every parameter, then
+#   the updated pieces are all-gathered back into full weights.          memory: P + G + O/W
+# - stage 2 shards the gradients too: a reduce-scatter instead of an all-reduce leaves each rank
+#   only the summed gradient of its own piece, and the full gradient is freed at once.
+#                                                                        memory: P + G/W + O/W
+# - stage 3 (FSDP) shards the weights as well: each block's full weights are all-gathered just
+#   before its forward, freed after it, gathered again before its backward and freed again once
+#   its gradients are reduce-scattered.                                  memory: (P + G + O)/W
+#   plus the full weights of the block or two being computed.
+# The communication barely grows: an all-reduce is a reduce-scatter plus an all-gather, which is
+# exactly what stages 1 and 2 do; stage 3 adds one more all-gather of the weights for the
+# backward (1.5x DP's volume), and overlaps it with compute in real engines.
+#
+# The playbook's lesson: shard the optimizer state first (it is the biggest and the cheapest to
+# shard), then the gradients, then the weights, and only as far as memory requires: every stage
+# adds collectives on the critical path, and stage 3 pays for them at every layer.
+#
+# The layout is FSDP2's, so checkpoints line up with torch's: every parameter is split on dim 0,
+# padded with zero rows to a multiple of W; rank r holds rows [r c, (r + 1) c), c = ceil(rows / W).
+# After wrapping, the module's registered parameters ARE these shards, under their old names:
+# an optimizer built afterwards holds (and keeps state for) 1/W of the model, state_dict() is
+# the sharded checkpoint, and full_state_dict() / full_optim_state() give one that does not
+# depend on W.
+
+# -----------------------------------------------------------------------------
+# One parameter, sharded
+
+def _storage_bytes(tensors):
+    """Bytes of the distinct storages behind `tensors` (a view and its base count once; a freed
+    storage counts 0): what is really allocated, not what the shapes say."""
+    seen = {}
+    for t in tensors:
+        if t is not None:
+            s = t.untyped_storage()
+            seen[s.data_ptr()] = max(seen.get(s.data_ptr(), 0), s.nbytes())
+    return sum(seen.values())
+
+
+class _Param:
+    """One parameter under ZeRO: the shard (this rank's rows, registered in the module in place
+    of the parameter) and the full working copy (what the module computes with).
+
+    Where the full copy lives: module.__dict__[name]. Python's attribute lookup finds an
+    instance's __dict__ before nn.Module.__getattr__ is asked (which is where _parameters are
+    looked up), so `self.weight` inside the module's forward returns the full tensor, while
+    named_parameters(), state_dict() and the optimizer see the shard in _parameters. The full
+    copy is a leaf that requires grad: autograd accumulates the full gradient into full.grad,
+    and a post-accumulate-grad hook on it tells us when that gradient is complete."""
+
+    def __init__(self, p, places, names, rank, world, stage):
+        if p.dim() == 0:
+            raise ValueError(f"ZeRO shards parameters on dim 0; {names[0]} is a scalar: make it shape (1,)")
+        self.places, self.names = places, names             # [(module, attr)], [qualified names]
+        self.shape, self.rest = p.shape, tuple(p.shape[1:])
+        self.rows, self.world = p.shape[0], world
+        self.c = -(-self.rows // world)                     # rows per rank, padding included
+        self.lo = rank * self.c
+        self.n = self.c * math.prod(self.rest)              # elements of one shard
+        self.nbytes = p.numel() * p.element_size()          # of the full tensor
+        padded = self.pad(p.detach().clone())
+        if stage < 3:
+            # Stages 1 and 2 keep the full weights anyway, so the shard is a view of this rank's
+            # rows of them, not a second copy: the optimizer writes straight into the full
+            # weights, and the all-gather only has to bring in the other ranks' rows.
+            self.full = padded[:self.rows].detach().requires_grad_(p.requires_grad)
+            self.shard = nn.Parameter(padded[self.lo:self.lo + self.c], requires_grad=p.requires_grad)
+        else:
+            # Stage 3 keeps the shard alone; the full copy is an empty shell whose storage is
+            # allocated (resize_) only while its unit is gathered.
+            self.shard = nn.Parameter(padded[self.lo:self.lo + self.c].clone(), requires_grad=p.requires_grad)
+            self.full = torch.empty_like(p).requires_grad_(p.requires_grad)
+            self.full.untyped_storage().resize_(0)
+        for module, attr in places:
+            module._parameters[attr] = self.shard
+            module.__dict__[attr] = self.full
+
+    def pad(self, t):
+        """t (rows, ...) with zero rows appended to W c rows: each rank's rows are then one
+        equal slice, which is what the flat collectives need."""
+        extra = self.world * self.c - self.rows
+        return torch.cat([t, t.new_zeros(extra, *self.rest)]) if extra else t
+
+    def my_rows(self, full):
+        """This rank's shard of a full-shaped tensor (padding included)."""
+        return self.pad(full)[self.lo:self.lo + self.c]
+
+
+class _Unit:
+    """A group of parameters gathered and freed together: one block, or the root (everything no
+    block owns). One all-gather and one reduce-scatter per unit, not per parameter: each message
+    pays the network's latency once, so a few large ones beat many small ones."""
+
+    def __init__(self, module, params):
+        self.module, self.params = module, params
+        self.trainable = [p for p in params if p.full.requires_grad]
+        self.gathered, self.versions, self.ready, self.reduced = False, None, set(), False
+
+
+# -----------------------------------------------------------------------------
+# ZeRO
+
+class ZeRO(nn.Module):
+    """Wraps `module` in place: its parameters become this rank's shards (see _Param), and hooks
+    gather full weights and shard gradients around the forward and backward passes.
+
+    stage 1: full weights and full gradients stay on every rank; at the end of the backward the
+      gradients are all-reduced (averaged) and each rank keeps its rows as shard.grad.
+    stage 2: as 1, but each unit's gradients are reduce-scattered into shard.grad as soon as the
+      unit's last gradient is accumulated, and the full gradients are freed at once.
+    stage 3: full weights exist only around each unit's forward and backward.
+    In every stage optimizer.step() updates the shards only; the full weights are refreshed by an
+    all-gather before the next forward, which spots changed shards by their version counter:
+    every in-place write to a tensor (the optimizer's, load_state_dict's) bumps it.
+
+    units: the modules gathered one at a time in stage 3 (and the grain of the collectives in
+    all stages); default: each element of module.layers. The root unit is everything else
+    (embeddings, final norm, head): it stays gathered from the model's forward to the end of its
+    backward, because the head runs last in the forward and the embedding last in the backward.
+
+    Gradients are averaged over the group's W ranks: each rank takes 1/W of the batch and its
+    loss is its local mean. Every rank must run the same graph (same units, same parameters
+    getting gradients): the collectives are matched by their order."""
+
+    def __init__(self, module, stage=3, group=None, units=None):
+        super().__init__()
+        if stage not in (1, 2, 3):
+            raise ValueError(f"ZeRO stage must be 1 (optimizer state), 2 (+ gradients) or 3 (+ weights, "
+                             f"FSDP); got {stage!r}")
+        units = self._check_units(module, units)
+        if not dist.is_initialized():
+            raise RuntimeError("ZeRO needs torch.distributed: call dist.init_process_group (under torchrun: "
+                               "parallel.init()) before wrapping the model")
+        self.module, self.stage, self.group = module, stage, group
+        self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.sync, self._queued, self._pinned = True, False, False
+        self.peak_gathered = self.peak_grads = 0     # bytes, the most alive at once since wrapping
+        self._broadcast(module)
+        self.params = self._shard(module)
+        self._by_shard = {id(p.shard): p for p in self.params}
+        self.units = self._make_units(module, units)
+        self.root = self.units[-1]
+        for unit in self.units:
+            for p in unit.trainable:
+                p.full.register_post_accumulate_grad_hook(lambda _, unit=unit, p=p: self._grad_ready(unit, p))
+        module.register_forward_pre_hook(self._before_root)
+        module.register_forward_hook(self._after_root)
+        if stage == 3:
+            for unit in self.units[:-1]:
+                unit.module.register_forward_pre_hook(lambda *_, unit=unit: self._gather(unit))
+                unit.module.register_forward_hook(lambda m, a, out, unit=unit: self._after_unit(unit, out))
+        else:
+            for unit in self.units:   # full weights from the start, as they will stay
+                self._gather(unit, force=True)
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    # -- construction
+
+    def _broadcast(self, module):
+        """Rank 0's weights and buffers everywhere: the replicas start equal."""
+        src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+        with torch.no_grad():
+            for t in [*module.parameters(), *module.buffers()]:
+                dist.broadcast(t, src=src, group=self.group)
+
+    @staticmethod
+    def _check_units(module, units):
+        if units is None:
+            layers = getattr(module, "layers", None)
+            units = list(layers) if isinstance(layers, nn.ModuleList) else []
+        units = list(units)
+        inside = {id(m) for m in module.modules() if m is not module}
+        for u in units:
+            if id(u) not in inside:
+                raise ValueError(f"ZeRO units must be submodules of the wrapped module (the root is always "
+                                 f"a unit of its own); got a {type(u).__name__} that is not")
+            if any(v is not u and any(m is v for m in u.modules()) for v in units):
+                raise ValueError(f"ZeRO units must not nest: a {type(u).__name__} unit contains another unit")
+        return units
+
+    def _shard(self, module):
+        """One _Param per distinct parameter: a tied weight (lm_head.weight is
+        embed_tokens.weight) has two places and two names but one shard."""
+        names, places = {}, {}
+        for name, p in module.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), (p, []))[1].append(name)
+        for m in module.modules():
+            for attr, p in m._parameters.items():
+                if p is not None:
+                    places.setdefault(id(p), []).append((m, attr))
+        return [_Param(p, places[key], ns, self.rank, self.world, self.stage) for key, (p, ns) in names.items()]
+
+    def _make_units(self, module, units):
+        """Each parameter goes to the one unit that uses it; one used by several units (tied, or
+        in a module shared between blocks) or by none goes to the root, which stays gathered
+        while any unit runs."""
+        root = len(units)
+        home = {}    # (id(module), attr) -> the units whose subtree holds that module
+        for i, u in enumerate(units):
+            for m in u.modules():
+                for attr in m._parameters:
+                    home.setdefault((id(m), attr), set()).add(i)
+        groups = [[] for _ in range(root + 1)]
+        for p in self.params:
+            owners = set().union(*(home.get((id(m), attr), {root}) for m, attr in p.places))
+            groups[owners.pop() if len(owners) == 1 else root].append(p)
+        return [_Unit(u, g) for u, g in zip([*units, module], groups)]
+
+    # -- gather and free
+
+    def _gather(self, unit, force=False):
+        """All-gather the unit's full weights from the shards, unless they are already there and
+        no shard has changed since. One collective: this rank's shards of every parameter of
+        the unit, concatenated, go in; out comes a (W, n) buffer whose row r is rank r's shards;
+        each parameter's full tensor is copied out of its columns."""
+        versions = [p.shard._version for p in unit.params]
+        if not unit.params or (unit.gathered and versions == unit.versions and not force):
+            return
+        mine = torch.cat([p.shard.detach().reshape(-1) for p in unit.params])
+        out = mine.new_empty(self.world * mine.numel())
+        all_gather_flat(out, mine, group=self.group)
+        out, at = out.view(self.world, -1), 0
+        for p in unit.params:
+            if self.stage == 3:
+                p.full.untyped_storage().resize_(p.nbytes)
+            # Through .data: a fresh alias with its own version counter. In stage 3, autograd has
+            # saved this very tensor for the backward pass, and refilling it through the tensor
+            # itself would bump its version and make the backward refuse it as "modified in place".
+            p.full.data.copy_(out[:, at:at + p.n].reshape(self.world * p.c, *p.rest)[:p.rows])
+            at += p.n
+        unit.gathered, unit.versions = True, [p.shard._version for p in unit.params]
+        self.peak_gathered = max(self.peak_gathered, _storage_bytes(p.full for p in self.params))
+
+    def _free(self, unit):
+        """Stage 3: give the full weights' memory back. resize_(0) keeps the tensor objects (and
+        autograd's references to them) and frees only their storage; _gather resizes it back and
+        refills it before the backward needs it."""
+        if self._pinned:
+            return
+        for p in unit.params:
+            p.full.untyped_storage().resize_(0)
+        unit.gathered = False
+
+    # -- hooks
+
+    def _before_root(self, module, args):
+        if self.stage < 3:    # after optimizer.step(): bring in the other ranks' updated rows
+            for unit in self.units:
+                self._gather(unit)
+        else:
+            self._gather(self.root)
+
+    def _after_root(self, module, args, out):
+        if self.stage == 3 and not torch.is_grad_enabled():   # no backward will come to free it
+            self._free(self.root)
+
+    def _after_unit(self, unit, out):
+        """Stage 3, after a unit's forward: free its weights, and arrange to gather them again
+        when the gradient reaches the unit's outputs, i.e. just before its backward starts.
+        That is early enough for every node inside the unit that lies on a path to the output:
+        the autograd engine runs a node only once all of its gradients have arrived, so a
+        router whose logits also feed an auxiliary loss (MoE z-loss) still waits for the
+        output's gradient. What it does not cover: weights whose only path to the loss goes
+        around the outputs (a loss computed from the weights alone, kept as an attribute)."""
+        if self._pinned:
+            return
+        self._free(unit)
+        if torch.is_grad_enabled():
+            for t in _tensors(out):
+                if t.requires_grad:
+                    t.register_hook(lambda grad, unit=unit: self._before_unit_backward(unit))
+
+    def _before_unit_backward(self, unit):
+        self._in_backward()
+        self._gather(unit)
+
+    def _in_backward(self):
+        """The first hook of a backward pass asks the autograd engine to call _backward_done once
+        the whole pass is over."""
+        if not self._queued:
+            self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
+
+    def _grad_ready(self, unit, p):
+        """A full gradient is complete (post-accumulate-grad hook). Stages 2 and 3: when it is the
+        unit's last, reduce-scatter the unit and free its full gradients (stage 3: its weights
+        too). Stage 3 does so inside no_sync as well: keeping full gradients across micro-batches
+        would cost the G that stage 3 exists to save, so it reduce-scatters every micro-batch and
+        the shards' .grad accumulate (more traffic, same result)."""
+        self._in_backward()
+        if self.stage == 1 or (self.stage == 2 and not self.sync):
+            return
+        unit.ready.add(id(p))
+        if len(unit.ready) == len(unit.trainable) and not unit.reduced:
+            self._reduce_scatter(unit)
+            if self.stage == 3 and unit is not self.root:
+                self._free(unit)
+
+    def _backward_done(self):
+        """End of a backward pass. Stage 1: all-reduce the full gradients (when not in no_sync).
+        Stages 2 and 3: units some of whose parameters got no gradient were not reduced yet, and
+        are now (their missing gradients count as zeros). Stage 3 frees the root."""
+        self._queued = False
+        for unit in self.units:
+            if self.stage == 1 and self.sync:
+                self._all_reduce(unit)
+            elif self.stage > 1 and (self.sync or self.stage == 3) and not unit.reduced:
+                self._reduce_scatter(unit)
+            unit.ready, unit.reduced = set(), False
+            if self.stage == 3:
+                self._free(unit)
+
+    # -- gradients
+
+    def _full_grads(self, unit):
+        return [p.full.grad if p.full.grad is not None else torch.zeros_like(p.full) for p in unit.trainable]
+
+    def _all_reduce(self, unit):
+        """Stage 1: every rank gets the whole averaged gradient, and keeps only its rows."""
+        if not unit.trainable:
+            return
+        flat = torch.cat([g.reshape(-1) for g in self._full_grads(unit)])
+        dist.all_reduce(flat, group=self.group)
+        flat /= self.world
+        mine, at = [], 0
+        for p in unit.trainable:
+            mine.append(p.my_rows(flat[at:at + p.full.numel()].view(p.shape)).reshape(-1))
+            at += p.full.numel()
+        self._accumulate(unit, torch.cat(mine))
+
+    def _reduce_scatter(self, unit):
+        """Stages 2 and 3: each rank receives only the sum of its own rows. Every padded gradient
+        viewed as (W, n) has rank r's rows in row r; concatenating those along dim 1 puts all of
+        rank r's pieces together, in the order reduce_scatter hands them out."""
+        unit.reduced = True
+        if not unit.trainable:
+            return
+        flat = torch.cat([p.pad(g).reshape(self.world, -1) for p, g in zip(unit.trainable, self._full_grads(unit))],
+                         dim=1).reshape(-1)
+        mine = flat.new_empty(flat.numel() // self.world)
+        reduce_scatter_flat(mine, flat, group=self.group)
+        self._accumulate(unit, mine.div_(self.world))
+
+    def _accumulate(self, unit, mine):
+        """Add this rank's averaged rows into shard.grad (gradient accumulation adds, as autograd
+        does) and free the full gradients."""
+        at = 0
+        for p in unit.trainable:
+            g = mine[at:at + p.n].view(p.shard.shape)
+            p.shard.grad = g if p.shard.grad is None else p.shard.grad.add_(g)
+            at += p.n
+        self.peak_grads = max(self.peak_grads, self._grad_bytes())
+        for p in unit.trainable:
+            p.full.grad = None
+
+    def _grad_bytes(self):
+        return _storage_bytes(t.grad for p in self.params for t in (p.shard, p.full))
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Gradient accumulation: backward passes inside it do not communicate. Stages 1 and 2
+        accumulate the full gradients locally, and the first backward outside averages the sum.
+        Stage 3 reduce-scatters every micro-batch anyway (see _grad_ready)."""
+        self.sync = False
+        try:
+            yield
+        finally:
+            self.sync = True
+
+    @contextlib.contextmanager
+    def summon_full_params(self):
+        """Every unit's full weights, kept for the duration (for generation or evaluation outside
+        forward()); every rank must enter it. Read-only: writes to them are not scattered back."""
+        for unit in self.units:
+            self._gather(unit)
+        self._pinned = True
+        try:
+            yield
+        finally:
+            self._pinned = False
+            if self.stage == 3:
+                for unit in self.units:
+                    self._free(unit)
+
+    # -- accounting
+
+    def memory(self, optimizer=None):
+        """Bytes this rank holds now: params (shards and any full copies alive; gathered, the
+        latter alone), grads (shards' and full ones), optimizer state; and the most ever alive
+        at once since wrapping: peak_gathered (full weights), peak_grads (gradients, at the
+        moment of a reduction, when they peak). expected: the ZeRO paper's figures for this
+        stage from the unsharded sizes P, G, O: stage 1 P + G + O/W, stage 2 P + G/W + O/W,
+        stage 3 (P + G + O)/W. Every stage ends the backward with G/W (the shards' gradients):
+        what differs is the peak, G in stage 1, G/W plus one unit's full gradients in 2 and 3."""
+        shards, fulls = [p.shard for p in self.params], [p.full for p in self.params]
+        state = self._optimizer_state(optimizer) if optimizer is not None else []
+        P = sum(p.nbytes for p in self.params)
+        G = sum(p.nbytes for p in self.params if p.full.requires_grad)
+        O = sum(p.nbytes if v.shape == p.shard.shape else v.numel() * v.element_size() for p, v in state)
+        split = {1: (1, 1, self.world), 2: (1, self.world, self.world), 3: (self.world,) * 3}[self.stage]
+        expected = {"params": P / split[0], "grads": G / split[1], "optimizer": O / split[2]}
+        expected["total"] = sum(expected.values())
+        out = {"params": _storage_bytes([*shards, *fulls]), "gathered": _storage_bytes(fulls),
+               "grads": self._grad_bytes(),
+               "optimizer": _storage_bytes(v for _, v in state), "peak_gathered": self.peak_gathered,
+               "peak_grads": self.peak_grads}
+        out["total"] = out["params"] + out["grads"] + out["optimizer"]
+        out["expected"] = expected
+        return out
+
+    def _optimizer_params(self, optimizer):
+        """The optimizer's parameters in state_dict() order, each checked to be one of our shards."""
+        params = [q for g in optimizer.param_groups for q in g["params"]]
+        if any(id(q) not in self._by_shard for q in params):
+            raise ValueError("the optimizer holds parameters that are not this ZeRO's shards: build the optimizer "
+                             "after wrapping the model (ZeRO replaces the parameters with shards)")
+        return params
+
+    def _optimizer_state(self, optimizer):
+        """(param record, state tensor) for every tensor in the optimizer's state."""
+        self._optimizer_params(optimizer)
+        return [(self._by_shard[id(q)], v) for q, s in optimizer.state.items() for v in s.values()
+                if torch.is_tensor(v)]
+
+    # -- checkpoints that do not depend on the sharding
+
+    def _gather_full(self, p, shard):
+        """A full-shaped tensor from every rank's `shard` of parameter p (padding dropped)."""
+        out = shard.new_empty(self.world * p.n)
+        all_gather_flat(out, shard.detach().contiguous().reshape(-1), group=self.group)
+        return out.view(self.world * p.c, *p.rest)[:p.rows].clone()
+
+    def full_state_dict(self):
+        """{name: full tensor} under the unwrapped model's names (a tied weight under both, as one
+        tensor), the same on every rank; every rank must call it (it all-gathers)."""
+        out, done = {}, {}
+        for name, t in self.module.state_dict(keep_vars=True).items():
+            p = self._by_shard.get(id(t))
+            if p is None:
+                out[name] = t.detach().clone()     # a buffer: replicated already
+            else:
+                if id(p) not in done:
+                    done[id(p)] = self._gather_full(p, p.shard)
+                out[name] = done[id(p)]
+        return out
+
+    @torch.no_grad()
+    def load_full_state_dict(self, state):
+        """The reverse: each rank copies its rows of every full tensor into its shard, then
+        refreshes the full copies it holds."""
+        for name, t in self.module.state_dict(keep_vars=True).items():
+            p = self._by_shard.get(id(t))
+            names = p.names if p is not None else [name]
+            key = next((n for n in names if n in state), None)
+            if key is None:
+                raise KeyError(f"load_full_state_dict: {name} is missing from the state dict")
+            full = state[key].to(t.device, t.dtype)
+            if p is None:
+                t.copy_(full)
+            else:
+                if full.shape != p.shape:
+                    raise ValueError(f"load_full_state_dict: {key} has shape {tuple(full.shape)}, the model "
+                                     f"{tuple(p.shape)}")
+                p.shard.copy_(p.my_rows(full))
+        for unit in self.units:
+            if unit.gathered:
+                self._gather(unit)     # the shards' versions moved: refills
+
+    def full_optim_state(self, optimizer):
+        """optimizer.state_dict() with every per-parameter state tensor of the shard's shape
+        (Adam's exp_avg, exp_avg_sq) all-gathered to the parameter's full shape; scalars (step)
+        as they are. Loads into any sharding, or into the unwrapped model's optimizer."""
+        params, sd = self._optimizer_params(optimizer), optimizer.state_dict()
+        state = {}
+        for i in sorted(sd["state"]):          # the same order on every rank: the gathers pair up
+            p = self._by_shard[id(params[i])]
+            state[i] = {k: self._gather_full(p, v) if torch.is_tensor(v) and v.shape == p.shard.shape
+                        else (v.clone() if torch.is_tensor(v) else v) for k, v in sd["state"][i].items()}
+        return {"state": state, "param_groups": sd["param_groups"]}
+
+    def load_full_optim_state(self, optimizer, state_dict):
+        """The reverse of full_optim_state: each full-shaped state tensor is cut to this rank's rows."""
+        params, state = self._optimizer_params(optimizer), {}
+        for i, s in state_dict["state"].items():
+            p = self._by_shard[id(params[int(i)])]
+            # clones, scalars included: load_state_dict keeps the tensors it is given (Adam's step
+            # counter would then be stepped in the caller's dict too)
+            state[i] = {k: (p.my_rows(v) if v.shape == p.shape else v).clone() if torch.is_tensor(v) else v
+                        for k, v in s.items()}
+        optimizer.load_state_dict({"state": state, "param_groups": state_dict["param_groups"]})
+
+
+def _tensors(out):
+    """The tensors in a module's output (a tensor, or tuples, lists and dicts of them)."""
+    if torch.is_tensor(out):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _tensors(o)]
+    return []
+
+
+def zero_full(shard, rows, group=None):
+    """The whole tensor from every rank's rows (ZeRO's layout: dim 0 padded to W c rows, rank r
+    holding rows [r c, (r + 1) c)): one all-gather, padding dropped. For any tensor shaped like
+    a shard: the parameter, its gradient, its AdamW moments."""
+    world = dist.get_world_size(group)
+    out = shard.new_empty(world * shard.shape[0], *shard.shape[1:])
+    all_gather_flat(out, shard.detach().contiguous(), group=group)
+    return out[:rows]
+
+
+def zero_local(full, group=None):
+    """zero_full's inverse: this rank's rows of a whole tensor, padded."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    c = -(-full.shape[0] // world)
+    extra = world * c - full.shape[0]
+    if extra:
+        full = torch.cat([full, full.new_zeros(extra, *full.shape[1:])])
+    return full[rank * c:(rank + 1) * c]
+
+
+def clip_grad_norm_(params, max_norm, group=None, copies=None):
+    """torch.nn.utils.clip_grad_norm_ for a model split over the ranks of `group`: each rank's
+    gradients are pieces of the whole model's, so the global squared norm is the sum over ranks
+    of each rank's sum of squares (one all-reduce), where a piece that several ranks hold alike
+    (copies, one count per parameter: TP's replicated norms, a tied matrix on two pipeline
+    stages, the whole model under plain DP) is divided by its count so that it adds once.
+    Every rank then scales by the same factor: clipping by a rank's own norm would scale the
+    pieces of one matrix differently. ZeRO's padding rows have zero gradients and add nothing.
+    Returns the total norm; without a process group, torch's clip_grad_norm_."""
+    params = [params] if torch.is_tensor(params) else list(params)
+    copies = [1] * len(params) if copies is None else list(copies)
+    pairs = [(p.grad, n) for p, n in zip(params, copies) if p.grad is not None]
+    device = pairs[0][0].device if pairs else torch.device("cpu")
+    sq = torch.zeros((), dtype=torch.float32, device=device)
+    for g, n in pairs:
+        sq += g.detach().float().pow(2).sum() / n
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sq, group=group)   # every rank calls it, with or without gradients
+    total = sq.sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)   # torch's formula: never scales up
+    for g, _ in pairs:
+        g.detach().mul_(coef.to(g.dtype))
+    return total
 
 
 # =============================================================================
@@ -646,28 +1204,12 @@ def check_replicas(model, group=None, atol=0.0):
 # by the number of ranks holding it.
 
 @torch.no_grad()
-def tp_grad_norm(model, group=None):
-    """The full model's gradient L2 norm (float32 tensor), the same on every rank."""
-    tp, _ = _tp(group)
-    sq = torch.zeros((), dtype=torch.float32, device=next(model.parameters()).device)
-    for p in model.parameters():
-        if p.grad is not None:
-            sq += p.grad.float().pow(2).sum() / (tp // getattr(p, "tp_slots", 1))
-    dist.all_reduce(sq, group=group)
-    return sq.sqrt()
-
-
-@torch.no_grad()
-def tp_clip_grad_norm_(model, max_norm, group=None):
-    """torch.nn.utils.clip_grad_norm_ for a sharded model: every rank scales by the same,
-    global norm (clipping with the local norm would scale each shard differently). Returns
-    the norm before clipping."""
-    norm = tp_grad_norm(model, group)
-    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    for p in model.parameters():
-        if p.grad is not None:
-            p.grad.mul_(scale.to(p.grad.dtype))
-    return norm
+def tp_copies(p, group=None):
+    """How many ranks of the TP group hold parameter p's piece alike, for clip_grad_norm_: one
+    for a shard, tp for a replicated parameter, tp / n_kv_head for a replicated K/V head.
+    (Replicated gradients are whole on every rank: f's all-reduce in the backward pass hands
+    every rank the full gradient of the replicated stream.)"""
+    return _tp(group)[0] // getattr(p, "tp_slots", 1)
 
 
 @torch.no_grad()
@@ -1017,22 +1559,10 @@ def pipeline_forward(stage, batch):
     return None
 
 
-def pp_clip_grad_norm_(stage, max_norm):
-    """torch.nn.utils.clip_grad_norm_ for the whole pipelined model: each stage holds only its own
-    gradients, so the squared norms are summed over the stages (the tied matrix counted once,
-    on stage 0) and every stage scales by the same coefficient. Returns the total norm."""
-    sq = torch.zeros((), dtype=torch.float32, device=stage.device)
-    for p in stage.parameters():
-        if p.grad is not None and not (p is stage.tied_weight and not stage.is_first):
-            sq += p.grad.float().pow(2).sum()
-    if stage.n > 1:
-        dist.all_reduce(sq, group=stage.group)
-    norm = sq.sqrt()
-    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)   # torch's formula: never scales up
-    for p in stage.parameters():
-        if p.grad is not None:
-            p.grad.mul_(coef.to(p.grad.dtype))
-    return norm
+def pp_copies(stage, p):
+    """For clip_grad_norm_ over the pipeline group: the tied matrix is held (with the same
+    gradient, after sync_tied_grads) by the first and the last stage; everything else by one."""
+    return 2 if p is stage.tied_weight else 1
 
 
 # -----------------------------------------------------------------------------
@@ -1325,6 +1855,49 @@ def _pp_demo():
         print(f"  idle {idle:.0%} of the slots; bubble_fraction({n}, {m}) = {bubble_fraction(n, m):.0%}")
 
 
+class _Stack(nn.Module):
+    """A small stand-in for a transformer: an embedding, a stack of MLP blocks, a head."""
+
+    def __init__(self, vocab=512, dim=256, n_layer=4):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+                                    for _ in range(n_layer))
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, x):
+        h = self.embed(x)
+        for block in self.layers:
+            h = h + block(h)
+        return self.head(h)
+
+
+def _zero_demo():
+    """`torchrun --nproc_per_node=2 parallel.py zero`: the bytes each rank holds at each ZeRO
+    stage after one AdamW step, against the paper's figures."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    x = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(rank))
+    for stage in (1, 2, 3):
+        torch.manual_seed(0)
+        model = _Stack()
+        net = ZeRO(model, stage=stage)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        loss = nn.functional.cross_entropy(net(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        m = net.memory(opt)
+        if rank == 0 and stage == 1:
+            print(f"{world} ranks, one AdamW step of a {sum(p.nbytes for p in net.params) / 2**20:.1f} MB model "
+                  f"(loss {loss.item():.3f}); bytes per rank:")
+        if rank == 0:
+            mb = lambda b: f"{b / 2**20:6.2f} MB"   # noqa: E731
+            e = m["expected"]
+            print(f"stage {stage}: params {mb(m['params'])} (paper {mb(e['params'])}), grads at most "
+                  f"{mb(m['peak_grads'])} (paper {mb(e['grads'])}), optimizer {mb(m['optimizer'])} "
+                  f"(paper {mb(e['optimizer'])}); full weights at most {mb(m['peak_gathered'])} at once")
+
+
 def _main():
     cmd = sys.argv[1] if len(sys.argv) > 1 else "bench"
     if cmd == "pp":
@@ -1338,6 +1911,8 @@ def _main():
         rows = bandwidth_table(sizes, device=device)
         if rank == 0:
             print_bandwidth(rows, world, dist.get_backend())
+    elif cmd == "zero":
+        _zero_demo()
     elif cmd == "tp":
         _tp_demo()
     elif cmd == "health":
@@ -1347,7 +1922,7 @@ def _main():
                 print(f"rank {r}: matmul {mm[r] * 1e3:.2f} ms, all-reduce {ar[r] * 1e3:.2f} ms")
             print(f"slow ranks (matmul >= 1.5x the other ranks' median): {slow or 'none'}")
     else:
-        raise SystemExit(f"parallel.py: unknown command {cmd!r} (bench, health, tp, pp)")
+        raise SystemExit(f"parallel.py: unknown command {cmd!r} (bench, health, zero, tp, pp)")
     dist.destroy_process_group()
 
 

@@ -94,7 +94,8 @@ def _pp_worker(rank, store, runs, out):
         stage = pp.PipelineStage(model, group=pair)
         pp.pipeline_step(stage, steps[0][:2])
         pp.pipeline_step(stage, steps[0][2:])
-        results["norm"] = pp.pp_clip_grad_norm_(stage, 0.1)
+        params = list(stage.parameters())
+        results["norm"] = pp.clip_grad_norm_(params, 0.1, pair, [pp.pp_copies(stage, p) for p in params])
         results["two_calls"] = {k: p.grad for k, p in stage.model.named_parameters()}
     try:                            # more stages than layers
         pp.PipelineStage(Model(ModelConfig(**{**SMALL, "n_layer": 2})))

@@ -51,7 +51,7 @@ def _train(model, x, sharded=False, group=None, steps=3):
         _, loss, _ = model(x[:, :-1], labels=x[:, 1:])
         loss.backward()
         if sharded:
-            norms.append(tp.tp_clip_grad_norm_(model, CLIP, group).item())
+            norms.append(tp.clip_grad_norm_(list(model.parameters()), CLIP, group, [tp.tp_copies(p, group) for p in model.parameters()]).item())
         else:
             norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP).item())
         opt.step()
