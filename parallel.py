@@ -16,15 +16,18 @@ bandwidth you actually get (NVLink, InfiniBand, PCIe) decides which strategy pay
 (`python parallel.py bench`), and watch for the slow rank: one throttled GPU slows every
 collective, so the whole cluster runs at its speed.
 
-Status: data parallelism with bucketed, overlapped gradient all-reduce (`DataParallel`), the
-collective bandwidth table, and the per-rank health check. ZeRO/FSDP, TP, PP and the
-torch-native path arrive with the rest of the parallelism issue.
+The file, in order: DataParallel; ZeRO stages 1-3 (FSDP); tensor parallelism (Megatron's
+column/row linears, heads, the vocabulary-parallel embedding, head and cross-entropy, and the
+replica check that catches SmolLM3's seed bug); pipeline parallelism (GPipe and 1F1B); the
+mesh that combines them (pp x dp x tp); the torch-native path (FSDP2's fully_shard and DTensor's
+parallelize_module), for when a run outgrows this file; then the network: bus bandwidth and the
+per-rank health check. train.py composes them (--tp, --pp, --fsdp, --parallel_impl).
 
 Papers: Li et al. 2020 (PyTorch DDP: gradient bucketing and overlap); Rajbhandari et al. 2020
 (ZeRO); Shoeybi et al. 2019 (Megatron-LM); Huang et al. 2019 (GPipe); Narayanan et al. 2021
 (1F1B); NVIDIA's nccl-tests (bus bandwidth).
 
-Run (always under torchrun; gloo on CPU, NCCL on GPU):
+Run (under torchrun; gloo on CPU, NCCL on GPU):
     torchrun --nproc_per_node=2 parallel.py bench     # bus bandwidth of each collective by size
     torchrun --nproc_per_node=2 parallel.py health    # a timed matmul and all-reduce on every rank
     torchrun --nproc_per_node=2 parallel.py zero      # bytes per rank at ZeRO stages 1, 2, 3 against the paper's
@@ -161,6 +164,16 @@ class DataParallel(nn.Module):
                     p.grad.copy_(grad)
             bucket.ready, bucket.work = set(), None
         self._pending = False
+
+    def reduce_now(self):
+        """Average the gradients accumulated so far, outside a backward pass: a pipeline step
+        runs many backwards (inside no_sync), then this once."""
+        for bucket in self.buckets:
+            for i, p in enumerate(bucket.params):
+                if p.grad is not None:
+                    bucket.slice(i).copy_(p.grad.flatten())
+                    bucket.ready.add(i)
+        self._finish()
 
     def remove_hooks(self):
         """Detach from the module (its parameters keep no hook of ours)."""

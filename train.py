@@ -569,10 +569,14 @@ class Layout:
                 parallel.tensor_parallel(model, self.group("tp"))
             except ValueError as e:
                 raise SystemExit(f"--tp {self.tp}: {e}")
-        self.tp_params = dict(model.named_parameters())
+        # by every name (a tied matrix is the last pipeline stage's lm_head.weight)
+        self.tp_params = dict(model.named_parameters(remove_duplicate=False))
         net = model
         if self.pp > 1:
-            net = parallel.PipelineStage(model, self.group("pp"))
+            try:
+                net = self.pp_stage = parallel.PipelineStage(model, self.group("pp"))
+            except ValueError as e:
+                raise SystemExit(f"--pp {self.pp}: {e}")
         if self.zero:
             return parallel.ZeRO(net, stage=cfg.zero_stage, group=self.group("dp"))
         if self.dp > 1:
@@ -670,8 +674,8 @@ class Layout:
         n = 1 if self.zero else self.dp
         if self.tp > 1:
             n *= self.tp // getattr(self.tp_params[name], "tp_slots", 1)
-        if self.pp > 1:
-            n *= parallel.pipeline_copies(name)
+        if self.pp > 1 and name in ("embed_tokens.weight", "lm_head.weight"):
+            n *= parallel.pp_copies(self.pp_stage, self.tp_params[name])   # a tied matrix on both end stages
         return n
 
 
@@ -785,13 +789,11 @@ def preflight(t):
     # 1. the initial loss of a fresh model is ln(vocab): it knows nothing and claims nothing
     model.zero_grad(set_to_none=True)
     t0 = time.perf_counter()
-    with t.autocast:
-        loss, aux = t.stage.loss(model, batch)
-    loss.backward()
+    losses, _, _ = t.forward_backward([batch])
     if device.type == "cuda":
         torch.cuda.synchronize()
     step_time = time.perf_counter() - t0
-    lv = loss.item()
+    lv = losses[0].item()
     if cfg.init or t.start_step:
         report("PASS", "initial loss", f"{lv:.3f} (a trained model: ln(vocab) = {math.log(V):.3f} not expected)")
     else:
@@ -829,7 +831,7 @@ def preflight(t):
                else "weights differ after reload")
     # 5. evaluation runs
     try:
-        ev = t.stage.evaluate(model, device, 1)
+        ev = t.stage.evaluate(t.eval_model(), device, 1)
         report("PASS", "evaluation", ", ".join(f"{k} {v:.3f}" for k, v in ev.items()))
     except Exception as e:   # noqa: BLE001 (any failure here is the finding)
         report("FAIL", "evaluation", f"{type(e).__name__}: {e}")
@@ -837,14 +839,14 @@ def preflight(t):
     tokens = batch["input_ids"].numel()
     tps = tokens / step_time
     peak = peak_flops(cfg, device)
-    mfu = model.flops_per_token(cfg.seq_len) * tps / peak if peak else None
+    mfu = t.flops_per_token * tps / peak if peak else None
     total = cfg.max_steps * t.accum * tokens * t.dp
     report("PASS", "throughput", f"~{tps * t.dp:,.0f} tokens/s (first step, cold), "
            f"{'MFU ~%.0f%%' % (100 * mfu / (t.world_size // t.dp)) if mfu else 'MFU n/a (set --peak_flops for this device)'}; "
            f"{total / 1e6:.2f}M tokens would take ~{total / (tps * t.dp) / 60:.1f} min")
     # 7. memory: weights, gradients and AdamW's two moments in fp32, plus activations (an estimate)
     c = model.config
-    n_params = model.num_params()[0]
+    n_params = sum(p.numel() for p in model.parameters())    # this rank's share
     act = cfg.batch_size * cfg.seq_len * c.n_layer * (14 * c.dim + 3 * c.mlp_dim) * 4
     need, have = 16 * n_params + act, available_memory(device)
     status = "WARN" if have is None else "FAIL" if need > have else "WARN" if need > 0.8 * have else "PASS"
@@ -926,6 +928,8 @@ class Trainer:
                              "--rope_scaling to extend a trained model's context)")
         self.stage = PretrainStage(cfg, self.dp_rank, self.dp, cfg.max_steps * cfg.total_batch_tokens)
         self.full_config = self.raw_model.config
+        self.flops_per_token = self.raw_model.flops_per_token(cfg.seq_len)   # of the whole model, before it is split
+        self.n_params = self.raw_model.num_params()
         self.model = self.layout.wrap(self.raw_model)     # the raw model now holds this rank's pieces
         self.optimizer = torch.optim.AdamW(param_groups(self.raw_model, cfg.weight_decay, cfg.decay_embeddings),
                                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
@@ -936,7 +940,6 @@ class Trainer:
         self.monitor = Monitor(cfg.spike_sigma, stall_steps=cfg.stall_steps)
         self.start_step, self.nan_streak, self.rollbacks, self.stop_signal = 0, 0, 0, None
         self.slow_streak = {}
-        self.flops_per_token = self.raw_model.flops_per_token(cfg.seq_len)
         if cfg.resume and checkpoints(cfg.out_dir):
             self.restore(checkpoints(cfg.out_dir)[-1], loader=True)
         elif cfg.resume:
@@ -974,11 +977,14 @@ class Trainer:
 
     def host_state(self, host, host_opt):
         """(weights, moments) by parameter name, from the host copy: what Layout.load_full takes."""
-        weights = dict(host.named_parameters())
+        weights = dict(host.named_parameters(remove_duplicate=False))   # a tied matrix under both names
         sd = host_opt.state_dict()
-        moments = {name: sd["state"][pid] for g in sd["param_groups"]
+        by_name = {name: sd["state"][pid] for g in sd["param_groups"]
                    for pid, name in zip(g["params"], g["param_names"]) if pid in sd["state"]}
-        return weights, moments
+        first = {}
+        for name, p in weights.items():
+            first.setdefault(id(p), name)
+        return weights, {name: by_name[first[id(p)]] for name, p in weights.items() if first[id(p)] in by_name}
 
     def save(self, step):
         model, optimizer = self.raw_model, self.optimizer
@@ -1012,6 +1018,51 @@ class Trainer:
         if self.rank == 0:
             alert(self.cfg.out_dir, self.cfg.alert_cmd, step, kind, message)
 
+    def forward_backward(self, batches):
+        """Forward and backward of one step's micro-batches: gradients accumulate (each loss
+        divided by their count) and are averaged over the data-parallel ranks once, with the
+        last backward. Returns (losses, aux dicts, this rank's forward seconds)."""
+        model, n = self.model, len(batches)
+        if self.layout.pp > 1:   # the pipeline runs every micro-batch's forward and backward itself
+            t0 = time.perf_counter()
+            with model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext(), self.autocast:
+                losses, auxes = parallel.pipeline_step(self.layout.pp_stage, batches)
+            if hasattr(model, "reduce_now"):
+                model.reduce_now()    # the pipeline's many backwards ran inside no_sync: average once
+            return losses, auxes or [{}] * n, time.perf_counter() - t0
+        losses, auxes, fwd = [], [], 0.0
+        for i, batch in enumerate(batches):
+            # DDP all-reduces gradients in backward: only on the last micro-batch (wrappers
+            # without no_sync, FSDP2 and TP alone, communicate on every micro-batch)
+            sync = i == n - 1 or not hasattr(model, "no_sync")
+            with contextlib.nullcontext() if sync else model.no_sync():
+                t0 = time.perf_counter()
+                with self.autocast:
+                    loss, aux = self.stage.loss(model, batch)
+                if self.world_size > 1 and self.device.type == "cuda":
+                    torch.cuda.synchronize()       # the forward's own time, for the straggler check
+                fwd += time.perf_counter() - t0
+                (loss / n).backward()
+            losses.append(loss.detach())
+            auxes.append(aux)
+        return losses, auxes, fwd
+
+    def eval_model(self):
+        """What evaluation calls as model(input_ids, labels=..., position_ids=...): the model, or
+        under pipeline parallelism a forward through the stages whose per-row losses the last
+        stage sends to the others (every rank then adds the same numbers)."""
+        if self.layout.pp == 1:
+            return self.raw_model
+        stage = self.layout.pp_stage
+
+        def run(input_ids, labels, position_ids):
+            out = parallel.pipeline_forward(stage, {"input_ids": input_ids, "labels": labels,
+                                                    "position_ids": position_ids})
+            row_ce = out[2]["row_ce"] if out is not None else torch.zeros(len(input_ids), device=self.device)
+            dist.broadcast(row_ce, stage.ranks[-1], group=stage.group)
+            return None, None, {"row_ce": row_ce}
+        return run
+
     def check_stragglers(self, step, fwd_time, record):
         """Every rank's forward time this step, gathered (one tiny all-gather). Data-parallel
         ranks wait for each other at every gradient all-reduce, so one throttled GPU sets the
@@ -1032,7 +1083,7 @@ class Trainer:
     def train(self):
         """Preflight, then the loop; returns the last step done."""
         cfg, c = self.cfg, self.raw_model.config
-        total, non_emb = self.raw_model.num_params()
+        total, non_emb = self.n_params
         if self.rank == 0:
             with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
                 json.dump({"train": asdict(cfg), "model": asdict(c)}, f, indent=1)
@@ -1063,7 +1114,7 @@ class Trainer:
                 signal.signal(sig, handler)
 
     def _loop(self):
-        cfg, model = self.cfg, self.model
+        cfg = self.cfg
         peak = peak_flops(cfg, self.device)
         metrics_file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if self.rank == 0 else None
         step = self.start_step
@@ -1075,23 +1126,12 @@ class Trainer:
             # per-source (loss sum, tokens), then (mean-loss sum, micro-batches), then (stop, -):
             # one all-reduce carries them all, so every rank agrees on the loss and on stopping
             stats = torch.zeros(len(self.stage.names) + 2, 2, device=self.device)
-            fwd_time = 0.0
-            for micro in range(self.accum):
-                batch = {k: v.to(self.device) for k, v in self.stage.next_batch().items()}
-                # DDP all-reduces gradients in backward: only on the last micro-batch (wrappers
-                # without no_sync, FSDP2's and TP alone, communicate on every micro-batch)
-                sync = micro == self.accum - 1 or not hasattr(model, "no_sync")
-                with contextlib.nullcontext() if sync else model.no_sync():
-                    t_fwd = time.perf_counter()
-                    with self.autocast:
-                        loss, aux = self.stage.loss(model, batch)
-                    if self.world_size > 1 and self.device.type == "cuda":
-                        torch.cuda.synchronize()       # the forward's own time, for the straggler check
-                    fwd_time += time.perf_counter() - t_fwd
-                    (loss / self.accum).backward()
-                stats[-2] += torch.stack([loss.detach().float(), torch.ones((), device=self.device)])
+            batches = [{k: v.to(self.device) for k, v in self.stage.next_batch().items()} for _ in range(self.accum)]
+            losses, auxes, fwd_time = self.forward_backward(batches)
+            for batch, loss, aux in zip(batches, losses, auxes):
+                stats[-2] += torch.stack([loss.float(), torch.ones((), device=self.device)])
                 n_tok = (batch["labels"] != -100).sum(1).float()
-                if "source" in batch:
+                if "source" in batch and "row_ce" in aux:   # (a pipeline's last stage has the rows)
                     stats[:-2, 0].index_add_(0, batch["source"], aux["row_ce"].float() * n_tok)
                     stats[:-2, 1].index_add_(0, batch["source"], n_tok)
             stats[-1, 0] = float(self.stop_signal is not None)
@@ -1116,7 +1156,8 @@ class Trainer:
             step += 1
             tps = cfg.total_batch_tokens / dt
             record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": gn, "tokens_per_s": tps,
-                      "mfu": self.flops_per_token * tps / peak if peak else None,
+                      # every GPU's share of the global tokens/s against one GPU's peak
+                      "mfu": self.flops_per_token * tps / (peak * self.world_size) if peak else None,
                       "peak_memory_gb": peak_memory(self.device) / 2 ** 30, "tokens": step * cfg.total_batch_tokens}
             for s, name in enumerate(self.stage.names):
                 if stats[s, 1] > 0:
@@ -1142,7 +1183,7 @@ class Trainer:
                 step, self.nan_streak = self.start_step, 0
                 continue
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                record.update(self.stage.evaluate(self.raw_model, self.device, cfg.eval_batches))
+                record.update(self.stage.evaluate(self.eval_model(), self.device, cfg.eval_batches))
             if self.rank == 0:
                 metrics_file.write(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None
                                                for k, v in record.items()}) + "\n")   # NaN is not JSON
@@ -1172,8 +1213,11 @@ def sample(t, prompt="def ", n_tokens=48):
     m = t.raw_model
     if hasattr(m, "unshard"):        # FSDP2: generate() calls hidden_states, not forward
         m.unshard()
-    out = m.generate([ids], max_new_tokens=n_tokens, temperature=0.8, top_k=50,
-                     generator=torch.Generator(device=t.device).manual_seed(0))[0]
+    # ZeRO-3 likewise: keep every weight gathered while generating
+    whole = t.model.summon_full_params() if hasattr(t.model, "summon_full_params") else contextlib.nullcontext()
+    with whole:
+        out = m.generate([ids], max_new_tokens=n_tokens, temperature=0.8, top_k=50,
+                         generator=torch.Generator(device=t.device).manual_seed(0))[0]
     if hasattr(m, "reshard"):
         m.reshard()
     return prompt + t.decode(out)
