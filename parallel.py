@@ -262,6 +262,12 @@ class _Param:
             self.shard = nn.Parameter(padded[self.lo:self.lo + self.c].clone(), requires_grad=p.requires_grad)
             self.full = torch.empty_like(p).requires_grad_(p.requires_grad)
             self.full.untyped_storage().resize_(0)
+        # What an inner split marked on the parameter: tensor parallelism's layout (tp_dim,
+        # tp_slots) stays on the shard, and its gradient sum runs on the copy that gets gradients.
+        for k, v in vars(p).items():
+            setattr(self.shard, k, v)
+        if hasattr(p, "tp_grad_hook"):
+            self.full.register_hook(p.tp_grad_hook)
         for module, attr in places:
             module._parameters[attr] = self.shard
             module.__dict__[attr] = self.full
@@ -878,6 +884,7 @@ def _sum_grad_over_sharers(p, group):
         return buf[slot]
 
     p.register_hook(hook)
+    p.tp_grad_hook = hook      # for a wrapper that computes with a copy of p (ZeRO's full weights)
 
 
 def _shard(p, dim, slots, group, partial_grad=False):

@@ -220,7 +220,8 @@ def param_groups(model, weight_decay, decay_embeddings=False):
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        is_embedding = name.startswith("embed_")
+        # (a pipeline's last stage holds the tied matrix as its head: the embedding's rule still)
+        is_embedding = name.startswith("embed_") or (name == "lm_head.weight" and model.config.tie_embeddings)
         decay = not (p.dim() < 2 or "norm" in name or (is_embedding and not decay_embeddings))
         groups[decay][0].append(p)
         groups[decay][1].append(name)

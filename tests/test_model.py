@@ -527,7 +527,6 @@ def test_model_with_flash_attention_equals_sdpa(scheme, kernels, monkeypatch):
     """attn_impl="triton" with every kernel on (flash attention, RMSNorm, cross-entropy, and for
     the hybrid the SSD scan) against the sdpa model with the same weights and no kernels, on packed documents: loss and every gradient; then
     cached decoding, where the kernel hands over to sdpa."""
-    import attention
     cfg = {**SMALL, **SCHEMES[scheme]}
     ref = randomize(Model(ModelConfig(**cfg, attn_impl="sdpa")), 0.3)
     m = Model(ModelConfig(**cfg, attn_impl="triton"))

@@ -195,3 +195,54 @@ def test_torch_fsdp2_and_tensor_parallel_equal_one_process(world, tp, tmp_path):
         for k in want:
             torch.testing.assert_close(got["weights"][k], want[k], rtol=1e-5, atol=1e-5,
                                        msg=lambda s: f"rank {rank} {k}: {s}")
+
+
+# -----------------------------------------------------------------------------
+# The scratch mesh: tensor parallelism inside ZeRO on 2 x 2 processes
+
+def _scratch_mesh_worker(rank, world, store, config, state, batches, stage, out):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model = Model(ModelConfig(**config))
+    model.load_state_dict(state)
+    mesh = parallel.make_mesh(tp=2)
+    tp, dp = mesh["tp"].get_group(), mesh["dp"].get_group()
+    parallel.tensor_parallel(model, tp)
+    before = dict(model.named_parameters(remove_duplicate=False))   # TP's pieces, before ZeRO's rows
+    net = parallel.ZeRO(model, stage=stage, group=dp)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    for micro in batches:
+        for x in micro:
+            x = x.chunk(2)[mesh["dp"].get_local_rank()]
+            _, loss, _ = net(x[:, :-1], labels=x[:, 1:])
+            (loss / len(micro)).backward()
+        params = [p for p in model.parameters()]
+        norm = parallel.clip_grad_norm_(params, 1.0, None, [parallel.tp_copies(p, tp) for p in params])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    weights = {n: parallel.tp_full(parallel.zero_full(p.detach(), before[n].shape[0], dp), before[n], tp)
+               for n, p in model.named_parameters()}
+    torch.save({"norm": norm.item(), "weights": weights}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_scratch_tensor_parallel_inside_zero_equals_one_process(stage, tmp_path):
+    """TP over pairs of ranks, ZeRO over the pairs: 2 clipped AdamW steps equal one process's.
+    One K/V head for two TP ranks and QK-norm: both need TP's gradient sum, which must survive
+    ZeRO swapping in its own copies of the weights."""
+    config = dict(SMALL, n_kv_head=1, qk_norm=True)
+    torch.manual_seed(0)
+    model = Model(ModelConfig(**config))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = _batches(2, 2)
+    _, want_norm = _mesh_train(model, batches)
+    want = dict(model.named_parameters())
+    mp.spawn(_scratch_mesh_worker, args=(4, str(tmp_path / "store"), config, state, batches, stage,
+                                         str(tmp_path / "out")), nprocs=4)
+    for rank in range(4):
+        got = torch.load(tmp_path / f"out.{rank}")
+        assert got["norm"] == pytest.approx(want_norm, rel=1e-5)
+        for k in want:
+            torch.testing.assert_close(got["weights"][k], want[k].detach(), rtol=1e-5, atol=1e-5,
+                                       msg=lambda s: f"rank {rank} {k}: {s}")

@@ -365,6 +365,78 @@ def test_torchrun_two_processes_match_one_process(data_dir, base_run, tmp_path):
     assert (s1["batches"], s2["batches"]) == (24, 12)
 
 
+def _same_run(one, two, loss_rel=1e-5):
+    """Two runs of the same 12 steps: the same losses and grad norms every step, and the same
+    weights and AdamW moments in the last checkpoint (one process's view, whatever the layout)."""
+    m1, m2 = (list(by_step(read_metrics(out)).values()) for out in (one, two))   # a resumed run redoes steps
+    assert [r["step"] for r in m1] == [r["step"] for r in m2] == list(range(1, 13))
+    for r1, r2 in zip(m1, m2):
+        assert r2["loss"] == pytest.approx(r1["loss"], rel=loss_rel), f"step {r1['step']}"
+        assert r2["grad_norm"] == pytest.approx(r1["grad_norm"], rel=1e-3), f"step {r1['step']}"
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        w1, w2 = load_file(os.path.join(ckpt(one, 12), name)), load_file(os.path.join(ckpt(two, 12), name))
+        assert set(w1) == set(w2), name
+        for k in w1:
+            # Sums in another order (TP's partial matmuls, ZeRO's reduce-scatter) round
+            # differently, and Adam's first steps amplify that where a gradient is near zero
+            # (lr g / (|g| + eps)): an element can move by 1e-5 over 12 steps. A lost or doubled
+            # gradient is off by whole steps (lr 3e-3).
+            torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=5e-5, msg=lambda m: f"{name} {k}: {m}")
+
+
+# Each layout of 2 processes (4 for the mesh) trains the same 12 steps on the same global batch
+# as one process. ZeRO and FSDP2 split the batch over 2 data-parallel ranks; TP and PP ranks
+# read the same rows. A pipeline sums the tied matrix's two gradients in another order, and
+# Adam amplifies that rounding a little: its losses agree to 1e-4.
+LAYOUTS = {
+    "zero3": (2, ["--fsdp"], 1e-5),
+    "zero1": (2, ["--fsdp", "--zero_stage", "1"], 1e-5),
+    "tp2": (2, ["--tp", "2"], 1e-5),
+    "pp2": (2, ["--pp", "2"], 1e-4),
+    "torch-fsdp2": (2, ["--fsdp", "--parallel_impl", "torch"], 1e-5),
+    "torch-tp2": (2, ["--tp", "2", "--parallel_impl", "torch"], 1e-5),
+    "tp2-zero3-4procs": (4, ["--tp", "2", "--fsdp"], 1e-5),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_torchrun_layouts_match_one_process(layout, data_dir, base_run, tmp_path):
+    nproc, flags, loss_rel = LAYOUTS[layout]
+    rc, stdout = run_torchrun(common(data_dir) + MODEL + RESUME_ARGS + flags + ["--out_dir", "out"], tmp_path,
+                              nproc=nproc, timeout=240)
+    assert rc == 0, f"torchrun exited {rc}:\n{stdout[-3000:]}"
+    checks = {item: status for status, item, _ in preflight_lines(stdout)}
+    assert "FAIL" not in checks.values(), stdout[-3000:]
+    assert checks.get("layout") == "PASS" and checks.get("identical initial weights") == "PASS"
+    if "--tp" in flags and "torch" not in flags:
+        assert checks.get("tensor-parallel shards") == "PASS"
+    _same_run(base_run["out"], str(tmp_path / "out"), loss_rel)
+
+
+@pytest.mark.slow
+def test_torchrun_sharded_checkpoint_resumes_in_another_layout(data_dir, base_run, tmp_path):
+    """Checkpoints are one process's view: 8 steps under TP x ZeRO-3 on 4 processes, resumed on
+    2 pipeline stages, end where one process does."""
+    args = common(data_dir) + MODEL + RESUME_ARGS + ["--out_dir", "out"]
+    rc, stdout = run_torchrun(args + ["--tp", "2", "--fsdp"], tmp_path, nproc=4, timeout=240)
+    assert rc == 0, stdout[-3000:]
+    import shutil
+    shutil.rmtree(ckpt(str(tmp_path / "out"), 12))
+    rc, stdout = run_torchrun(args + ["--resume", "--pp", "2"], tmp_path, timeout=240)
+    assert rc == 0, stdout[-3000:]
+    assert re.search(r"restored \S*step_000008 \(step 8\)", stdout), stdout[-2000:]
+    _same_run(base_run["out"], str(tmp_path / "out"), 1e-4)
+
+
+def test_layout_errors_name_the_flag(tmp_path):
+    for flags, message in ((["--tp", "2"], "--tp 2 x --pp 1 must divide the 1 processes"),
+                           (["--parallel_impl", "mpi"], "--parallel_impl 'mpi'"),
+                           (["--fsdp", "--zero_stage", "4"], "--zero_stage 4")):
+        proc = run_train(["--tokenizer", "bytes", "--max_steps", "1"] + flags, tmp_path)
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker processes through /proc")
 def test_torchrun_sigterm_on_one_rank_stops_all_ranks_with_a_checkpoint(data_dir, tmp_path):
