@@ -6,10 +6,11 @@ in everything that keeps a long run alive and honest:
 - a preflight checklist before the first step: does the initial loss equal ln(vocab), does a
   batch decode to text, are there NaNs, does a checkpoint reload to the same weights, does
   evaluation run, how fast will it go (MFU), will it fit in memory and on disk, and under
-  torchrun: do all ranks hold the same weights and read different data. A FAIL stops the run.
+  torchrun: the layout, do all ranks hold the same (whole) weights, do TP's shards differ
+  where they must, does each data-parallel rank read its own data. A FAIL stops the run.
 - monitoring: one console line and one metrics.jsonl line per step (loss, lr, grad norm,
   tokens/s, MFU, memory, loss per data source), and detectors that raise alerts: loss and
-  grad-norm spikes, NaN/Inf, throughput drops, a stalled loss.
+  grad-norm spikes, NaN/Inf, throughput drops, a stalled loss, and under torchrun a straggler rank.
 - checkpoints, constantly and atomically, with exact resume: a run killed with `kill -9` and
   resumed ends with the same weights, bit for bit, as one that never stopped. SIGTERM (a
   preempted job) saves a checkpoint before exiting. NaN/Inf steps are skipped; several in a
@@ -36,6 +37,8 @@ Run:
     python train.py --resume --out_dir runs/x         # continue from the latest checkpoint
     python train.py --stage midtrain --init runs/x/ckpt/step_000200 --seq_len 512 --rope_theta 100000
     torchrun --nproc_per_node=8 train.py --preset smollm2-135m --data_dir data/fineweb --tokenizer tok.json
+    torchrun --nproc_per_node=8 train.py --tp 2 --fsdp ...    # parallel.py: 4 data-parallel x 2 tensor-parallel, ZeRO-3
+    torchrun --nproc_per_node=2 train.py --pp 2 ...           # two pipeline stages; --parallel_impl torch: FSDP2/DTensor
     python train.py --plot runs/x                     # loss / lr / grad-norm / throughput curves as PNG
 """
 
@@ -493,11 +496,7 @@ def setup_distributed(cfg):
     world = int(os.environ.get("WORLD_SIZE", 1))
     want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if world > 1:
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        if want_cuda:
-            torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if want_cuda else "gloo")
-        return dist.get_rank(), world, torch.device(f"cuda:{local}" if want_cuda else "cpu")
+        return parallel.init("nccl" if want_cuda else "gloo")
     return 0, 1, torch.device("cuda" if want_cuda else "cpu")
 
 
