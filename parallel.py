@@ -65,7 +65,7 @@ def init(backend=None):
     return dist.get_rank(), dist.get_world_size(), device
 
 
-# -----------------------------------------------------------------------------
+# =============================================================================
 # Data parallelism
 
 class _Bucket:
@@ -1223,7 +1223,6 @@ def check_replicas(model, group=None, atol=0.0):
 # over ranks of the local squares, with each replicated block counted once: divide its square
 # by the number of ranks holding it.
 
-@torch.no_grad()
 def tp_copies(p, group=None):
     """How many ranks of the TP group hold parameter p's piece alike, for clip_grad_norm_: one
     for a shard, tp for a replicated parameter, tp / n_kv_head for a replicated K/V head.

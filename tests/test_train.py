@@ -700,3 +700,24 @@ def test_moe_run_logs_load_and_moves_the_bias(data_dir, tmp_path):
     m = train.M.Model(t.raw_model.config)
     train.load_checkpoint(train.checkpoints(str(out))[-1], m)             # the last one is step 6
     assert torch.equal(m.moe_layers[0].gate.e_score_correction_bias, bias.cpu())
+
+
+def test_straggler_alert_names_the_rank_after_three_slow_steps(monkeypatch):
+    """Each step's forward times from every rank: a rank at 1.5x the others' median three steps
+    in a row raises one alert naming it; a step back at normal speed resets its count."""
+    import types
+    import parallel
+    alerts = []
+    t = types.SimpleNamespace(cfg=types.SimpleNamespace(straggler=1.5), device=torch.device("cpu"), slow_streak={},
+                              alert=lambda step, kind, message: alerts.append((step, kind, message)))
+    times = {1: [0.1, 0.1, 0.4, 0.1], 2: [0.1, 0.1, 0.4, 0.1], 3: [0.1, 0.1, 0.1, 0.1],      # rank 2 recovers
+             4: [0.1, 0.1, 0.4, 0.1], 5: [0.1, 0.1, 0.4, 0.1], 6: [0.1, 0.1, 0.4, 0.1], 7: [0.1, 0.1, 0.4, 0.1]}
+    record = {}
+    for step in sorted(times):
+        monkeypatch.setattr(parallel, "gather_times", lambda seconds, device, step=step: times[step])
+        record = {}
+        train.Trainer.check_stragglers(t, step, 0.1, record)
+    assert [(s, kind) for s, kind, _ in alerts] == [(6, "straggler")]
+    assert "rank 2" in alerts[0][2] and "4.0x" in alerts[0][2]
+    assert record["forward_s_max_over_median"] == pytest.approx(4.0)
+    assert parallel.slow_ranks([1.0, 1.6]) == [1] and parallel.slow_ranks([1.0, 1.4]) == []
