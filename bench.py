@@ -25,6 +25,10 @@ Benchmarks (more arrive with the files they measure):
     python bench.py ssm         # the SSD scan, forward+backward: Triton (CUDA) vs the chunked PyTorch
                                 # scan vs the sequential recurrence at T = 2k/8k/32k; decoding one
                                 # token with a Mamba-2 layer vs an attention layer against context
+    python bench.py parallel    # parallel.DataParallel and ZeRO stages 1-3 against torch's DDP and FSDP2
+                                # on --world gloo processes of this CPU (NCCL with --device cuda):
+                                # step time, per-rank memory, and the bytes each rank sends per step,
+                                # counted at the collectives, against the analytical volume
     python bench.py tune        # (CUDA only) try tile sizes, warps and stages for each Triton
                                 # kernel; prints the fastest for attention.FLASH_TILES / moe.GG_TILES
                                 # / ssm.SSD_TILES (--kernels flash grouped_mm ssd: some of them)
@@ -853,6 +857,319 @@ def bench_ssm(args):
 
 
 # -----------------------------------------------------------------------------
+# Parallelism: parallel.py's DataParallel and ZeRO against torch's DDP and FSDP2
+#
+# Every implementation lives in the same W processes, on the same weights and the same batches,
+# and they take turns, one step each, round after round: a noisy machine slows them all alike.
+# Two measurements per implementation:
+# - the step time (forward, backward, clipping, AdamW), the slowest rank's, median over steps;
+# - the bytes each rank sends per step, counted by wrapping the Python collectives that the
+#   implementation calls, against the volume the analysis predicts. DDP's gradient all-reduce
+#   runs inside its C++ reducer, out of Python's reach, so DDP gets the analysis alone; FSDP2
+#   calls torch.distributed.all_gather_single / reduce_scatter_single from Python, so its bytes
+#   are counted like ours.
+# Alongside, a "local" step (the same model and per-rank batch, no wrapper, no communication):
+# the compute floor, so that step - floor is what parallelism costs.
+
+# Ring accounting: the bytes one rank sends for a collective on a buffer of n bytes (the whole
+# reduced or gathered buffer). A ring all-reduce is a reduce-scatter then an all-gather, each
+# passing (W-1)/W of the buffer through every rank; a pipelined broadcast down a chain has every
+# rank but the last forward all n bytes, (W-1)/W n per rank on average. parallel.BUS_FACTOR has
+# the same factors: nccl-tests' bus bandwidth is exactly these bytes over the time.
+RING = {"all_reduce": lambda w: 2 * (w - 1) / w, "all_gather": lambda w: (w - 1) / w,
+        "reduce_scatter": lambda w: (w - 1) / w, "broadcast": lambda w: (w - 1) / w}
+
+# implementation -> (the torch baseline its step time is compared with, its label in the table)
+PARALLEL_IMPLS = {
+    "local": (None, "local step, no communication (compute floor)"),
+    "ddp": ("ddp", "torch DistributedDataParallel"),
+    "dp": ("ddp", "ours: parallel.DataParallel"),
+    "zero1": ("ddp", "ours: parallel.ZeRO(stage=1)"),
+    "zero2": ("ddp", "ours: parallel.ZeRO(stage=2)"),
+    "fsdp2": ("fsdp2", "torch FSDP2 (fully_shard per block, then the root)"),
+    "zero3": ("fsdp2", "ours: parallel.ZeRO(stage=3)"),
+}
+
+
+def _full_buffer(kind, args, kwargs):
+    """The tensor whose size a collective is accounted by: the gathered output of an
+    all-gather, the input of a reduce-scatter, the tensor itself otherwise. Positional or by
+    keyword, as torch's own callers (FSDP2 passes output=, input=) and parallel.py pass them."""
+    if kind == "all_gather":
+        return args[0] if args else kwargs.get("output_tensor", kwargs.get("output"))
+    if kind == "reduce_scatter":
+        return args[1] if len(args) > 1 else kwargs.get("input", kwargs.get("input_tensor"))
+    return args[0] if args else kwargs["tensor"]
+
+
+@contextlib.contextmanager
+def counted_collectives(world, counts):
+    """Inside: every collective that parallel.py or FSDP2 calls from Python adds the bytes this
+    rank sends (RING) to counts[kind]. Patched by name where the callers look them up at call
+    time: parallel.all_gather_flat / reduce_scatter_flat (bound once at import, so patching
+    torch.distributed would miss them) and torch.distributed's all_reduce, broadcast and flat
+    gathers and scatters (parallel.dist is torch.distributed). torch's own aliases call each
+    other through their module's globals, not these names, so nothing is counted twice.
+    Restored on the way out, whatever happens."""
+    import torch.distributed as dist
+
+    import parallel
+
+    def wrap(fn, kind):
+        def counted(*args, **kwargs):
+            t = _full_buffer(kind, args, kwargs)
+            counts[kind] = counts.get(kind, 0) + t.numel() * t.element_size() * RING[kind](world)
+            return fn(*args, **kwargs)
+        return counted
+
+    targets = [(parallel, "all_gather_flat", "all_gather"), (parallel, "reduce_scatter_flat", "reduce_scatter"),
+               (dist, "all_reduce", "all_reduce"), (dist, "broadcast", "broadcast"),
+               (dist, "all_gather_single", "all_gather"), (dist, "all_gather_into_tensor", "all_gather"),
+               (dist, "reduce_scatter_single", "reduce_scatter"), (dist, "reduce_scatter_tensor", "reduce_scatter")]
+    saved = []
+    try:
+        for module, name, kind in targets:
+            fn = getattr(module, name, None)
+            if fn is not None:
+                saved.append((module, name, fn))
+                setattr(module, name, wrap(fn, kind))
+        yield counts
+    finally:
+        for module, name, fn in saved:
+            setattr(module, name, fn)
+
+
+def analytical_bytes(impl, P, P_root, world):
+    """(bytes each rank sends per step, the formula) for parameter bytes P, of which P_root
+    lie outside the blocks. DP: one all-reduce of the gradients. ZeRO-1/2 as the paper has them:
+    a reduce-scatter of the gradients and an all-gather of the updated weights, the two halves of
+    that all-reduce. ZeRO-3 / FSDP: an all-gather of the weights for the forward, another for the
+    backward, a reduce-scatter of the gradients: 3(W-1)/W P in the textbook, less the root's
+    second gather here, since both engines keep the root (embedding, final norm, tied head)
+    gathered from its forward to its backward."""
+    f = (world - 1) / world
+    if impl == "local":
+        return 0.0, "none"
+    if impl in ("zero3", "fsdp2"):
+        return f * (3 * P - P_root), "(W-1)/W (3P - P_root)"
+    return 2 * f * P, "2(W-1)/W P"
+
+
+def _tensor_bytes(tensors):
+    """Bytes of the distinct storages behind `tensors`, a DTensor counted by its local shard:
+    what this rank really holds (a view and its base count once, a freed storage 0)."""
+    seen = {}
+    for t in tensors:
+        if t is None:
+            continue
+        t = t.to_local() if hasattr(t, "to_local") else t
+        s = t.untyped_storage()
+        seen[s.data_ptr()] = max(seen.get(s.data_ptr(), 0), s.nbytes())
+    return sum(seen.values())
+
+
+def _build_parallel(impl, config, device, bucket_mb):
+    """A fresh model (seed 0, so the same weights on every rank and in every implementation),
+    wrapped by `impl`, its AdamW, and the clipping that fits its layout."""
+    import inspect
+
+    import torch.distributed as dist
+
+    import parallel
+
+    torch.manual_seed(0)
+    m = model.Model(config).to(device)
+    net, clip = m, torch.nn.utils.clip_grad_norm_   # replicated gradients: the local norm is the global one
+    if impl == "dp":
+        net = parallel.DataParallel(m, bucket_mb=bucket_mb)
+    elif impl == "ddp":
+        # Buffers not re-sent before every forward: the model's one buffer (RoPE's inv_freq)
+        # never changes, and DataParallel does not re-send them either; like against like.
+        # (torch 2.13 renamed broadcast_buffers to forward_sync_buffers.)
+        DDP = torch.nn.parallel.DistributedDataParallel
+        quiet = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+        net = DDP(m, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=bucket_mb,
+                  **{quiet: False})
+    elif impl.startswith("zero"):
+        net = parallel.ZeRO(m, stage=int(impl[-1]))
+        clip = parallel.clip_grad_norm_          # each rank holds pieces: one all-reduce of the squares
+    elif impl == "fsdp2":
+        parallel.torch_parallelize(m, parallel.make_mesh(device_type=device.type), fsdp=True)
+        # torch's clip_grad_norm_ takes DTensor gradients on one mesh: the norm is a DTensor
+        # completed by a functional all-reduce (4 bytes, not through the names we count)
+    elif impl != "local":
+        raise ValueError(f"unknown implementation {impl!r}")
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.95))   # after wrapping: ZeRO's shards
+    if dist.get_rank() == 0:
+        print(f"  built {impl}", file=sys.stderr, flush=True)
+    return dict(net=net, model=m, opt=opt, clip=clip)
+
+
+def _memory(impl, run):
+    """(params, grads, optimizer state) bytes this rank holds, read after the optimizer step and
+    before zero_grad. Ours under ZeRO: ZeRO.memory, with the gradients at their peak (stage 1 holds
+    full gradients until the end of the backward; stages 2 and 3 a unit's while it is reduced).
+    The others: the tensors' storages, gradients as they are after the backward (for FSDP2 the
+    reduced shards: its transient unsharded gradients are not seen here)."""
+    m, opt = run["model"], run["opt"]
+    if impl.startswith("zero"):
+        mem = run["net"].memory(opt)
+        return mem["params"], max(mem["peak_grads"], mem["grads"]), mem["optimizer"], mem["peak_gathered"]
+    state = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+    return (_tensor_bytes(m.parameters()), _tensor_bytes(p.grad for p in m.parameters()), _tensor_bytes(state), None)
+
+
+def _parallel_worker(rank, world, store, spec, out):
+    """One rank of `bench.py parallel`: build every implementation, then rounds of one step each
+    (warm-up rounds first), the timed rounds counting their collectives. Saves its results to
+    out.<rank>."""
+    import torch.distributed as dist
+
+    cuda = spec["device"] == "cuda"
+    # W processes share the cores: one thread each on this 2-core machine, or they fight over them
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    if cuda:
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    try:
+        config = model.preset(spec["preset"], **spec["overrides"])
+        g = torch.Generator().manual_seed(rank)   # each rank its own rows, as under data parallelism
+        x = torch.randint(0, config.vocab_size, (spec["rows"], spec["seq_len"] + 1), generator=g).to(device)
+        autocast = torch.autocast("cuda", torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+        runs = {impl: _build_parallel(impl, config, device, spec["bucket_mb"]) for impl in spec["impls"]}
+        times = {impl: [] for impl in runs}
+        counts = {impl: {} for impl in runs}
+        memory, losses = {}, {}
+        rounds = spec["warmup"] + spec["steps"]
+        for r in range(rounds):
+            for impl, run in runs.items():
+                timed_round = r >= spec["warmup"]
+                dist.barrier()                     # every rank starts the step together
+                sync(device)
+                t0 = time.perf_counter()
+                with counted_collectives(world, counts[impl]) if timed_round else contextlib.nullcontext():
+                    with autocast:
+                        _, loss, _ = run["net"](x[:, :-1], labels=x[:, 1:])
+                    loss.backward()
+                    run["clip"](run["model"].parameters(), 1.0)
+                    run["opt"].step()
+                sync(device)
+                dt = time.perf_counter() - t0
+                if r == rounds - 1:                # after the step, before zero_grad: all three alive
+                    memory[impl] = _memory(impl, run)
+                    losses[impl] = loss.item()
+                run["opt"].zero_grad(set_to_none=True)
+                if timed_round:
+                    times[impl].append(dt)
+        # A step is as slow as its slowest rank: the max over ranks of each step, then the median.
+        t = torch.tensor([times[impl] for impl in runs], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        plain = model.Model(config)
+        P = sum(p.numel() * p.element_size() for p in plain.parameters())
+        P_root = sum(p.numel() * p.element_size() for n, p in plain.named_parameters() if not n.startswith("layers."))
+        result = {"world": world, "backend": dist.get_backend(), "device": str(device), "P": P, "P_root": P_root,
+                  "n_params": plain.num_params()[0], "threads": torch.get_num_threads(), "impls": {}}
+        for i, impl in enumerate(runs):
+            result["impls"][impl] = {
+                "seconds": statistics.median(t[i].tolist()), "times": t[i].tolist(), "memory": memory[impl],
+                "loss": losses[impl], "counted": {k: v / spec["steps"] for k, v in counts[impl].items()}}
+        torch.save(result, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def parallel_results(world=2, impls=tuple(PARALLEL_IMPLS), preset="tiny", overrides=None, rows=8, seq_len=256,
+                     steps=5, warmup=2, device="cpu", bucket_mb=25.0):
+    """Spawn `world` processes (gloo on the CPU, NCCL with device="cuda"), run the comparison,
+    return each rank's results: a list of dicts, rank by rank."""
+    import shutil
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    if device == "cuda" and world > torch.cuda.device_count():
+        raise SystemExit(f"bench.py parallel: --device cuda --world {world} needs {world} GPUs, "
+                         f"this machine has {torch.cuda.device_count()}")
+    if warmup < 1:
+        # ZeRO stages 1-2 bring in the other ranks' updated rows at the next forward: without an
+        # update before the counted steps, the first one would count no all-gather
+        raise ValueError("bench.py parallel: at least one warm-up step (steady-state collectives)")
+    overrides = dict(overrides or {})
+    overrides.setdefault("max_seq_len", max(seq_len, model.PRESETS[preset].get("max_seq_len", 0)))
+    if "n_layer" in overrides:   # fewer layers than the preset: drop the NoPE layers that no longer exist
+        overrides.setdefault("nope_layers", tuple(i for i in model.PRESETS[preset].get("nope_layers", ())
+                                                  if i < overrides["n_layer"]))
+    spec = dict(impls=list(impls), preset=preset, overrides=overrides, rows=rows, seq_len=seq_len,
+                steps=steps, warmup=warmup, device=device, bucket_mb=bucket_mb)
+    tmp = tempfile.mkdtemp(prefix="bench-parallel-")
+    try:
+        mp.spawn(_parallel_worker, args=(world, os.path.join(tmp, "store"), spec, os.path.join(tmp, "out")),
+                 nprocs=world)
+        return [torch.load(os.path.join(tmp, f"out.{r}")) for r in range(world)]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def bench_parallel(args):
+    overrides = {k: getattr(args, k) for k in ("vocab_size", "n_layer", "dim") if getattr(args, k) is not None}
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        print("bench.py parallel: --device cuda, but there is no GPU here; running gloo on the CPU", file=sys.stderr)
+        device = "cpu"
+    every = parallel_results(args.world, args.impls, args.preset, overrides, args.batch_size, args.seq_len,
+                             args.steps, args.warmup, device, args.bucket_mb)
+    res, W = every[0], args.world
+    for r, other in enumerate(every[1:], 1):       # ring accounting is symmetric: every rank sends alike
+        for impl in res["impls"]:
+            if other["impls"][impl]["counted"] != res["impls"][impl]["counted"]:
+                print(f"note: rank {r} counted {other['impls'][impl]['counted']} for {impl}, rank 0 "
+                      f"{res['impls'][impl]['counted']}", file=sys.stderr)
+    P, P_root = res["P"], res["P_root"]
+    mib = 2 ** 20
+    cuda = device == "cuda"
+    print(f"\n{W} processes, {res['backend']} on {'GPUs' if cuda else 'this CPU'} "
+          f"({res['threads']} thread{'s' if res['threads'] > 1 else ''} each); preset {args.preset}"
+          f"{' ' + str(overrides) if overrides else ''}: {res['n_params'] / 1e6:.1f}M parameters, "
+          f"P = {P / mib:.1f} MiB of which P_root = {P_root / mib:.1f} MiB outside the blocks; "
+          f"{args.batch_size} x {args.seq_len} tokens per rank per step, {'bf16 autocast' if cuda else 'float32'}\n")
+    short = {"all_reduce": "AR", "all_gather": "AG", "reduce_scatter": "RS", "broadcast": "BC"}
+    print("| implementation | step (ms): median (min-max) | vs torch baseline | per-rank memory P + G + O (MiB) | "
+          "sent per rank per step, counted (MiB) | analytical (MiB) | counted / analytical |")
+    print("|---|---|---|---|---|---|---|")
+    for impl, r in res["impls"].items():
+        base, label = PARALLEL_IMPLS[impl]
+        if base is None or base not in res["impls"]:
+            ratio = "n/a"
+        elif base == impl:
+            ratio = "1.00x (baseline)"
+        else:
+            ratio = f"{r['seconds'] / res['impls'][base]['seconds']:.2f}x vs {base.upper()}"
+        p, g, o, _ = r["memory"]
+        want, formula = analytical_bytes(impl, P, P_root, W)
+        if impl == "ddp":
+            counted, vs = "n/a (C++ reducer)", "n/a"
+        else:
+            total = sum(r["counted"].values())
+            parts = ", ".join(f"{short[k]} {v / mib:.2f}" for k, v in sorted(r["counted"].items()))
+            counted = f"{total / mib:.2f}" + (f" ({parts})" if parts else "")
+            vs = f"{total / want:.3f}" if want else "n/a"
+        spread = f"{min(r['times']) * 1e3:,.0f}-{max(r['times']) * 1e3:,.0f}"
+        print(f"| {label} | {r['seconds'] * 1e3:,.0f} ({spread}) | {ratio} | {p / mib:.1f} + {g / mib:.1f} + {o / mib:.1f} = "
+              f"{(p + g + o) / mib:.1f} | {counted} | {want / mib:.2f} = {formula} | {vs} |")
+    print("\nstep: forward, backward, clip to norm 1, AdamW; the slowest rank's time, median of "
+          f"{args.steps} interleaved rounds after {args.warmup} warm-up. Counted: ring accounting (AR all-reduce "
+          "2(W-1)/W n, AG all-gather and RS reduce-scatter (W-1)/W n of the full buffer n, BC broadcast "
+          "(W-1)/W n) of the collectives called from Python; ours include the clipping norm's 4-byte "
+          "all-reduce, FSDP2's norm goes through a functional collective that is not counted. Memory: after "
+          "the optimizer step; ours under ZeRO with the gradients at their peak (ZeRO.memory), the others "
+          "the .grad tensors after the backward; DP/DDP's bucket buffers not included.")
+    if "zero3" in res["impls"]:
+        print(f"ZeRO-3 held at most {res['impls']['zero3']['memory'][3] / mib:.1f} MiB of full weights at once.")
+    print(f"\nmachine: {machine()}")
+
+
+# -----------------------------------------------------------------------------
 # Tuning the kernels' launch settings
 
 def _settings(keys, rows):
@@ -1052,12 +1369,26 @@ def main():
     ss.add_argument("--rounds", type=int, default=10)
     for key, value in SSM_SHAPES.items():
         ss.add_argument("--" + key.replace("_", "-"), type=int, default=value)
+    pa = sub.add_parser("parallel", help="DataParallel / ZeRO 1-3 vs DDP / FSDP2 on W processes: step time, "
+                        "memory, bytes sent per rank against the analysis")
+    pa.add_argument("--world", type=int, default=2, help="processes (gloo on the CPU; NCCL with --device cuda)")
+    pa.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    pa.add_argument("--preset", default="tiny", choices=sorted(model.PRESETS))
+    pa.add_argument("--vocab-size", type=int, default=None, help="override the preset's")
+    pa.add_argument("--n-layer", type=int, default=None, help="override the preset's")
+    pa.add_argument("--dim", type=int, default=None, help="override the preset's (keep it divisible by n_head)")
+    pa.add_argument("--batch-size", type=int, default=8, help="rows per rank")
+    pa.add_argument("--seq-len", type=int, default=256)
+    pa.add_argument("--steps", type=int, default=5)
+    pa.add_argument("--warmup", type=int, default=2)
+    pa.add_argument("--bucket-mb", type=float, default=25.0, help="DataParallel's and DDP's gradient buckets")
+    pa.add_argument("--impls", nargs="+", default=list(PARALLEL_IMPLS), choices=list(PARALLEL_IMPLS))
     tu = sub.add_parser("tune", help="search the kernels' tile sizes, warps and stages (CUDA)")
     tu.add_argument("--kernels", nargs="+", default=["flash", "grouped_mm", "ssd"],
                     choices=["flash", "grouped_mm", "ssd"])
     args = ap.parse_args()
     {"tokenizer": bench_tokenizer, "data": bench_data, "model": bench_model, "kernels": bench_kernels,
-     "train": bench_train, "moe": bench_moe, "ssm": bench_ssm,
+     "train": bench_train, "moe": bench_moe, "ssm": bench_ssm, "parallel": bench_parallel,
      "tune": bench_tune}[args.cmd](args)
 
 

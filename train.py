@@ -789,7 +789,7 @@ def preflight(t):
     # 1. the initial loss of a fresh model is ln(vocab): it knows nothing and claims nothing
     model.zero_grad(set_to_none=True)
     t0 = time.perf_counter()
-    losses, _, _ = t.forward_backward([batch])
+    _, losses, _, _ = t.forward_backward(lambda: batch, 1)
     if device.type == "cuda":
         torch.cuda.synchronize()
     step_time = time.perf_counter() - t0
@@ -1018,20 +1018,24 @@ class Trainer:
         if self.rank == 0:
             alert(self.cfg.out_dir, self.cfg.alert_cmd, step, kind, message)
 
-    def forward_backward(self, batches):
-        """Forward and backward of one step's micro-batches: gradients accumulate (each loss
-        divided by their count) and are averaged over the data-parallel ranks once, with the
-        last backward. Returns (losses, aux dicts, this rank's forward seconds)."""
-        model, n = self.model, len(batches)
+    def forward_backward(self, fetch, n):
+        """Forward and backward of one step's n micro-batches (fetch() gives the next, read just
+        before its forward): gradients accumulate (each loss divided by n) and are averaged over
+        the data-parallel ranks once, with the last backward. Returns (batches, losses, aux
+        dicts, this rank's forward seconds)."""
+        model, batches = self.model, []
         if self.layout.pp > 1:   # the pipeline runs every micro-batch's forward and backward itself
+            batches = [fetch() for _ in range(n)]
             t0 = time.perf_counter()
             with model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext(), self.autocast:
                 losses, auxes = parallel.pipeline_step(self.layout.pp_stage, batches)
             if hasattr(model, "reduce_now"):
                 model.reduce_now()    # the pipeline's many backwards ran inside no_sync: average once
-            return losses, auxes or [{}] * n, time.perf_counter() - t0
+            return batches, losses, auxes or [{}] * n, time.perf_counter() - t0
         losses, auxes, fwd = [], [], 0.0
-        for i, batch in enumerate(batches):
+        for i in range(n):
+            batch = fetch()
+            batches.append(batch)
             # DDP all-reduces gradients in backward: only on the last micro-batch (wrappers
             # without no_sync, FSDP2 and TP alone, communicate on every micro-batch)
             sync = i == n - 1 or not hasattr(model, "no_sync")
@@ -1045,7 +1049,7 @@ class Trainer:
                 (loss / n).backward()
             losses.append(loss.detach())
             auxes.append(aux)
-        return losses, auxes, fwd
+        return batches, losses, auxes, fwd
 
     def eval_model(self):
         """What evaluation calls as model(input_ids, labels=..., position_ids=...): the model, or
@@ -1126,8 +1130,8 @@ class Trainer:
             # per-source (loss sum, tokens), then (mean-loss sum, micro-batches), then (stop, -):
             # one all-reduce carries them all, so every rank agrees on the loss and on stopping
             stats = torch.zeros(len(self.stage.names) + 2, 2, device=self.device)
-            batches = [{k: v.to(self.device) for k, v in self.stage.next_batch().items()} for _ in range(self.accum)]
-            losses, auxes, fwd_time = self.forward_backward(batches)
+            batches, losses, auxes, fwd_time = self.forward_backward(
+                lambda: {k: v.to(self.device) for k, v in self.stage.next_batch().items()}, self.accum)
             for batch, loss, aux in zip(batches, losses, auxes):
                 stats[-2] += torch.stack([loss.float(), torch.ones((), device=self.device)])
                 n_tok = (batch["labels"] != -100).sum(1).float()
