@@ -192,8 +192,9 @@ class DataParallel(nn.Module):
 # ranks instead, one more thing per stage:
 # - stage 1 shards the optimizer state: each rank updates only its 1/W of every parameter, then
 #   the updated pieces are all-gathered back into full weights.          memory: P + G + O/W
-# - stage 2 shards the gradients too: a reduce-scatter instead of an all-reduce leaves each rank
-#   only the summed gradient of its own piece, and the full gradient is freed at once.
+# - stage 2 shards the gradients too: each block's gradient is reduce-scattered as soon as it is
+#   complete, leaving each rank the summed gradient of its own piece, and the full gradient is
+#   freed at once (stage 1 keeps every full gradient until the end of the backward).
 #                                                                        memory: P + G/W + O/W
 # - stage 3 (FSDP) shards the weights as well: each block's full weights are all-gathered just
 #   before its forward, freed after it, gathered again before its backward and freed again once
@@ -302,7 +303,8 @@ class ZeRO(nn.Module):
     gather full weights and shard gradients around the forward and backward passes.
 
     stage 1: full weights and full gradients stay on every rank; at the end of the backward the
-      gradients are all-reduced (averaged) and each rank keeps its rows as shard.grad.
+      gradients are reduce-scattered (averaged): each rank receives the sum of its own rows,
+      all its optimizer needs, as shard.grad.
     stage 2: as 1, but each unit's gradients are reduce-scattered into shard.grad as soon as the
       unit's last gradient is accumulated, and the full gradients are freed at once.
     stage 3: full weights exist only around each unit's forward and backward.
@@ -496,14 +498,14 @@ class ZeRO(nn.Module):
                 self._free(unit)
 
     def _backward_done(self):
-        """End of a backward pass. Stage 1: all-reduce the full gradients (when not in no_sync).
-        Stages 2 and 3: units some of whose parameters got no gradient were not reduced yet, and
-        are now (their missing gradients count as zeros). Stage 3 frees the root."""
+        """End of a backward pass. Stage 1: reduce-scatter the full gradients now (when not in
+        no_sync): a rank's optimizer only needs the sum of its own rows, so half an all-reduce
+        does, and the all-gather of the updated weights is the other half (DP's volume). Stages
+        2 and 3: units some of whose parameters got no gradient were not reduced yet, and are
+        now (their missing gradients count as zeros). Stage 3 frees the root."""
         self._queued = False
         for unit in self.units:
-            if self.stage == 1 and self.sync:
-                self._all_reduce(unit)
-            elif self.stage > 1 and (self.sync or self.stage == 3) and not unit.reduced:
+            if (self.sync or self.stage == 3) and not unit.reduced:
                 self._reduce_scatter(unit)
             unit.ready, unit.reduced = set(), False
             if self.stage == 3:
@@ -514,21 +516,8 @@ class ZeRO(nn.Module):
     def _full_grads(self, unit):
         return [p.full.grad if p.full.grad is not None else torch.zeros_like(p.full) for p in unit.trainable]
 
-    def _all_reduce(self, unit):
-        """Stage 1: every rank gets the whole averaged gradient, and keeps only its rows."""
-        if not unit.trainable:
-            return
-        flat = torch.cat([g.reshape(-1) for g in self._full_grads(unit)])
-        dist.all_reduce(flat, group=self.group)
-        flat /= self.world
-        mine, at = [], 0
-        for p in unit.trainable:
-            mine.append(p.my_rows(flat[at:at + p.full.numel()].view(p.shape)).reshape(-1))
-            at += p.full.numel()
-        self._accumulate(unit, torch.cat(mine))
-
     def _reduce_scatter(self, unit):
-        """Stages 2 and 3: each rank receives only the sum of its own rows. Every padded gradient
+        """Each rank receives only the sum of its own rows. Every padded gradient
         viewed as (W, n) has rank r's rows in row r; concatenating those along dim 1 puts all of
         rank r's pieces together, in the order reduce_scatter hands them out."""
         unit.reduced = True

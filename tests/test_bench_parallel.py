@@ -1,7 +1,7 @@
 """bench.py parallel at a tiny size: two gloo processes, one counted step after one warm-up.
 
 The benchmark's claim about communication rests on counting the bytes at the collectives, so
-the counting itself is pinned here: data parallelism and ZeRO-2 send 2(W-1)/W P per rank per step, ZeRO-3
+the counting itself is pinned here: data parallelism and ZeRO-1 and -2 send 2(W-1)/W P per rank per step, ZeRO-3
 and FSDP2 (W-1)/W (3P - P_root), and the wrappers leave torch.distributed as they found it."""
 
 import torch.distributed as dist
@@ -15,12 +15,12 @@ SMALL = dict(vocab_size=256, n_layer=2, dim=32, n_head=4, n_kv_head=2, mlp_dim=6
 
 
 def test_counted_bytes_match_the_analysis():
-    every = bench.parallel_results(world=2, impls=("dp", "zero2", "zero3", "fsdp2"), preset="tiny", overrides=SMALL,
+    every = bench.parallel_results(world=2, impls=("dp", "zero1", "zero2", "zero3", "fsdp2"), preset="tiny", overrides=SMALL,
                                    rows=2, seq_len=16, steps=1, warmup=1)
     res = every[0]
     P, P_root, W = res["P"], res["P_root"], res["world"]
     assert W == 2 and 0 < P_root < P
-    for impl in ("dp", "zero2", "zero3", "fsdp2"):
+    for impl in ("dp", "zero1", "zero2", "zero3", "fsdp2"):
         got = {rank: sum(r["impls"][impl]["counted"].values()) for rank, r in enumerate(every)}
         want, _ = bench.analytical_bytes(impl, P, P_root, W)
         assert got[0] == got[1], (impl, got)    # a ring sends the same from every rank
