@@ -24,7 +24,7 @@ parallelize_module), for when a run outgrows this file; then the network: bus ba
 per-rank health check. train.py composes them (--tp, --pp, --fsdp, --parallel_impl).
 
 Papers: Li et al. 2020 (PyTorch DDP: gradient bucketing and overlap); Rajbhandari et al. 2020
-(ZeRO); Shoeybi et al. 2019 (Megatron-LM); Huang et al. 2019 (GPipe); Narayanan et al. 2021
+(ZeRO); Zhao et al. 2023 (PyTorch FSDP); Shoeybi et al. 2019 (Megatron-LM); Huang et al. 2019 (GPipe); Narayanan et al. 2021
 (1F1B); NVIDIA's nccl-tests (bus bandwidth).
 
 Run (under torchrun; gloo on CPU, NCCL on GPU):

@@ -548,8 +548,6 @@ class Layout:
     def wrap(self, model):
         """Split the (full, identical on every rank) model in place; returns what the loop calls."""
         cfg = self.cfg
-        # Names and shapes of the whole model: checkpoints are written in these terms.
-        self.full_shapes = {n: p.shape for n, p in model.named_parameters()}
         if self.mesh is None:
             return model
         if self.impl == "torch":
