@@ -24,8 +24,8 @@ parallelize_module), for when a run outgrows this file; then the network: bus ba
 per-rank health check. train.py composes them (--tp, --pp, --fsdp, --parallel_impl).
 
 Papers: Li et al. 2020 (PyTorch DDP: gradient bucketing and overlap); Rajbhandari et al. 2020
-(ZeRO); Zhao et al. 2023 (PyTorch FSDP); Shoeybi et al. 2019 (Megatron-LM); Huang et al. 2019 (GPipe); Narayanan et al. 2021
-(1F1B); NVIDIA's nccl-tests (bus bandwidth).
+(ZeRO); Zhao et al. 2023 (PyTorch FSDP); Shoeybi et al. 2019 (Megatron-LM); Huang et al. 2019
+(GPipe); Narayanan et al. 2021 (1F1B); NVIDIA's nccl-tests (bus bandwidth).
 
 Run (under torchrun; gloo on CPU, NCCL on GPU):
     torchrun --nproc_per_node=2 parallel.py bench     # bus bandwidth of each collective by size
