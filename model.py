@@ -52,7 +52,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import attention
 import moe
@@ -315,18 +314,10 @@ class RMSNorm(attention.RMSNorm):
 # -----------------------------------------------------------------------------
 # The decoder
 
-class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)). The gate gives each hidden unit a smooth,
-    input-dependent on/off switch; it beats a plain GELU MLP at equal parameters."""
-
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=False)
-        self.up_proj = nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+# The feed-forward sublayer, SwiGLU: down(silu(gate(x)) * up(x)). The gate gives each hidden
+# unit a smooth, input-dependent on/off switch; it beats a plain GELU MLP at equal parameters.
+# moe.py's experts are the same module, so it lives there.
+MLP = moe.SwiGLU
 
 
 class Block(nn.Module):

@@ -390,9 +390,10 @@ class Experts(nn.Module):
         return grouped_mm(F.silu(gate) * up, self.down_proj, offsets)
 
 
-class SharedExperts(nn.Module):
-    """The always-on experts: n_shared of them are one SwiGLU of n_shared * d_expert (DeepSeek's
-    shared_experts, same parameter names)."""
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)): one expert, and the always-on shared experts (n_shared of
+    them are one SwiGLU of n_shared * d_expert: DeepSeek's shared_experts, same parameter
+    names). model.py's dense MLP is this same module."""
 
     def __init__(self, dim, hidden):
         super().__init__()
@@ -431,7 +432,7 @@ class MoE(nn.Module):
         self.gate = Router(dim, n_experts, top_k, score, norm_topk, scale, selection_bias, n_group, topk_group)
         # One bank may serve several layers: pass the first layer's Experts to the others.
         self.experts = experts if experts is not None else Experts(n_experts, dim, d_expert)
-        self.shared_experts = SharedExperts(dim, n_shared * d_expert) if n_shared else None
+        self.shared_experts = SwiGLU(dim, n_shared * d_expert) if n_shared else None
         # Assignments per expert since the last end_step (training only): the global-batch
         # statistics, the bias update's measure of load, and what gets logged.
         self.register_buffer("counts", torch.zeros(n_experts), persistent=False)

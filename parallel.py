@@ -279,10 +279,6 @@ class _Param:
         extra = self.world * self.c - self.rows
         return torch.cat([t, t.new_zeros(extra, *self.rest)]) if extra else t
 
-    def my_rows(self, full):
-        """This rank's shard of a full-shaped tensor (padding included)."""
-        return self.pad(full)[self.lo:self.lo + self.c]
-
 
 class _Unit:
     """A group of parameters gathered and freed together: one block, or the root (everything no
@@ -612,12 +608,6 @@ class ZeRO(nn.Module):
 
     # -- checkpoints that do not depend on the sharding
 
-    def _gather_full(self, p, shard):
-        """A full-shaped tensor from every rank's `shard` of parameter p (padding dropped)."""
-        out = shard.new_empty(self.world * p.n)
-        all_gather_flat(out, shard.detach().contiguous().reshape(-1), group=self.group)
-        return out.view(self.world * p.c, *p.rest)[:p.rows].clone()
-
     def full_state_dict(self):
         """{name: full tensor} under the unwrapped model's names (a tied weight under both, as one
         tensor), the same on every rank; every rank must call it (it all-gathers)."""
@@ -628,7 +618,7 @@ class ZeRO(nn.Module):
                 out[name] = t.detach().clone()     # a buffer: replicated already
             else:
                 if id(p) not in done:
-                    done[id(p)] = self._gather_full(p, p.shard)
+                    done[id(p)] = zero_full(p.shard, p.rows, self.group).clone()
                 out[name] = done[id(p)]
         return out
 
@@ -649,7 +639,7 @@ class ZeRO(nn.Module):
                 if full.shape != p.shape:
                     raise ValueError(f"load_full_state_dict: {key} has shape {tuple(full.shape)}, the model "
                                      f"{tuple(p.shape)}")
-                p.shard.copy_(p.my_rows(full))
+                p.shard.copy_(zero_local(full, self.group))
         for unit in self.units:
             if unit.gathered:
                 self._gather(unit)     # the shards' versions moved: refills
@@ -662,7 +652,7 @@ class ZeRO(nn.Module):
         state = {}
         for i in sorted(sd["state"]):          # the same order on every rank: the gathers pair up
             p = self._by_shard[id(params[i])]
-            state[i] = {k: self._gather_full(p, v) if torch.is_tensor(v) and v.shape == p.shard.shape
+            state[i] = {k: zero_full(v, p.rows, self.group).clone() if torch.is_tensor(v) and v.shape == p.shard.shape
                         else (v.clone() if torch.is_tensor(v) else v) for k, v in sd["state"][i].items()}
         return {"state": state, "param_groups": sd["param_groups"]}
 
@@ -673,7 +663,7 @@ class ZeRO(nn.Module):
             p = self._by_shard[id(params[int(i)])]
             # clones, scalars included: load_state_dict keeps the tensors it is given (Adam's step
             # counter would then be stepped in the caller's dict too)
-            state[i] = {k: (p.my_rows(v) if v.shape == p.shape else v).clone() if torch.is_tensor(v) else v
+            state[i] = {k: (zero_local(v, self.group) if v.shape == p.shape else v).clone() if torch.is_tensor(v) else v
                         for k, v in s.items()}
         optimizer.load_state_dict({"state": state, "param_groups": state_dict["param_groups"]})
 

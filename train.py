@@ -651,21 +651,17 @@ class Layout:
         replicas; the TP ranks of a replicated norm or K/V head), and one all-reduce over the
         world sums the pieces. Clipping by a rank's own norm would scale the shards of one
         matrix differently."""
-        params = [(n, p) for n, p in raw.named_parameters() if p.grad is not None]
+        names, params = zip(*raw.named_parameters())
         if self.mesh is None:
-            return torch.nn.utils.clip_grad_norm_([p for _, p in params], max_norm)
-        if self.impl == "torch":
-            norm = parallel.grad_norm([p for _, p in params])
-        else:
-            sq = torch.zeros((), dtype=torch.float32, device=self.device)
-            for n, p in params:
-                sq += p.grad.float().square().sum() / self.copies(n)
-            dist.all_reduce(sq)
-            norm = sq.sqrt()
-        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for _, p in params:
-            p.grad.mul_(coef.item() if hasattr(p.grad, "device_mesh") else coef)
-        return norm
+            return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if self.impl == "torch":      # DTensors: each knows its own layout
+            norm = parallel.grad_norm(params)
+            coef = min(1.0, (max_norm / (norm + 1e-6)).item())
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+            return norm
+        return parallel.clip_grad_norm_(params, max_norm, None, [self.copies(n) for n in names])
 
     def copies(self, name):
         """How many ranks of the world hold this parameter's piece of gradient identically."""
@@ -815,11 +811,9 @@ def preflight(t):
     whole = t.layout.full_state(model, None)[0] if t.layout.sharded else model.state_dict()
     if t.rank == 0:
         with tempfile.TemporaryDirectory(dir=cfg.out_dir) as d:
-            host = t.host_copy()[0] if t.layout.sharded else model
-            host.load_state_dict({k: v.cpu() for k, v in whole.items()}, strict=False)
-            save_checkpoint(os.path.join(d, "step"), host, None, {"step": 0})
-            with torch.random.fork_rng(devices=[]):
-                copy = M.Model(t.full_config)
+            save_checkpoint(os.path.join(d, "step"), t.host_copy(whole)[0] if t.layout.sharded else model, None,
+                            {"step": 0})
+            copy = t.host_copy()[0]
             load_checkpoint(os.path.join(d, "step"), copy)
             back = copy.state_dict()
             same = all(torch.equal(v.cpu(), back[k]) for k, v in whole.items())
@@ -966,12 +960,24 @@ class Trainer:
         self.log(f"restored {path} (step {self.start_step})")
         return state
 
-    def host_copy(self):
+    def host_copy(self, weights=None, moments=None):
         """A whole model and its AdamW on the CPU, to read or write a checkpoint of a sharded run
-        (built without touching the run's random state)."""
+        (built without touching the run's random state), holding `weights` and `moments` (by
+        parameter name, as Layout.full_state gives them) when given."""
         with torch.random.fork_rng(devices=[]):
             host = M.Model(self.full_config)
-        return host, torch.optim.AdamW(param_groups(host, self.cfg.weight_decay, self.cfg.decay_embeddings))
+        host_opt = torch.optim.AdamW(param_groups(host, self.cfg.weight_decay, self.cfg.decay_embeddings))
+        if weights is not None:
+            host.load_state_dict({k: v.cpu() for k, v in weights.items()}, strict=False)
+        if moments is not None:
+            sd = host_opt.state_dict()
+            for g, mine in zip(sd["param_groups"], self.optimizer.state_dict()["param_groups"]):
+                g.update({k: v for k, v in mine.items() if k not in ("params", "param_names")})
+                for pid, name in zip(g["params"], g["param_names"]):
+                    if moments.get(name):
+                        sd["state"][pid] = {k: v.cpu() if torch.is_tensor(v) else v for k, v in moments[name].items()}
+            host_opt.load_state_dict(sd)
+        return host, host_opt
 
     def host_state(self, host, host_opt):
         """(weights, moments) by parameter name, from the host copy: what Layout.load_full takes."""
@@ -989,15 +995,7 @@ class Trainer:
         if self.layout.sharded:    # every rank gathers, rank 0 writes one process's view
             weights, moments = self.layout.full_state(self.raw_model, self.optimizer)
             if self.rank == 0:
-                model, optimizer = self.host_copy()
-                model.load_state_dict({k: v.cpu() for k, v in weights.items()}, strict=False)
-                sd = optimizer.state_dict()
-                for g, mine in zip(sd["param_groups"], self.optimizer.state_dict()["param_groups"]):
-                    g.update({k: v for k, v in mine.items() if k not in ("params", "param_names")})
-                    for pid, name in zip(g["params"], g["param_names"]):
-                        if moments.get(name):
-                            sd["state"][pid] = {k: v.cpu() if torch.is_tensor(v) else v for k, v in moments[name].items()}
-                optimizer.load_state_dict(sd)
+                model, optimizer = self.host_copy(weights, moments)
         if self.rank == 0:
             path = os.path.join(self.cfg.out_dir, "ckpt", f"step_{step:06d}")
             save_checkpoint(path, model, optimizer,

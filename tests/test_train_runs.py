@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -421,7 +422,6 @@ def test_torchrun_sharded_checkpoint_resumes_in_another_layout(data_dir, base_ru
     args = common(data_dir) + MODEL + RESUME_ARGS + ["--out_dir", "out"]
     rc, stdout = run_torchrun(args + ["--tp", "2", "--fsdp"], tmp_path, nproc=4, timeout=240)
     assert rc == 0, stdout[-3000:]
-    import shutil
     shutil.rmtree(ckpt(str(tmp_path / "out"), 12))
     rc, stdout = run_torchrun(args + ["--resume", "--pp", "2"], tmp_path, timeout=240)
     assert rc == 0, stdout[-3000:]
