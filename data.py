@@ -76,6 +76,7 @@ IGNORE_INDEX = -100    # the label of a position where no loss is taken
 UNIT_BYTES = 4 << 20   # input files are grouped into units of work of about this size
 MATH_UNIT = 4000       # math documents per unit of work
 MATH_DOCUMENTS = 12000 # the built-in math source's size (about 3 MB of text)
+VAL_FRACTION = 0.02    # the share of documents prepare holds out (by a hash of their text)
 
 # SmolLM3's pretraining curriculum (11.1T tokens, from the SmolLM3 blog post): web, code and
 # math in three stages; code and math rise while the learning rate decays. Stage ends are
@@ -365,6 +366,39 @@ def math_document(i, seed=0):
     return f"Question: {question}\nAnswer: " + "\n".join(steps) + f"\n#### {answer}\n"
 
 
+def heldout_code(val_fraction=VAL_FRACTION):
+    """The standard-library files that `prepare` puts in the code source's validation split
+    (the same hash of the same text): code no model trained on the built-in corpus has seen,
+    for eval.py's code tasks. Their docstrings may still sit in the prose source's train split."""
+    out = []
+    for path in stdlib_files():
+        with open(path, "rb") as f:
+            text = _decode(f.read(), {"invalid_utf8": 0})
+        if _is_val(text.encode("utf-8", errors="replace"), val_fraction):
+            out.append(text)
+    return out
+
+
+def heldout_math(n, val_fraction=VAL_FRACTION, seed=0):
+    """n math documents no model trained on the built-in corpus has seen: its validation split,
+    then problems generated past its end, leaving out any whose question is also one of the
+    training problems (small sums repeat)."""
+    train, held = set(), []
+    for i in range(MATH_DOCUMENTS):
+        doc = math_document(i, seed)
+        if _is_val(doc.encode("utf-8"), val_fraction):
+            held.append(doc)
+        else:
+            train.add(doc.split("\n", 1)[0])
+    i = MATH_DOCUMENTS
+    while len(held) < n:
+        doc = math_document(i, seed)
+        if doc.split("\n", 1)[0] not in train:
+            held.append(doc)
+        i += 1
+    return held[:n]
+
+
 # -----------------------------------------------------------------------------
 # Tokenizers: a tokenizer.py file read through tiktoken, or anything with an encode method
 
@@ -379,6 +413,9 @@ class ByteTokenizer:
 
     def decode(self, ids):
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def decode_single_token_bytes(self, i):    # tiktoken's name: the bytes of one token
+        return bytes([i]) if i < 256 else b""
 
 
 def load_tokenizer(path):
@@ -567,7 +604,7 @@ def _unit_is_done(d, unit, fingerprint, itemsize):
 
 
 def prepare(sources=BUILTIN_SOURCES, out="data", tokenizer=None, vocab_size=None, eos_id=None,
-            val_fraction=0.02, text_field="text", skip_bad_lines=False, workers=None,
+            val_fraction=VAL_FRACTION, text_field="text", skip_bad_lines=False, workers=None,
             max_docs=None, seed=0, verbose=True):
     """Tokenize `sources` (specs for `resolve_sources`, or Source objects) into shards under
     `out` and write `out`/manifest.json; returns the manifest. A second call with the same
@@ -959,7 +996,7 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="the directory to write (manifest.json and one folder per source)")
     p.add_argument("--sources", nargs="+", default=list(BUILTIN_SOURCES),
                    help="built-in names (code prose math), files, directories or globs; name=SPEC names one")
-    p.add_argument("--val-fraction", type=float, default=0.02, help="share of documents held out (by a hash of their text)")
+    p.add_argument("--val-fraction", type=float, default=VAL_FRACTION, help="share of documents held out (by a hash of their text)")
     p.add_argument("--text-field", default="text", help="the field (jsonl) or column (parquet) holding the text")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip malformed jsonl lines, counting them")
     p.add_argument("--workers", type=int, default=None, help="processes (default: every core)")

@@ -64,6 +64,7 @@ import torch
 import torch.distributed as dist
 
 import data
+import eval
 import model as M
 import moe
 import parallel
@@ -112,7 +113,10 @@ class TrainConfig:
     straggler: float = 1.5              # alert when a rank's compute time is this many times the others' median
     # evaluation, logging, checkpoints
     eval_every: int = 50
-    eval_batches: int = 4
+    eval_batches: int = 4               # validation batches (loss and bits per byte per source)
+    eval_tasks: str = "builtin"         # eval.py's tasks: builtin (arithmetic, docstring, next_line), a comma
+                                        # list of those and .jsonl files, or "" for none
+    eval_examples: int = 48             # examples per task (the report card shows the interval this buys)
     ckpt_every: int = 100
     keep_last: int = 2                  # checkpoints kept (0 = all)
     sample_tokens: int = 48             # a sample at the end of the run
@@ -459,27 +463,14 @@ class PretrainStage:
         return loss, aux
 
     @torch.no_grad()
-    def evaluate(self, model, device, n_batches):
-        """Validation loss over the same n_batches every time (a fresh loader on the val split),
-        overall and per source."""
+    def evaluate(self, model, device, n_batches, tok_bytes, group=None):
+        """Validation loss and bits per byte (eval.py), overall and per source, over the same
+        n_batches every time (a fresh loader on the val split); every data-parallel rank reads
+        its own rows and `group` gathers them. Returns eval.py's metrics (value and interval)."""
         loader = data.Loader(self.cfg.data_dir, self.cfg.batch_size, self.cfg.seq_len, seed=self.cfg.seed,
                              rank=self.rank, world_size=self.world_size, split="val")
-        sums = torch.zeros(len(self.names) + 1, 2, device=device)
-        for _ in range(n_batches):
-            b = {k: v.to(device) for k, v in next(loader).items()}
-            _, _, aux = model(b["input_ids"], labels=b["labels"], position_ids=b["position_ids"])
-            n_tok = (b["labels"] != -100).sum(1).float()
-            for s in range(len(self.names)):
-                m = b["source"] == s
-                sums[s] += torch.stack([(aux["row_ce"] * n_tok)[m].sum(), n_tok[m].sum()])
-            sums[-1] += torch.stack([(aux["row_ce"] * n_tok).sum(), n_tok.sum()])
-        if dist.is_initialized():
-            dist.all_reduce(sums)
-        out = {"val_loss": (sums[-1, 0] / sums[-1, 1].clamp(min=1)).item()}
-        for s, name in enumerate(self.names):
-            if sums[s, 1] > 0:
-                out[f"val_loss/{name}"] = (sums[s, 0] / sums[s, 1]).item()
-        return out
+        batches = ({k: v.to(device) for k, v in next(loader).items()} for _ in range(n_batches))
+        return eval.validation(model, batches, tok_bytes, self.names, group)
 
     def state_dict(self):
         return self.loader.state_dict()
@@ -764,6 +755,15 @@ def peak_memory(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux reports KiB
 
 
+def random_model(vocab_size):
+    """A small freshly initialised model on the CPU, the same every time: the "knows nothing"
+    model of eval.validate_pipeline (whose verdict is about the tasks, not this run's model)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return M.Model(M.preset("tiny", vocab_size=vocab_size, n_layer=1, dim=64, n_head=2, n_kv_head=1,
+                                mlp_dim=128, nope_layers=())).eval()
+
+
 def preflight(t):
     """The checklist. Returns the list of (status, item, detail); prints it as it goes."""
     cfg, model, device = t.cfg, t.raw_model, t.device
@@ -821,13 +821,23 @@ def preflight(t):
         report("PASS" if same else "FAIL", "checkpoint round trip",
                f"weights identical after save and load ({size / 1e6:.1f} MB without optimizer state)" if same
                else "weights differ after reload")
-    # 5. evaluation runs
+    # 5. evaluation runs: validation loss, and two examples of each task on this model
     try:
-        ev = t.stage.evaluate(t.eval_model(), device, 1)
-        report("PASS", "evaluation", ", ".join(f"{k} {v:.3f}" for k, v in ev.items()))
+        ev = t.evaluate(1, eval.subset(t.tasks, 2))
+        report("PASS", "evaluation", ", ".join(f"{k} {v['value']:.3f}" for k, v in ev.items()
+                                               if not k.endswith(("/chance", "/truncated"))))
     except Exception as e:   # noqa: BLE001 (any failure here is the finding)
         report("FAIL", "evaluation", f"{type(e).__name__}: {e}")
-    # 6. throughput and MFU, from the step above
+    # 6. the evaluation itself can be trusted: a model that knows nothing scores chance, an
+    # oracle 100%, and reordering the choices changes nothing (eval.validate_pipeline)
+    if t.tasks:
+        checks = eval.validate_pipeline(random_model(V), t.tok, t.tasks)
+        status = "FAIL" if any(c[0] == "FAIL" for c in checks) else "WARN" if any(c[0] == "WARN" for c in checks) \
+            else "PASS"
+        report(status, "evaluation pipeline", "; ".join(f"{c}: {d}" for s, c, d in checks if s != "PASS") or
+               f"{len(checks)} checks on {', '.join(t.tasks)}: a random model at chance, an oracle at 100%, "
+               "the same answers with the choices shuffled")
+    # 7. throughput and MFU, from the step above
     tokens = batch["input_ids"].numel()
     tps = tokens / step_time
     peak = peak_flops(cfg, device)
@@ -836,7 +846,7 @@ def preflight(t):
     report("PASS", "throughput", f"~{tps * t.dp:,.0f} tokens/s (first step, cold), "
            f"{'MFU ~%.0f%%' % (100 * mfu / (t.world_size // t.dp)) if mfu else 'MFU n/a (set --peak_flops for this device)'}; "
            f"{total / 1e6:.2f}M tokens would take ~{total / (tps * t.dp) / 60:.1f} min")
-    # 7. memory: weights, gradients and AdamW's two moments in fp32, plus activations (an estimate)
+    # 8. memory: weights, gradients and AdamW's two moments in fp32, plus activations (an estimate)
     c = model.config
     n_params = sum(p.numel() for p in model.parameters())    # this rank's share
     act = cfg.batch_size * cfg.seq_len * c.n_layer * (14 * c.dim + 3 * c.mlp_dim) * 4
@@ -844,12 +854,12 @@ def preflight(t):
     status = "WARN" if have is None else "FAIL" if need > have else "WARN" if need > 0.8 * have else "PASS"
     report(status, "memory", f"~{need / 2 ** 30:.2f} GiB needed (16 B/param + activations), "
            f"{'unknown' if have is None else '%.1f GiB' % (have / 2 ** 30)} available")
-    # 8. disk for keep_last + 1 checkpoints (weights + two AdamW moments)
+    # 9. disk for keep_last + 1 checkpoints (weights + two AdamW moments)
     need = (cfg.keep_last + 1) * 12 * n_params
     free = shutil.disk_usage(cfg.out_dir).free
     report("FAIL" if need > free else "PASS", "disk", f"{need / 2 ** 30:.2f} GiB for {cfg.keep_last + 1} "
            f"checkpoints, {free / 2 ** 30:.1f} GiB free in {cfg.out_dir}")
-    # 9. under torchrun: the layout, the same (whole) weights everywhere, different data on
+    # 10. under torchrun: the layout, the same (whole) weights everywhere, different data on
     # each data-parallel rank and the same data within its TP / PP group
     if t.world_size > 1:
         report("PASS", "layout", t.layout.describe())
@@ -919,6 +929,10 @@ class Trainer:
                              f"{self.raw_model.config.max_seq_len}; raise --max_seq_len (with --rope_theta or "
                              "--rope_scaling to extend a trained model's context)")
         self.stage = PretrainStage(cfg, self.dp_rank, self.dp, cfg.max_steps * cfg.total_batch_tokens)
+        self.tok_bytes = eval.token_bytes(self.tok, self.raw_model.config.padded_vocab)
+        names = [n.strip() for n in cfg.eval_tasks.split(",") if n.strip() not in ("", "none")]
+        self.tasks = eval.resolve_tasks(names, cfg.eval_examples)     # the same examples at every evaluation
+        self.last_eval = {}
         self.full_config = self.raw_model.config
         self.flops_per_token = self.raw_model.flops_per_token(cfg.seq_len)   # of the whole model, before it is split
         self.n_params = self.raw_model.num_params()
@@ -1047,6 +1061,32 @@ class Trainer:
             auxes.append(aux)
         return batches, losses, auxes, fwd
 
+    @contextlib.contextmanager
+    def whole_model(self):
+        """The model with every weight in place, for generation and scoring outside the training
+        step: FSDP2 unshards (generate calls hidden_states, not forward), ZeRO-3 keeps its
+        gathered weights. Sharded layouts need every rank in here, doing the same thing."""
+        m = self.raw_model
+        if hasattr(m, "unshard"):
+            m.unshard()
+        whole = self.model.summon_full_params() if hasattr(self.model, "summon_full_params") else contextlib.nullcontext()
+        try:
+            with whole:
+                yield m
+        finally:
+            if hasattr(m, "reshard"):
+                m.reshard()
+
+    def evaluate(self, n_batches, tasks):
+        """Validation loss and bits per byte per source, then the tasks (eval.py), on every rank
+        alike. Under --pp only validation (generation across stages is not written here)."""
+        group = self.layout.group("dp") if self.world_size > 1 else None
+        out = self.stage.evaluate(self.eval_model(), self.device, n_batches, self.tok_bytes, group)
+        if tasks and self.layout.pp == 1:
+            with self.whole_model() as m, self.autocast:
+                out.update(eval.run_tasks(m, self.tok, tasks))
+        return out
+
     def eval_model(self):
         """What evaluation calls as model(input_ids, labels=..., position_ids=...): the model, or
         under pipeline parallelism a forward through the stages whose per-row losses the last
@@ -1062,6 +1102,22 @@ class Trainer:
             dist.broadcast(row_ce, stage.ranks[-1], group=stage.group)
             return None, None, {"row_ce": row_ce}
         return run
+
+    def report_card(self, step):
+        """The stage's row of the report card (eval.py), from the evaluation at its last step:
+        run_dir/report_card.json and .md (started from the --init run's card, so it grows a row
+        per stage), and eval.json in the final checkpoint."""
+        cfg = self.cfg
+        path = os.path.join(cfg.out_dir, "ckpt", f"step_{step:06d}")
+        row = {"stage": cfg.stage, "step": step, "run": os.path.abspath(cfg.out_dir), "ckpt": path,
+               "metrics": self.last_eval}
+        parent = None
+        if cfg.init and os.path.exists(os.path.join(cfg.init, "trainer.json")):
+            parent = os.path.dirname(os.path.dirname(os.path.abspath(cfg.init)))   # RUN/ckpt/step_N -> RUN
+        rows = eval.add_to_card(cfg.out_dir, row, inherit=parent)
+        if os.path.isdir(path):
+            eval.write_json(os.path.join(path, "eval.json"), row)
+        self.log(f"report card ({os.path.join(cfg.out_dir, 'report_card.md')}):\n" + eval.card_table(rows, eval.HEADLINE))
 
     def check_stragglers(self, step, fwd_time, record):
         """Every rank's forward time this step, gathered (one tiny all-gather). Data-parallel
@@ -1183,14 +1239,16 @@ class Trainer:
                 step, self.nan_streak = self.start_step, 0
                 continue
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                record.update(self.stage.evaluate(self.eval_model(), self.device, cfg.eval_batches))
+                self.last_eval = self.evaluate(cfg.eval_batches, self.tasks)
+                record.update({k: m["value"] for k, m in self.last_eval.items()})
             if self.rank == 0:
                 metrics_file.write(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None
                                                for k, v in record.items()}) + "\n")   # NaN is not JSON
                 metrics_file.flush()
                 mfu = f" mfu {100 * record['mfu']:.1f}%" if record["mfu"] else ""
                 sources = " ".join(f"{k[5:]} {v:.3f}" for k, v in record.items() if k.startswith("loss/"))
-                val = " ".join(f"{k} {v:.3f}" for k, v in record.items() if k.startswith("val_loss"))
+                val = " ".join(f"{k} {v:.3f}" for k, v in record.items() if k.startswith("val_loss") or
+                               k.endswith(eval.HEADLINE))
                 if "moe_loss" in record:   # the worst layer: a collapsing router shows here first
                     sources += f" | moe max load {max(v for k, v in record.items() if k.endswith('max_load')):.2f}"
                 print(f"step {step:5d}/{cfg.max_steps} loss {loss_value:.4f} lr {lr:.2e} gnorm {gn:.3f} "
@@ -1198,6 +1256,8 @@ class Trainer:
                       + (f" | {val}" if val else ""), flush=True)
             if step % cfg.ckpt_every == 0 or step == cfg.max_steps or stop:
                 self.save(step)
+            if step == cfg.max_steps and self.rank == 0:
+                self.report_card(step)
             if stop:
                 self.log(f"stop signal: saved step {step}, exiting (resume with --resume)")
                 break
@@ -1210,16 +1270,9 @@ def sample(t, prompt="def ", n_tokens=48):
     """A continuation of prompt. Sharded weights take every rank of the model: all of them
     generate together (the same seed, so the same tokens), and rank 0 prints."""
     ids = t.tok.encode(prompt)
-    m = t.raw_model
-    if hasattr(m, "unshard"):        # FSDP2: generate() calls hidden_states, not forward
-        m.unshard()
-    # ZeRO-3 likewise: keep every weight gathered while generating
-    whole = t.model.summon_full_params() if hasattr(t.model, "summon_full_params") else contextlib.nullcontext()
-    with whole:
+    with t.whole_model() as m:
         out = m.generate([ids], max_new_tokens=n_tokens, temperature=0.8, top_k=50,
                          generator=torch.Generator(device=t.device).manual_seed(0))[0]
-    if hasattr(m, "reshard"):
-        m.reshard()
     return prompt + t.decode(out)
 
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import data
+import eval as eval_py
 import model as M
 import train
 
@@ -434,7 +435,7 @@ def trainer(data_dir, out_dir, *extra):
     cfg, ov = train.parse_config([
         "--data_dir", data_dir, "--tokenizer", "bytes", "--out_dir", str(out_dir), "--max_steps", "6",
         "--seq_len", "64", "--batch_size", "4", "--total_batch_tokens", "512", "--n_layer", "2",
-        "--nope_layers", "[1]", "--warmup_steps", "2", "--eval_every", "100", "--sample_tokens", "0", *extra])
+        "--nope_layers", "[1]", "--warmup_steps", "2", "--eval_every", "100", "--sample_tokens", "0", "--eval_tasks", "", *extra])
     return train.Trainer(cfg, ov)
 
 
@@ -513,6 +514,63 @@ def test_preflight_fails_on_a_wrong_initial_loss(data_dir, tmp_path, capsys):
         t.train()
     loss = float(re.search(r"FAIL initial loss: ([\d.]+)", capsys.readouterr().out).group(1))
     assert abs(loss - math.log(t.raw_model.config.padded_vocab)) > 1.5 and t.raw_model.config.padded_vocab == 384
+
+
+TASKS = ("--eval_tasks", "builtin", "--eval_examples", "4")
+
+
+def test_preflight_validates_the_evaluation_pipeline(data_dir, tmp_path):
+    """With tasks, the preflight runs eval.validate_pipeline on them: PASS on the built-in tasks."""
+    t = trainer(data_dir, tmp_path / "run", *TASKS)
+    assert set(t.tasks) == {"arithmetic", "docstring", "next_line"}
+    assert all(len(ex) == 4 for _, ex in t.tasks.values())
+    results = {item: (status, detail) for status, item, detail in train.preflight(t)}
+    assert results["evaluation pipeline"][0] == "PASS", results["evaluation pipeline"]
+    assert "docstring/acc_char" in results["evaluation"][1] and "val_bpb" in results["evaluation"][1]
+
+
+def test_preflight_fails_when_the_evaluation_loses_the_answers(data_dir, tmp_path, monkeypatch, capsys):
+    """A scorer that hands back each example's scores in the wrong order (a classic batching
+    bug) fails the oracle check, and the preflight stops the run before its first step."""
+    real = eval_py.score
+
+    def rotated(model, tok, pairs, batch_size=16):
+        logps, ntoks, truncated = real(model, tok, pairs, batch_size)
+        return logps[1:] + logps[:1], ntoks[1:] + ntoks[:1], truncated
+
+    monkeypatch.setattr(eval_py, "score", rotated)
+    t = trainer(data_dir, tmp_path / "run", *TASKS)
+    with pytest.raises(SystemExit, match=r"^preflight FAILED: evaluation pipeline"):
+        t.train()
+    assert "oracle" in capsys.readouterr().out
+
+
+def test_report_card_grows_a_row_per_stage(data_dir, tmp_path, capsys):
+    """Pretraining writes its row (val loss, bits per byte and task metrics with intervals) to
+    run/report_card.json and .md, and eval.json into its last checkpoint; a mid-training run
+    from that checkpoint starts from the card and adds its own row. Task metrics reach
+    metrics.jsonl at each evaluation."""
+    first = tmp_path / "pre"
+    assert trainer(data_dir, first, *TASKS, "--preflight", "false").train() == 6
+    rows = read_jsonl(first / "metrics.jsonl")
+    assert {"val_bpb", "docstring/acc_char", "arithmetic/exact_match", "next_line/acc"} <= set(rows[-1])
+    card = json.loads((first / "report_card.json").read_text())
+    assert [(r["stage"], r["step"]) for r in card] == [("pretrain", 6)]
+    m = card[0]["metrics"]["docstring/acc_char"]
+    assert m["n"] == 4 and m["low"] <= m["value"] <= m["high"]
+    assert m["value"] == rows[-1]["docstring/acc_char"]
+    ckpt = train.checkpoints(str(first))[-1]
+    assert json.loads(open(os.path.join(ckpt, "eval.json")).read())["metrics"] == card[0]["metrics"]
+    assert "| pretrain | 6 |" in (first / "report_card.md").read_text()
+    cfg, ov = train.parse_config(["--stage", "midtrain", "--init", ckpt, "--data_dir", data_dir, "--tokenizer", "bytes",
+                                  "--out_dir", str(tmp_path / "mid"), "--max_steps", "2", "--seq_len", "64",
+                                  "--batch_size", "4", "--total_batch_tokens", "256", "--warmup_steps", "1",
+                                  "--sample_tokens", "0", "--preflight", "false", *TASKS])
+    assert train.Trainer(cfg, ov).train() == 2
+    card = json.loads((tmp_path / "mid" / "report_card.json").read_text())
+    assert [(r["stage"], r["step"]) for r in card] == [("pretrain", 6), ("midtrain", 2)]
+    out = capsys.readouterr().out
+    assert "| midtrain | 2 |" in out and "| pretrain | 6 |" in out
 
 
 def test_ignore_preflight_runs_anyway(data_dir, tmp_path, capsys):

@@ -36,7 +36,7 @@ MODEL = ["--seq_len", "64", "--n_layer", "2", "--nope_layers", "[1]"]
 def common(d):
     """Flags for a fast run on the prepared bytes data in d (no model fields: --init refuses those)."""
     return ["--data_dir", str(d), "--tokenizer", "bytes", "--batch_size", "4", "--total_batch_tokens", "512",
-            "--warmup_steps", "2", "--eval_every", "100", "--sample_tokens", "0"]
+            "--warmup_steps", "2", "--eval_every", "100", "--sample_tokens", "0", "--eval_tasks", ""]
 
 
 def run_train(args, cwd, timeout=90):

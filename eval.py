@@ -1,0 +1,851 @@
+"""
+eval.py: evaluation you can trust. Validation loss and bits per byte, cloze multiple choice,
+generative exact match, each with its confidence interval; a check that the pipeline itself
+is sound; and a report card that grows a row per training stage.
+
+The concept. A model is judged three ways here:
+- language modelling: the mean cross-entropy on held-out text, per source. A loss is in nats
+  per *token*, so two tokenizers give incomparable numbers (a tokenizer with longer tokens has
+  fewer, harder predictions). Bits per byte divides the same total by the text's UTF-8 bytes
+  instead: bpb = sum(nats) / (ln 2 * bytes), which any two models of the same text share.
+- cloze multiple choice (the "cloze formulation"): for a context and its choices, score each
+  choice by the log-probability the model gives it as a continuation, and pick the best. Raw
+  sums favour short choices, so the score is normalised: by the choice's characters (the
+  playbook's choice, lighteval's "char norm", lm-eval's acc_norm), by its tokens, or not at
+  all; all three are reported. No letters "A/B/C/D": small models score at chance on that
+  multiple-choice formulation long after they score above it in cloze form.
+- generative exact match: greedy generation, an extracted answer (GSM8K's `#### n`, a
+  \\boxed{n}, or the last number), compared with the reference after normalisation.
+Every accuracy comes with a 95% Wilson interval and every loss with a delta-method interval
+over rows: with 100 questions, 0.31 means "somewhere from 0.23 to 0.41", which is the
+difference between two ablations more often than not.
+
+The playbook's lessons: "validate your evaluation pipelines before the run": an evaluation that
+cannot tell a random model from a trained one, or gives the answer away through the choices'
+lengths or order, ranks ablations by noise. `validate_pipeline` runs three checks (train.py's
+preflight calls it): a model that knows nothing scores chance within its interval, an oracle
+that knows every answer scores 100%, and shuffling the order of the choices changes nothing
+for a deterministic model. Ablations are judged on small, early-signal benchmarks in cloze
+form with per-character normalisation (SmolLM3's choice); and losses are not comparable across
+tokenizers (hence bits per byte).
+
+Built-in tasks, held out from the built-in corpus (the caller hands over the held-out text:
+train.py takes it from data.py's validation split), so every stage has something real to be
+judged on without a download: `arithmetic` (generative: the corpus's math problems that were
+never trained on), `docstring` (cloze: which docstring opens this function) and `next_line`
+(cloze: which line of code comes next). Task files in the common jsonl shapes (HellaSwag's
+ctx/endings/label, ARC's question/choices{text,label}/answerKey, MMLU's question/choices/answer,
+PIQA's goal/sol1/sol2/label, GSM8K's question/answer "... #### 72") are read as they are.
+
+This file takes a model and a tokenizer as arguments and imports nothing from the project. A
+model is anything with `log_probs(input_ids, labels, position_ids)` (or a forward that returns
+logits first) and, for generative tasks, `generate(prompts, max_new_tokens, temperature,
+stop_ids=...)`; for validation loss, the project's model contract: `model(input_ids,
+labels=, position_ids=)` -> (logits, loss, aux with "row_ce"). A tokenizer is anything with
+encode/decode (a tiktoken Encoding, tokenizer.py's, data.py's ByteTokenizer). Only the command
+line below opens the project's own checkpoints (with model.py and data.py).
+
+Papers and tools: Gao et al. 2021 (lm-evaluation-harness: cloze scoring, acc_norm);
+Hugging Face lighteval and "FineWeb" (Penedo et al. 2024: early-signal tasks in cloze form);
+Gu et al. 2024, "OLMES" (cloze vs multiple-choice formulations, normalisations); Cobbe et al.
+2021 (GSM8K); Wilson 1927 (the score interval); Miller 2024, "Adding Error Bars to Evals".
+
+Run:
+    python eval.py                                    # demo: the built-in tasks, a random model and an oracle, seconds
+    python eval.py --ckpt runs/tiny/ckpt/step_000120  # the report card of a checkpoint (writes eval.json into it)
+    python eval.py --ckpt DIR --tasks docstring hellaswag.jsonl --examples 500
+"""
+
+import argparse
+import ast
+import json
+import math
+import os
+import random
+import re
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+
+Z95 = 1.959963984540054      # the normal quantile of a two-sided 95% interval
+Z99 = 2.5758293035489004     # 99%: the pipeline checks use the wider one, so chance rarely trips them
+STOP_TOKENS = ("<|eos|>", "<|endoftext|>", "<|im_end|>")
+BUILTIN = ("arithmetic", "docstring", "next_line")
+HEADLINE = ("val_loss", "val_bpb", "/acc_char", "/exact_match")   # the report card's columns on a console
+
+
+# -----------------------------------------------------------------------------
+# Tokenizers and models, by duck typing
+
+def encode(tok, text):
+    """Token ids of text, special-token strings in it staying plain text (a task must not be
+    able to inject an <|eos|>)."""
+    if hasattr(tok, "encode_ordinary"):       # tiktoken's default encode refuses special strings
+        return tok.encode_ordinary(text)
+    return list(tok.encode(text))
+
+
+def special_ids(tok):
+    """{special token string: id}."""
+    specials = getattr(tok, "special_tokens", None)
+    if isinstance(specials, dict):
+        return dict(specials)
+    if hasattr(tok, "special_tokens_set"):    # tiktoken
+        return {s: tok.encode_single_token(s) for s in tok.special_tokens_set}
+    return {}
+
+
+def vocab_size(tok):
+    return getattr(tok, "n_vocab", None) or tok.vocab_size
+
+
+def token_bytes(tok, size=None):
+    """(size,) int64: the UTF-8 bytes each token id stands for; 0 for special tokens and for
+    ids past the vocabulary (a model's padding rows). Byte-level BPE tokens concatenate to the
+    text, so summing this over a sequence's tokens gives the text's length in bytes."""
+    n = vocab_size(tok)
+    out = torch.zeros(size or n, dtype=torch.long)
+    specials = set(special_ids(tok).values())
+    for i in range(min(n, len(out))):
+        if i in specials:
+            continue
+        if hasattr(tok, "decode_single_token_bytes"):   # exact, even for half of a UTF-8 character
+            try:
+                out[i] = len(tok.decode_single_token_bytes(i))
+            except KeyError:                             # an unused id
+                pass
+        else:
+            out[i] = len(tok.decode([i]).encode("utf-8"))
+    return out
+
+
+def _device(model):
+    params = getattr(model, "parameters", None)
+    if params is None:
+        return torch.device("cpu")
+    p = next(iter(params()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _max_len(model):
+    return getattr(getattr(model, "config", None), "max_seq_len", None) or 1 << 30
+
+
+def token_log_probs(model, input_ids, labels, position_ids=None):
+    """(B, T) log p(labels[t] | input_ids[:t+1]), 0 where labels == -100: the model's own
+    log_probs when it has one (the project's chunked one never holds (B, T, V) logits), else
+    from the logits its forward returns first (a transformers model's .logits too)."""
+    if hasattr(model, "log_probs"):
+        return model.log_probs(input_ids, labels, position_ids).float()
+    out = model(input_ids, position_ids=position_ids)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    lp = logits.float().log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    return lp.masked_fill(labels == -100, 0.0)
+
+
+# -----------------------------------------------------------------------------
+# Intervals: how far a number on n examples can be from the truth
+
+def metric(value, low, high, n):
+    """One reported number: its value, its 95% interval [low, high], and how many rows it is
+    measured on. Everything this file reports is a dict of these."""
+    return {"value": float(value), "low": float(low), "high": float(high), "n": int(n)}
+
+
+def wilson(k, n, z=Z95):
+    """The Wilson score interval of a proportion k/n: the set of p for which |k/n - p| is at
+    most z standard errors sqrt(p (1 - p) / n) of p itself. Unlike k/n +- z sqrt(p(1-p)/n)
+    it never leaves [0, 1] and does not collapse to a point at 0% or 100%."""
+    if n == 0:
+        return 0.0, 1.0
+    p, z2 = k / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return (0.0 if k == 0 else max(0.0, centre - half)), (1.0 if k == n else min(1.0, centre + half))
+
+
+def accuracy(correct, z=Z95):
+    k, n = sum(map(bool, correct)), len(correct)
+    return metric(k / max(n, 1), *wilson(k, n, z), n)
+
+
+def ratio(num, den, z=Z95):
+    """R = sum(num) / sum(den) over rows (a loss: nats over tokens), with the delta-method
+    (linearisation) interval: rows are the independent units, so
+    se(R) = sqrt(sum((num_i - R den_i)^2) / (k (k - 1))) / mean(den)."""
+    num, den = torch.as_tensor(num, dtype=torch.float64), torch.as_tensor(den, dtype=torch.float64)
+    k, total = len(num), den.sum()
+    r = (num.sum() / total).item() if total > 0 else float("nan")
+    if k < 2 or total <= 0:
+        return metric(r, float("-inf"), float("inf"), k)
+    se = math.sqrt(((num - r * den) ** 2).sum().item() / (k * (k - 1))) / (total.item() / k)
+    return metric(r, r - z * se, r + z * se, k)
+
+
+# -----------------------------------------------------------------------------
+# Validation loss and bits per byte
+
+@torch.no_grad()
+def validation(model, batches, tok_bytes, names=(), group=None):
+    """Validation loss (nats per token) and bits per byte, overall and per source, from
+    batches in the project's contract (input_ids, labels, position_ids, and "source" indices
+    into `names`). tok_bytes: token_bytes(tokenizer, ...). Every labelled token counts in both,
+    the <|eos|> that ends a document too (it says where the text stops) at zero bytes. Rows are
+    all-gathered over `group` (the data-parallel ranks, each of which read its own rows).
+    Returns {"val_loss": metric, "val_bpb": ..., "val_loss/<source>": ..., ...}."""
+    rows = []
+    for b in batches:
+        mask = b["labels"] != -100
+        n_tok = mask.sum(1).double()
+        _, _, aux = model(b["input_ids"], labels=b["labels"], position_ids=b.get("position_ids"))
+        nats = aux["row_ce"].double() * n_tok
+        nbytes = (tok_bytes.to(mask.device)[b["labels"].clamp(min=0)] * mask).sum(1).double()
+        source = b["source"].double() if "source" in b else torch.zeros_like(n_tok)
+        rows.append(torch.stack([nats, n_tok, nbytes, source], 1))
+    rows = torch.cat(rows)
+    if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
+        parts = [torch.empty_like(rows) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, rows, group=group)
+        rows = torch.cat(parts)
+    rows = rows.cpu()
+    out = {}
+    for name, sel in [("", slice(None))] + [(f"/{n}", rows[:, 3] == s) for s, n in enumerate(names)]:
+        r = rows[sel]
+        if r[:, 1].sum() > 0:
+            out[f"val_loss{name}"] = ratio(r[:, 0], r[:, 1])
+            if r[:, 2].sum() > 0:
+                out[f"val_bpb{name}"] = ratio(r[:, 0] / math.log(2), r[:, 2])
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Cloze multiple choice
+
+def _pair_ids(tok, context, continuation, max_len):
+    """(token ids of context + continuation, how many are continuation, truncated?). Trailing
+    whitespace moves from the context to the continuation ("Answer:" + " 42", "...\\n" +
+    "    x = 1"), the way the text is tokenized when it is read as a whole. An empty context
+    becomes the <|eos|> that precedes every document in training. A pair longer than the
+    model's context loses tokens from its left."""
+    stripped = context.rstrip()
+    ctx = encode(tok, stripped)
+    cont = encode(tok, context[len(stripped):] + continuation)
+    if not ctx:
+        eos = [i for s, i in special_ids(tok).items() if s in STOP_TOKENS[:2]]
+        if not eos:
+            raise ValueError("an empty context needs an <|eos|> or <|endoftext|> token to stand for the start")
+        ctx = eos[:1]
+    ids = ctx + cont
+    if len(ids) - 1 > max_len:          # the last token is only a label
+        ids = ids[-(max_len + 1):]
+        return ids, min(len(cont), len(ids) - 1), True
+    return ids, len(cont), False
+
+
+@torch.no_grad()
+def score(model, tok, pairs, batch_size=16):
+    """Sum of log-probabilities of each continuation after its context, for pairs
+    [(context, continuation)]. Returns (logps, token counts, how many pairs were truncated).
+    Rows are sorted by length so that a batch pads little, and come back in the given order."""
+    device, max_len = _device(model), _max_len(model)
+    encoded = [_pair_ids(tok, c, x, max_len) for c, x in pairs]
+    logps, ntoks = [0.0] * len(pairs), [0] * len(pairs)
+    order = sorted(range(len(pairs)), key=lambda i: -len(encoded[i][0]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        T = max(len(encoded[i][0]) for i in idx) - 1
+        input_ids = torch.zeros(len(idx), T, dtype=torch.long)
+        labels = torch.full((len(idx), T), -100, dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids, n_cont, _ = encoded[i]
+            L = len(ids) - 1
+            input_ids[row, :L] = torch.tensor(ids[:-1])
+            labels[row, L - n_cont:L] = torch.tensor(ids[-n_cont:])
+        # right padding: causal attention means no real token ever sees a pad
+        position_ids = torch.arange(T).expand(len(idx), T)
+        lp = token_log_probs(model, input_ids.to(device), labels.to(device), position_ids.to(device))
+        for row, i in enumerate(idx):
+            logps[i] = lp[row].sum().item()
+            ntoks[i] = encoded[i][1]
+    return logps, ntoks, sum(e[2] for e in encoded)
+
+
+NORMS = ("acc_char", "acc_token", "acc")   # score / characters, / tokens, unnormalised
+
+
+def cloze(model, tok, examples, batch_size=16):
+    """Accuracy on examples [{"context", "choices", "answer"}] (choices are continuations,
+    joined to the context as they are: they carry their own leading space) under the three
+    normalisations. An example counts as right only when its answer scores strictly above
+    every other choice: a tie is wrong whatever the order of the choices. Returns
+    (metrics, details): details[i] = {"scores": {norm: [per choice]}, "correct": {norm: bool}}."""
+    pairs = [(ex["context"], c) for ex in examples for c in ex["choices"]]
+    logps, ntoks, truncated = score(model, tok, pairs, batch_size)
+    details, k = [], 0
+    for ex in examples:
+        n = len(ex["choices"])
+        lp, nt = logps[k:k + n], ntoks[k:k + n]
+        k += n
+        scores = {"acc": lp, "acc_token": [s / max(t, 1) for s, t in zip(lp, nt)],
+                  "acc_char": [s / max(len(c), 1) for s, c in zip(lp, ex["choices"])]}
+        a = ex["answer"]
+        correct = {norm: all(s[a] > x for j, x in enumerate(s) if j != a) for norm, s in scores.items()}
+        details.append({"scores": scores, "correct": correct})
+    metrics = {norm: accuracy([d["correct"][norm] for d in details]) for norm in NORMS}
+    metrics["chance"] = metric(sum(1 / len(ex["choices"]) for ex in examples) / max(len(examples), 1), 0, 0,
+                               len(examples))
+    if truncated:
+        metrics["truncated"] = metric(truncated, 0, 0, len(pairs))
+    return metrics, details
+
+
+# -----------------------------------------------------------------------------
+# Generative exact match
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def extract_answer(text):
+    """The final answer in a completion: what follows GSM8K's `####` on its line, else the
+    last \\boxed{...}, else the last number; None when there is none."""
+    if "####" in text:
+        answer = text.split("####", 1)[1].split("\n", 1)[0].strip()
+        return answer or None
+    boxed = re.findall(r"\\boxed\{([^{}]*)\}", text)
+    if boxed:
+        return boxed[-1].strip() or None
+    numbers = _NUMBER.findall(text)
+    return numbers[-1].rstrip(",") if numbers else None
+
+
+def normalize_answer(s):
+    """Lowercase, spaces collapsed, a "$", a trailing "." and thousands separators gone."""
+    s = " ".join(str(s).strip().lower().replace("$", "").split()).rstrip(".")
+    return re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", s)
+
+
+def same_answer(predicted, reference):
+    """Exact match after normalisation; two numbers compare as numbers (3.0 == 3, -0 == 0).
+    Nothing predicted is never right (an empty answer must not match an empty reference)."""
+    if predicted is None or reference is None:
+        return False
+    p, r = normalize_answer(predicted), normalize_answer(reference)
+    if not p:
+        return False
+    try:
+        return float(p) == float(r)
+    except ValueError:
+        return p == r
+
+
+@torch.no_grad()
+def generative(model, tok, examples, max_new_tokens=192, batch_size=64):
+    """Exact match on examples [{"prompt", "answer"}]: greedy generation until an end token
+    (or max_new_tokens), the completion cut where a new "Question:" starts, the answer
+    extracted and compared. Returns (metrics, details): details[i] = {"completion",
+    "predicted", "correct"}."""
+    specials = special_ids(tok)
+    stop = [specials[s] for s in STOP_TOKENS if s in specials]
+    max_len = _max_len(model)
+    room = max(1, max_len - max_new_tokens)
+    details, truncated = [], 0
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start:start + batch_size]
+        prompts = []
+        for ex in batch:
+            ids = encode(tok, ex["prompt"].rstrip())
+            truncated += len(ids) > room
+            prompts.append(ids[-room:])
+        outs = model.generate(prompts, max_new_tokens=min(max_new_tokens, max_len - 1), temperature=0,
+                              stop_ids=stop)
+        for ex, out in zip(batch, outs):
+            text = tok.decode([t for t in out if t not in stop]).split("\nQuestion:")[0]
+            pred = extract_answer(text)
+            details.append({"completion": text, "predicted": pred, "correct": same_answer(pred, ex["answer"])})
+    metrics = {"exact_match": accuracy([d["correct"] for d in details])}
+    if truncated:
+        metrics["truncated"] = metric(truncated, 0, 0, len(examples))
+    return metrics, details
+
+
+# -----------------------------------------------------------------------------
+# Tasks: the common jsonl shapes, and the built-in ones
+
+def task_example(row, where):
+    """(kind, example) of one jsonl row: "cloze" {context, choices, answer index} when the row
+    has choices, else "generative" {prompt, answer}. Raises ValueError naming `where`."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    labels = None
+    if isinstance(row.get("choices"), dict):                 # ARC: {"text": [...], "label": ["A", ...]}
+        choices, labels = row["choices"].get("text"), row["choices"].get("label")
+    elif "choices" in row:                                    # MMLU, and the generic shape
+        choices = row["choices"]
+    elif "endings" in row:                                    # HellaSwag
+        choices = row["endings"]
+    elif "sol1" in row and "sol2" in row:                     # PIQA
+        choices = [row["sol1"], row["sol2"]]
+    else:
+        choices = None
+    question = row.get("question", row.get("goal"))
+    if choices is None:
+        prompt = row.get("prompt") or (f"Question: {question}\nAnswer:" if question is not None else None)
+        if prompt is None or "answer" not in row:
+            raise ValueError(f"{where}: a row needs choices (choices / endings / sol1+sol2) and an answer index, "
+                             f"or a question (or prompt) and an answer; it has {sorted(row)}")
+        answer = str(row["answer"])
+        gold = extract_answer(answer) if "####" in answer or "\\boxed" in answer else answer.strip()
+        if not gold:
+            raise ValueError(f"{where}: empty answer")
+        return "generative", {"prompt": str(prompt), "answer": gold}
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+        raise ValueError(f"{where}: choices must be a list of at least two strings, got {choices!r}")
+    if question is not None:
+        context = f"Question: {question}\nAnswer:"
+    else:
+        context = row.get("ctx", row.get("context", row.get("query")))
+        if not isinstance(context, str):
+            raise ValueError(f"{where}: a multiple-choice row needs a question, goal, ctx, context or query; "
+                             f"it has {sorted(row)}")
+    key = next((k for k in ("answer", "label", "gold", "answerKey") if k in row), None)
+    if key is None:
+        raise ValueError(f"{where}: no answer (answer / label / gold / answerKey)")
+    a = row[key]
+    if isinstance(a, str):             # "2", "B", or ARC's labels (which are sometimes "1".."4")
+        s = a.strip()
+        a = (labels.index(s) if labels and s in labels else int(s) if s.lstrip("-").isdigit()
+             else ord(s.upper()) - ord("A") if len(s) == 1 and s.isalpha() else None)
+    if isinstance(a, bool) or not isinstance(a, int) or not 0 <= a < len(choices):
+        raise ValueError(f"{where}: answer {row[key]!r} is not one of the {len(choices)} choices")
+    choices = [c if c[:1].isspace() else " " + c for c in choices]
+    return "cloze", {"context": context, "choices": choices, "answer": a}
+
+
+def read_task(path):
+    """(kind, examples) from a jsonl file of one kind of row (see task_example). A line that is
+    not JSON, or a row of the wrong shape, stops with its file and line."""
+    kinds, examples = set(), []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not JSON ({e.msg})") from None
+            kind, ex = task_example(row, where)
+            kinds.add(kind)
+            if len(kinds) > 1:
+                raise ValueError(f"{where}: a {kind} row in a file of {kinds - {kind}} rows; one kind per file")
+            examples.append(ex)
+    if not examples:
+        raise ValueError(f"{path}: no examples")
+    return kinds.pop(), examples
+
+
+def arithmetic_examples(documents):
+    """Generative examples from math documents "Question: q\\nAnswer: steps\\n#### answer"."""
+    out = []
+    for doc in documents:
+        head, _, rest = doc.partition("\nAnswer:")
+        if head.startswith("Question: ") and "####" in rest:
+            out.append({"prompt": head + "\nAnswer:", "answer": extract_answer(rest)})
+    return out
+
+
+def _functions(source):
+    """(header lines, docstring first line) of every function in a module's text whose docstring
+    opens with text on the line of its quotes (the common style)."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return []
+    lines, out = source.split("\n"), []
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or ast.get_docstring(node) is None:
+            continue
+        doc = node.body[0]
+        first = lines[doc.lineno - 1]
+        quote = first.lstrip()[:3]
+        if quote not in ('"""', "'''") or doc.lineno <= node.lineno:
+            continue
+        text = first.lstrip()[3:].split(quote)[0].strip()
+        if len(text) >= 12:
+            header = "\n".join(lines[node.lineno - 1:doc.lineno - 1])
+            indent = first[:len(first) - len(first.lstrip())]
+            out.append((f"{header}\n{indent}{quote}", text))
+    return out
+
+
+def docstring_examples(sources, n_choices=4, seed=0):
+    """Cloze: a function's header and the opening quotes, then its docstring's first line or
+    that of another held-out function. The distractors come from the same pool as the answer,
+    so neither length nor style gives it away (a model that knows nothing scores chance)."""
+    funcs = [f for s in sources for f in _functions(s)]
+    headers = [h for h, _ in funcs]
+    funcs = [(h, t) for h, t in funcs if headers.count(h) == 1]   # two __init__(self) could not be told apart
+    pool = sorted({text for _, text in funcs})
+    rng = random.Random(f"docstring/{seed}")
+    out = []
+    for context, text in funcs:
+        others = rng.sample([t for t in pool if t != text], min(n_choices - 1, len(pool) - 1))
+        if len(others) < n_choices - 1:
+            continue
+        choices = others + [text]
+        rng.shuffle(choices)
+        out.append({"context": context, "choices": [" " + c if not c[:1].isspace() else c for c in choices],
+                    "answer": choices.index(text)})
+    rng.shuffle(out)
+    return out
+
+
+def next_line_examples(sources, n_choices=4, context_lines=12, per_file=60, seed=0):
+    """Cloze: twelve lines of a held-out file, then its next line or another line of the same
+    file (with its own indentation). Lines under 8 characters are not asked about."""
+    rng = random.Random(f"next_line/{seed}")
+    out, seen = [], set()
+    for source in sources:
+        lines = source.split("\n")
+        good = [i for i in range(context_lines, len(lines)) if len(lines[i].strip()) >= 8]
+        candidates = sorted({lines[i] for i in good})
+        for i in rng.sample(good, min(per_file, len(good))):
+            others = rng.sample([c for c in candidates if c.strip() != lines[i].strip()], n_choices - 1)
+            choices = others + [lines[i]]
+            rng.shuffle(choices)
+            context = "\n".join(lines[i - context_lines:i]) + "\n"
+            if context in seen:      # the same lines followed by two different ones: unanswerable
+                continue
+            seen.add(context)
+            out.append({"context": context, "choices": choices, "answer": choices.index(lines[i])})
+    rng.shuffle(out)
+    return out
+
+
+def builtin_tasks(code_sources, math_documents, seed=0):
+    """{"arithmetic": ("generative", examples), "docstring": ("cloze", ...), "next_line": (...)}
+    from held-out text: source files and math documents the model never trained on."""
+    return {"arithmetic": ("generative", arithmetic_examples(math_documents)),
+            "docstring": ("cloze", docstring_examples(code_sources, seed=seed)),
+            "next_line": ("cloze", next_line_examples(code_sources, seed=seed))}
+
+
+def subset(tasks, n, seed=0):
+    """At most n examples of each task: a seeded sample, the same on every call."""
+    if not n:
+        return tasks
+    return {name: (kind, ex if len(ex) <= n else random.Random(f"{name}/{seed}").sample(ex, n))
+            for name, (kind, ex) in tasks.items()}
+
+
+def run_tasks(model, tok, tasks, batch_size=16, max_new_tokens=192):
+    """Every task's metrics, as {"<task>/<metric>": metric}."""
+    out = {}
+    for name, (kind, examples) in tasks.items():
+        if kind == "cloze":
+            metrics, _ = cloze(model, tok, examples, batch_size)
+        else:
+            metrics, _ = generative(model, tok, examples, max_new_tokens, 4 * batch_size)
+        out.update({f"{name}/{k}": v for k, v in metrics.items()})
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Validating the pipeline
+
+class Oracle:
+    """A "model" that knows every answer of some tasks: log-probability 0 for each token of a
+    context followed by its right choice, log(1/2) per token of anything else; and for a known
+    generative prompt, the completion " #### <answer>". Scored through the same pipeline as a
+    real model, it must get 100%; anything less means the pipeline loses track of which score
+    belongs to which choice, reads the wrong answer index, or extracts answers wrongly."""
+
+    def __init__(self, tok, tasks):
+        self.tok = tok
+        self.skip = set(special_ids(tok).values())
+        self.right = {ex["context"] + ex["choices"][ex["answer"]]
+                      for kind, exs in tasks.values() if kind == "cloze" for ex in exs}
+        self.answers = {ex["prompt"].rstrip(): ex["answer"]
+                        for kind, exs in tasks.values() if kind == "generative" for ex in exs}
+
+    def _text(self, ids):
+        return self.tok.decode([i for i in ids if i not in self.skip])
+
+    def log_probs(self, input_ids, labels, position_ids=None):
+        out = torch.zeros(labels.shape)
+        for row in range(len(labels)):
+            where = (labels[row] != -100).nonzero().squeeze(1)
+            last = where[-1].item()
+            text = self._text(input_ids[row, :last + 1].tolist() + [labels[row, last].item()])
+            known = text in self.right or any(r.endswith(text) for r in self.right if len(text) < len(r))
+            out[row, where] = 0.0 if known else math.log(0.5)
+        return out
+
+    def generate(self, prompts, max_new_tokens=64, temperature=0.0, stop_ids=(), **kw):
+        outs = []
+        for p in prompts:
+            text = self._text(p)
+            answer = self.answers.get(text) or next((a for q, a in self.answers.items() if q.endswith(text)), None)
+            outs.append(encode(self.tok, f" #### {answer}")[:max_new_tokens] if answer is not None else [])
+        return outs
+
+
+def _shuffled(examples, seed):
+    rng = random.Random(seed)
+    out = []
+    for ex in examples:
+        order = list(range(len(ex["choices"])))
+        rng.shuffle(order)
+        out.append({**ex, "choices": [ex["choices"][j] for j in order], "answer": order.index(ex["answer"])})
+    return out
+
+
+def validate_pipeline(model, tok, tasks, seed=0, batch_size=16, max_new_tokens=64):
+    """Three checks of the evaluation itself, on `tasks` and `model`, a model that knows
+    nothing (freshly initialised), deterministic:
+    - chance: its accuracy's 99% interval holds the task's chance level (1/choices; 1% for
+      an open answer). Above it, the task leaks the answer (the right choice is the
+      shortest, the first...). WARN: it may also be a 1-in-100 draw.
+    - oracle: the Oracle scores 100% on every metric. FAIL otherwise.
+    - shuffle: the same model on the choices in another order gets the same examples right
+      (only near-ties, score gaps under 1e-4, may move). FAIL otherwise.
+    Returns [(status, check, detail)] with status PASS, WARN or FAIL."""
+    results = []
+    oracle = Oracle(tok, tasks)
+    for name, (kind, examples) in tasks.items():
+        if kind == "cloze":
+            got, details = cloze(model, tok, examples, batch_size)
+            chance = got["chance"]["value"]
+            off = [n for n in NORMS if not wilson(round(got[n]["value"] * got[n]["n"]), got[n]["n"], Z99)[0]
+                   <= chance <= wilson(round(got[n]["value"] * got[n]["n"]), got[n]["n"], Z99)[1]]
+            results.append(("WARN" if off else "PASS", f"{name}: chance",
+                            "a model that knows nothing: " + ", ".join(f"{n} {got[n]['value']:.2f}" for n in NORMS)
+                            + f" (chance {chance:.2f})" + (f"; outside the 99% interval: {off}: does the length or "
+                                                           "position of the right choice give it away?" if off else "")))
+            perfect, _ = cloze(oracle, tok, examples, batch_size)
+            bad = [n for n in NORMS if perfect[n]["value"] < 1]
+            rights = {}
+            for ex in examples:
+                rights.setdefault(ex["context"], set()).add(ex["choices"][ex["answer"]])
+            twice = sum(len(r) > 1 for r in rights.values())
+            results.append(("FAIL" if bad else "PASS", f"{name}: oracle",
+                            ", ".join(f"{n} {perfect[n]['value']:.3f}" for n in bad) + (
+                                f": {twice} contexts have two different right answers (the task is ambiguous)"
+                                if twice else ": the pipeline loses the answer (choice order, answer index, "
+                                              "normalisation)") if bad else "100% on every metric"))
+            again, details2 = cloze(model, tok, _shuffled(examples, seed), batch_size)
+            moved = 0
+            for d, d2 in zip(details, details2):
+                for n in NORMS:
+                    top = sorted(d["scores"][n], reverse=True)
+                    if d["correct"][n] != d2["correct"][n] and (len(top) < 2 or top[0] - top[1] > 1e-4):
+                        moved += 1
+            results.append(("FAIL" if moved else "PASS", f"{name}: shuffle",
+                            f"{moved} answers changed when the choices were reordered: scores depend on position"
+                            if moved else "the same answers right with the choices reordered"))
+        else:
+            got, _ = generative(model, tok, examples, max_new_tokens, 4 * batch_size)
+            em = got["exact_match"]
+            low, _ = wilson(round(em["value"] * em["n"]), em["n"], Z99)
+            results.append(("WARN" if low > 0.01 else "PASS", f"{name}: chance",
+                            f"a model that knows nothing: exact_match {em['value']:.2f}" +
+                            (": above 1%; is the answer in the prompt, or does extraction accept anything?"
+                             if low > 0.01 else "")))
+            perfect, _ = generative(oracle, tok, examples, max_new_tokens, 4 * batch_size)
+            ok = perfect["exact_match"]["value"] == 1
+            results.append(("PASS" if ok else "FAIL", f"{name}: oracle", "100% exact match" if ok else
+                            f"exact_match {perfect['exact_match']['value']:.3f}: answer extraction or comparison is "
+                            "broken"))
+    return results
+
+
+# -----------------------------------------------------------------------------
+# The report card
+
+def fmt(m):
+    return f"{m['value']:.4g}" if m["low"] == m["high"] else f"{m['value']:.4g} ({m['low']:.4g}-{m['high']:.4g})"
+
+
+def metric_table(metrics):
+    """A markdown table: one metric per line, its value, 95% interval and row count."""
+    lines = ["| metric | value | 95% interval | n |", "|---|---|---|---|"]
+    for name, m in metrics.items():
+        interval = "" if m["low"] == m["high"] else f"{m['low']:.4f} - {m['high']:.4f}"
+        lines.append(f"| {name} | {m['value']:.4f} | {interval} | {m['n']} |")
+    return "\n".join(lines)
+
+
+def card_table(rows, columns=None):
+    """The report card: one row per stage (or checkpoint), one column per metric (those whose
+    names end with one of `columns`, when given), each cell "value (low-high)".
+    rows: [{"stage", "step", "metrics"}]."""
+    names = []
+    for r in rows:
+        names += [n for n in r["metrics"] if n not in names and not n.endswith(("/chance", "/truncated"))
+                  and (columns is None or n.endswith(tuple(columns)))]
+    lines = ["| stage | step | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for r in rows:
+        cells = [fmt(r["metrics"][n]) if n in r["metrics"] else "" for n in names]
+        lines.append(f"| {r['stage']} | {r['step']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_json(path, obj):
+    """Written to a temporary sibling and renamed: a crash leaves the old file or the new one."""
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp.", dir=d)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def add_to_card(run_dir, row, inherit=None):
+    """Append (or replace: the same stage and step again, after a resume) a row of the run's
+    report card, run_dir/report_card.json and .md. A new run started from another's checkpoint
+    (`inherit`: that run's directory) starts from its card, so the card follows the model
+    through pretraining, mid-training and post-training. Returns the rows."""
+    path = os.path.join(run_dir, "report_card.json")
+    rows = []
+    for source in (path, os.path.join(inherit, "report_card.json") if inherit else None):
+        if source and os.path.exists(source):
+            with open(source) as f:
+                rows = json.load(f)
+            break
+    rows = [r for r in rows if (r["stage"], r["step"], r.get("run")) != (row["stage"], row["step"], row.get("run"))]
+    rows.append(row)
+    write_json(path, rows)
+    with open(os.path.join(run_dir, "report_card.md"), "w") as f:
+        f.write(card_table(rows) + "\n")
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# The command line: the one place that opens the project's own checkpoints
+
+def _open_checkpoint(ckpt, tokenizer):
+    """(model, tokenizer, the run's train config) of a train.py checkpoint, or of a Hugging
+    Face directory (then give --tokenizer)."""
+    import data
+    import model as M
+    from safetensors.torch import load_file
+
+    trainer_json = os.path.join(ckpt, "trainer.json")
+    if os.path.exists(trainer_json):
+        with open(trainer_json) as f:
+            state = json.load(f)
+        net = M.Model(M.ModelConfig(**state["model_config"]))
+        net.load_state_dict(load_file(os.path.join(ckpt, "model.safetensors")), strict=False)
+        cfg = state.get("config", {})
+    elif os.path.exists(os.path.join(ckpt, "config.json")):
+        net, cfg = M.Model.from_pretrained(ckpt), {}
+    else:
+        raise SystemExit(f"--ckpt {ckpt}: neither a train.py checkpoint (trainer.json) nor a Hugging Face "
+                         "directory (config.json)")
+    tokenizer = tokenizer or cfg.get("tokenizer") or (os.path.join(cfg["data_dir"], "tok.json") if "data_dir" in cfg
+                                                      else None)
+    if not tokenizer:
+        raise SystemExit(f"--ckpt {ckpt}: which tokenizer? give --tokenizer tok.json (or bytes)")
+    tok = data.ByteTokenizer() if tokenizer == "bytes" else data.load_tokenizer(tokenizer)
+    return net, tok, cfg
+
+
+def builtin(n_math=400):
+    """The built-in tasks, from data.py's held-out text."""
+    import data
+    return builtin_tasks(data.heldout_code(), data.heldout_math(n_math))
+
+
+def resolve_tasks(names, examples, seed=0):
+    """Task names (arithmetic, docstring, next_line, or builtin for the three) and jsonl paths
+    -> tasks, at most `examples` of each ("val" is not a task: it is skipped here)."""
+    names = [x for n in names for x in (BUILTIN if n == "builtin" else (n,))]
+    tasks = {}
+    if set(names) & set(BUILTIN):
+        built = builtin()
+        tasks.update({n: built[n] for n in names if n in BUILTIN})
+    for n in names:
+        if n.endswith(".jsonl"):
+            try:
+                tasks[os.path.basename(n)[:-6]] = read_task(n)
+            except (OSError, ValueError) as e:
+                raise SystemExit(f"task {n}: {e}")
+        elif n not in BUILTIN and n != "val":
+            raise SystemExit(f"task {n!r}: builtin, {', '.join(BUILTIN)}, val, or a .jsonl file")
+    return subset(tasks, examples, seed)
+
+
+def _demo():
+    import data
+    import model as M
+
+    t0 = time.time()
+    tok = data.ByteTokenizer()
+    tasks = subset(builtin(), 40)
+    for name, (kind, ex) in tasks.items():
+        e = ex[0]
+        shown = (e["context"][-120:] + " ...?\n  choices: " + " | ".join(c.strip()[:40] for c in e["choices"])
+                 + f"\n  answer: {e['answer']}") if kind == "cloze" else f"{e['prompt']}\n  answer: {e['answer']}"
+        print(f"--- {name} ({kind}, {len(ex)} examples shown to models below), e.g.:\n{shown}\n")
+    torch.manual_seed(0)
+    net = M.Model(M.preset("tiny", vocab_size=data.ByteTokenizer.vocab_size, n_layer=2, nope_layers=(1,),
+                           max_seq_len=512)).eval()
+    print("validating the pipeline (a random tiny model, an oracle, shuffled choices):")
+    for status, check, detail in validate_pipeline(net, tok, tasks):
+        print(f"  {status:4s} {check}: {detail}")
+    print("\nthe random model's report card (95% intervals: chance is inside them):")
+    print(metric_table(run_tasks(net, tok, tasks, max_new_tokens=64)))
+    print(f"\n({time.time() - t0:.1f} s)")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate a checkpoint: validation loss / bits per byte and tasks, "
+                                            "with 95% intervals (python eval.py alone runs the demo).")
+    p.add_argument("--ckpt", help="a train.py checkpoint directory (or a Hugging Face one, with --tokenizer)")
+    p.add_argument("--tasks", nargs="+", default=["val", "arithmetic", "docstring", "next_line"],
+                   help="val, arithmetic, docstring, next_line, or task .jsonl files")
+    p.add_argument("--examples", type=int, default=200, help="at most this many examples per task (0: all)")
+    p.add_argument("--tokenizer", default="", help="tok.json, or bytes; default: the checkpoint run's")
+    p.add_argument("--data_dir", default="", help="prepared data for val (default: the checkpoint run's)")
+    p.add_argument("--val_batches", type=int, default=8)
+    p.add_argument("--validate", action="store_true", help="also validate the pipeline (random model, oracle, shuffle)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    if not args.ckpt:
+        return _demo()
+    net, tok, cfg = _open_checkpoint(args.ckpt, args.tokenizer)
+    device = torch.device(args.device)
+    net = net.to(device).eval()
+    metrics, t0 = {}, time.time()
+    if "val" in args.tasks:
+        import data
+        d = args.data_dir or cfg.get("data_dir", "")
+        if d and os.path.exists(os.path.join(d, "manifest.json")):
+            loader = data.Loader(d, cfg.get("batch_size", 8), min(cfg.get("seq_len", 256), net.config.max_seq_len),
+                                 seed=cfg.get("seed", 0), split="val")
+            batches = ({k: v.to(device) for k, v in next(loader).items()} for _ in range(args.val_batches))
+            metrics.update(validation(net, batches, token_bytes(tok, net.config.padded_vocab), loader.names))
+        else:
+            print(f"val: skipped, no prepared data at {d!r} (--data_dir)", file=sys.stderr)
+    tasks = resolve_tasks(args.tasks, args.examples)
+    if args.validate:
+        torch.manual_seed(0)
+        fresh = type(net)(net.config).to(device).eval()
+        for status, check, detail in validate_pipeline(fresh, tok, tasks):
+            print(f"  {status:4s} {check}: {detail}")
+    metrics.update(run_tasks(net, tok, tasks))
+    print(metric_table(metrics))
+    print(f"({time.time() - t0:.1f} s)")
+    out = os.path.join(args.ckpt, "eval.json")
+    write_json(out, {"ckpt": args.ckpt, "tasks": args.tasks, "examples": args.examples, "metrics": metrics})
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
