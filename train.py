@@ -932,7 +932,7 @@ class Trainer:
         self.tok_bytes = eval.token_bytes(self.tok, self.raw_model.config.padded_vocab)
         names = [n.strip() for n in cfg.eval_tasks.split(",") if n.strip() not in ("", "none")]
         self.tasks = eval.resolve_tasks(names, cfg.eval_examples)     # the same examples at every evaluation
-        self.last_eval = {}
+        self.last_eval, self.said_no_tasks = {}, False
         self.full_config = self.raw_model.config
         self.flops_per_token = self.raw_model.flops_per_token(cfg.seq_len)   # of the whole model, before it is split
         self.n_params = self.raw_model.num_params()
@@ -1082,7 +1082,11 @@ class Trainer:
         alike. Under --pp only validation (generation across stages is not written here)."""
         group = self.layout.group("dp") if self.world_size > 1 else None
         out = self.stage.evaluate(self.eval_model(), self.device, n_batches, self.tok_bytes, group)
-        if tasks and self.layout.pp == 1:
+        if tasks and self.layout.pp > 1 and not self.said_no_tasks:
+            self.log("tasks: not evaluated under --pp (scoring and generation across pipeline stages are not "
+                     "written here); validation loss and bits per byte are")
+            self.said_no_tasks = True
+        elif tasks and self.layout.pp == 1:
             with self.whole_model() as m, self.autocast:
                 out.update(eval.run_tasks(m, self.tok, tasks))
         return out

@@ -415,6 +415,42 @@ def test_torchrun_layouts_match_one_process(layout, data_dir, base_run, tmp_path
     _same_run(base_run["out"], str(tmp_path / "out"), loss_rel)
 
 
+TASKS = ["--eval_tasks", "builtin", "--eval_examples", "4"]
+TASK_RUN = ["--max_steps", "2", "--out_dir", "out"]
+
+
+@pytest.fixture(scope="module")
+def tasks_one_process(data_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("tasks_one")
+    check(run_train(common(data_dir) + MODEL + TASKS + TASK_RUN, d))
+    return read_metrics(str(d / "out"))[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["zero3", "tp2", "torch-fsdp2", "pp2"])
+def test_torchrun_evaluates_tasks_on_sharded_models(layout, data_dir, tasks_one_process, tmp_path):
+    """eval.py's tasks on a split model (every rank scores and generates with the whole model:
+    ZeRO-3 summons its weights, FSDP2 unshards, TP's ranks work together) give one process's
+    numbers; where every rank reads the same rows (TP, PP) so does the validation loss. Under
+    --pp the tasks are skipped, and the run says so."""
+    nproc, flags, _ = LAYOUTS[layout]
+    rc, stdout = run_torchrun(common(data_dir) + MODEL + TASKS + TASK_RUN + flags, tmp_path, nproc=nproc,
+                              timeout=240)
+    assert rc == 0, stdout[-3000:]
+    checks = {item: status for status, item, _ in preflight_lines(stdout)}
+    assert checks["evaluation"] == "PASS" and checks["evaluation pipeline"] == "PASS", stdout[-3000:]
+    one, row = tasks_one_process, read_metrics(str(tmp_path / "out"))[-1]
+    tasks = [k for k in one if k.startswith(("arithmetic/", "docstring/", "next_line/"))]
+    assert len(tasks) == 9
+    if layout == "pp2":
+        assert not set(tasks) & set(row) and "tasks: not evaluated under --pp" in stdout
+    else:
+        assert {k: row[k] for k in tasks} == {k: one[k] for k in tasks}
+    if layout in ("tp2", "pp2"):
+        val = [k for k in one if k.startswith(("val_loss", "val_bpb"))]
+        assert "val_bpb" in val and {k: row[k] for k in val} == pytest.approx({k: one[k] for k in val}, rel=1e-4)
+
+
 @pytest.mark.slow
 def test_torchrun_sharded_checkpoint_resumes_in_another_layout(data_dir, base_run, tmp_path):
     """Checkpoints are one process's view: 8 steps under TP x ZeRO-3 on 4 processes, resumed on
