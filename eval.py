@@ -112,13 +112,15 @@ def token_bytes(tok, size=None):
     for i in range(min(n, len(out))):
         if i in specials:
             continue
-        if hasattr(tok, "decode_single_token_bytes"):   # exact, even for half of a UTF-8 character
-            try:
+        try:     # exact, even for a token that holds half of a UTF-8 character
+            if hasattr(tok, "decode_single_token_bytes"):     # tiktoken, data.ByteTokenizer
                 out[i] = len(tok.decode_single_token_bytes(i))
-            except KeyError:                             # an unused id
-                pass
-        else:
-            out[i] = len(tok.decode([i]).encode("utf-8"))
+            elif hasattr(tok, "decode_bytes"):                # tokenizer.py's Tokenizer
+                out[i] = len(tok.decode_bytes([i]))
+            else:                                             # text only: a lone byte would count as U+FFFD's 3
+                out[i] = len(tok.decode([i]).encode("utf-8"))
+        except KeyError:                                      # an unused id
+            pass
     return out
 
 
@@ -233,6 +235,8 @@ def _pair_ids(tok, context, continuation, max_len):
     stripped = context.rstrip()
     ctx = encode(tok, stripped)
     cont = encode(tok, context[len(stripped):] + continuation)
+    if not cont:
+        raise ValueError(f"an empty continuation after {context[-40:]!r}: nothing to score")
     if not ctx:
         eos = [i for s, i in special_ids(tok).items() if s in STOP_TOKENS[:2]]
         if not eos:
@@ -306,6 +310,7 @@ def cloze(model, tok, examples, batch_size=16):
 # Generative exact match
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+_PLAIN = re.compile(r"-?\d+(?:\.\d+)?")     # what compares as a number (not "1e3", "nan" or "1_0")
 
 
 def extract_answer(text):
@@ -314,9 +319,9 @@ def extract_answer(text):
     if "####" in text:
         answer = text.split("####", 1)[1].split("\n", 1)[0].strip()
         return answer or None
-    boxed = re.findall(r"\\boxed\{([^{}]*)\}", text)
+    boxed = [b.strip() for b in re.findall(r"\\boxed\{([^{}]*)\}", text) if b.strip()]
     if boxed:
-        return boxed[-1].strip() or None
+        return boxed[-1]
     numbers = _NUMBER.findall(text)
     return numbers[-1].rstrip(",") if numbers else None
 
@@ -335,10 +340,9 @@ def same_answer(predicted, reference):
     p, r = normalize_answer(predicted), normalize_answer(reference)
     if not p:
         return False
-    try:
+    if _PLAIN.fullmatch(p) and _PLAIN.fullmatch(r):
         return float(p) == float(r)
-    except ValueError:
-        return p == r
+    return p == r
 
 
 @torch.no_grad()
@@ -482,8 +486,8 @@ def _functions(source):
 
 
 def docstring_examples(sources, n_choices=4, seed=0):
-    """Cloze: a function's header and the opening quotes, then its docstring's first line or
-    that of another held-out function. The distractors come from the same pool as the answer,
+    """Cloze: a function's header and the opening quotes, then its docstring's first line (as
+    the source has it, right after the quotes) or that of another held-out function. The distractors come from the same pool as the answer,
     so neither length nor style gives it away (a model that knows nothing scores chance)."""
     funcs = [f for s in sources for f in _functions(s)]
     headers = [h for h, _ in funcs]
@@ -497,8 +501,7 @@ def docstring_examples(sources, n_choices=4, seed=0):
             continue
         choices = others + [text]
         rng.shuffle(choices)
-        out.append({"context": context, "choices": [" " + c if not c[:1].isspace() else c for c in choices],
-                    "answer": choices.index(text)})
+        out.append({"context": context, "choices": choices, "answer": choices.index(text)})
     rng.shuffle(out)
     return out
 
@@ -513,7 +516,12 @@ def next_line_examples(sources, n_choices=4, context_lines=12, per_file=60, seed
         good = [i for i in range(context_lines, len(lines)) if len(lines[i].strip()) >= 8]
         candidates = sorted({lines[i] for i in good})
         for i in rng.sample(good, min(per_file, len(good))):
-            others = rng.sample([c for c in candidates if c.strip() != lines[i].strip()], n_choices - 1)
+            pool = [c for c in candidates if c.strip() != lines[i].strip()]
+            if len({c.strip() for c in pool}) < len(pool) or len(pool) < n_choices - 1:
+                pool = list({c.strip(): c for c in pool}.values())   # one line per text: no two equal choices
+                if len(pool) < n_choices - 1:
+                    continue                # a short file: too few other lines to choose from
+            others = rng.sample(pool, n_choices - 1)
             choices = others + [lines[i]]
             rng.shuffle(choices)
             context = "\n".join(lines[i - context_lines:i]) + "\n"
@@ -741,7 +749,12 @@ def _open_checkpoint(ckpt, tokenizer):
         with open(trainer_json) as f:
             state = json.load(f)
         net = M.Model(M.ModelConfig(**state["model_config"]))
-        net.load_state_dict(load_file(os.path.join(ckpt, "model.safetensors")), strict=False)
+        weights = load_file(os.path.join(ckpt, "model.safetensors"))
+        if set(weights) != set(net.weights()):    # a tied head is stored once, under the embedding's name
+            raise SystemExit(f"--ckpt {ckpt}: model.safetensors does not match its trainer.json's model: missing "
+                             f"{sorted(set(net.weights()) - set(weights))[:5]}, unexpected "
+                             f"{sorted(set(weights) - set(net.weights()))[:5]}")
+        net.load_state_dict(weights, strict=False)
         cfg = state.get("config", {})
     elif os.path.exists(os.path.join(ckpt, "config.json")):
         net, cfg = M.Model.from_pretrained(ckpt), {}
@@ -816,9 +829,12 @@ def main(argv=None):
     p.add_argument("--val_batches", type=int, default=8)
     p.add_argument("--validate", action="store_true", help="also validate the pipeline (random model, oracle, shuffle)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        return _demo()
     args = p.parse_args(argv)
     if not args.ckpt:
-        return _demo()
+        p.error("--ckpt DIR: which checkpoint? (python eval.py alone runs the demo)")
     net, tok, cfg = _open_checkpoint(args.ckpt, args.tokenizer)
     device = torch.device(args.device)
     net = net.to(device).eval()
