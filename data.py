@@ -775,7 +775,9 @@ class Loader:
     curriculum: a list of stages (until_tokens, weights) in order, the last with None (or
     the last stage simply continues). Tokens count globally, over all ranks.
 
-    A stage ends at the first global batch that starts at or after its until_tokens.
+    A stage ends at the first window that starts at or after its until_tokens. Deciding it
+    window by window (not batch by batch) keeps the order of windows independent of how they
+    are grouped: one process accumulating two micro-batches reads what two ranks read.
 
     Every rank builds the same global batch of world_size * batch_size windows and keeps
     its own slice, so the union over ranks is exactly what one process would read."""
@@ -845,8 +847,14 @@ class Loader:
         after any k windows every source is within one window of weight * k. Sampling iid
         would only get the proportions right on average; with 3% math and a small batch,
         whole batches would have none."""
-        w, counts, out = self.weights(), self.stage_counts, []
-        for _ in range(n):
+        out, before = [], int(self.consumed.sum())
+        for j in range(n):
+            tokens_so_far = (before + j) * self.seq_len
+            stage = next((i for i, (until, _) in enumerate(self.stages) if until is None or tokens_so_far < until),
+                         len(self.stages) - 1)
+            if stage != self.stage:
+                self.stage, self.stage_counts[:] = stage, 0
+            w, counts = self.weights(), self.stage_counts
             total = counts.sum() + 1
             s = int(np.argmax(w * total - counts))
             counts[s] += 1
@@ -858,11 +866,6 @@ class Loader:
 
     def __next__(self):
         B, T = self.batch_size, self.seq_len
-        tokens_so_far = int(self.consumed.sum()) * T
-        stage = next((i for i, (until, _) in enumerate(self.stages) if until is None or tokens_so_far < until),
-                     len(self.stages) - 1)
-        if stage != self.stage:
-            self.stage, self.stage_counts[:] = stage, 0
         picks = self._next_sources(B * self.world_size)
         windows = []
         for s in picks:  # every rank advances every counter, and keeps only its own slice

@@ -282,7 +282,7 @@ NORMS = ("acc_char", "acc_token", "acc")   # score / characters, / tokens, unnor
 
 def cloze(model, tok, examples, batch_size=16):
     """Accuracy on examples [{"context", "choices", "answer"}] (choices are continuations,
-    joined to the context as they are: they carry their own leading space) under the three
+    joined to the context as they are, with whatever leading space they carry) under the three
     normalisations. An example counts as right only when its answer scores strictly above
     every other choice: a tie is wrong whatever the order of the choices. Returns
     (metrics, details): details[i] = {"scores": {norm: [per choice]}, "correct": {norm: bool}}."""
@@ -299,10 +299,10 @@ def cloze(model, tok, examples, batch_size=16):
         correct = {norm: all(s[a] > x for j, x in enumerate(s) if j != a) for norm, s in scores.items()}
         details.append({"scores": scores, "correct": correct})
     metrics = {norm: accuracy([d["correct"][norm] for d in details]) for norm in NORMS}
-    metrics["chance"] = metric(sum(1 / len(ex["choices"]) for ex in examples) / max(len(examples), 1), 0, 0,
-                               len(examples))
+    chance = sum(1 / len(ex["choices"]) for ex in examples) / max(len(examples), 1)
+    metrics["chance"] = metric(chance, chance, chance, len(examples))       # exact: no interval
     if truncated:
-        metrics["truncated"] = metric(truncated, 0, 0, len(pairs))
+        metrics["truncated"] = metric(truncated, truncated, truncated, len(pairs))
     return metrics, details
 
 
@@ -371,7 +371,7 @@ def generative(model, tok, examples, max_new_tokens=192, batch_size=64):
             details.append({"completion": text, "predicted": pred, "correct": same_answer(pred, ex["answer"])})
     metrics = {"exact_match": accuracy([d["correct"] for d in details])}
     if truncated:
-        metrics["truncated"] = metric(truncated, 0, 0, len(examples))
+        metrics["truncated"] = metric(truncated, truncated, truncated, len(examples))
     return metrics, details
 
 

@@ -239,6 +239,21 @@ def test_ranks_union_is_the_global_batch(three_sources):
             assert torch.equal(one[k], torch.cat([two[0][k], two[1][k]]))
 
 
+def test_accumulation_reads_what_ranks_read_across_a_stage_change(three_sources):
+    """One process reading two micro-batches of 4 per step gets the windows two ranks of 4 get,
+    even where a curriculum stage ends inside a step (its end falls 6 windows in)."""
+    stages = [(6 * 8, {"a": 2, "b": 1}), (20 * 8, {"c": 1}), (None, {"a": 1, "b": 1, "c": 1})]
+    single = Loader(three_sources, batch_size=4, seq_len=8, weights=stages, seed=5)
+    ranks = [Loader(three_sources, batch_size=4, seq_len=8, weights=stages, seed=5, rank=r, world_size=2)
+             for r in range(2)]
+    for _ in range(12):
+        one = [next(single), next(single)]
+        two = [next(r) for r in ranks]
+        for k in one[0]:
+            assert torch.equal(torch.cat([one[0][k], one[1][k]]), torch.cat([two[0][k], two[1][k]])), k
+    assert single.stage == ranks[0].stage == 2
+
+
 def test_ranks_are_disjoint_over_an_epoch(tmp_path):
     prep(tmp_path / "d", [write_jsonl(tmp_path / "a.jsonl", random_docs(random.Random(0), 100, hi=60))])
     ranks = [Loader(tmp_path / "d", batch_size=5, seq_len=8, rank=r, world_size=3) for r in range(3)]

@@ -758,3 +758,22 @@ def test_demo_runs(capsys):
     eval.main([])
     out = capsys.readouterr().out
     assert "PASS" in out and "FAIL" not in out and "docstring/acc_char" in out
+
+
+def test_cloze_scores_of_a_transformers_model_with_the_same_weights():
+    """eval.py takes any model: transformers' LlamaForCausalLM holding our tiny model's weights (through
+    save_pretrained) gives the same cloze scores (its forward's .logits) as ours (its chunked log_probs)."""
+    transformers = pytest.importorskip("transformers")
+    import tempfile
+    net = M.Model(M.preset("tiny", vocab_size=257, n_layer=2, nope_layers=(), dim=64, n_head=2, n_kv_head=1,
+                           mlp_dim=128, max_seq_len=256)).eval()
+    with tempfile.TemporaryDirectory() as d:
+        net.save_pretrained(d)
+        theirs = transformers.LlamaForCausalLM.from_pretrained(d).eval()
+    examples = [{"context": "def add(a, b):\n    return", "choices": [" a + b", " a - b", " None"], "answer": 0},
+                {"context": "Question: What is 2 + 2?\nAnswer:", "choices": [" 4", " 5"], "answer": 0}]
+    _, ours = eval.cloze(net, BYTES, examples, batch_size=2)
+    _, hf = eval.cloze(theirs, BYTES, examples, batch_size=2)
+    for a, b in zip(ours, hf):
+        for norm in eval.NORMS:
+            assert a["scores"][norm] == pytest.approx(b["scores"][norm], rel=1e-4, abs=1e-5)
