@@ -601,6 +601,11 @@ class Oracle:
         return outs
 
 
+def _interval(m, z):
+    """An accuracy's Wilson interval at another z (the reported one is at 95%)."""
+    return wilson(round(m["value"] * m["n"]), m["n"], z)
+
+
 def _shuffled(examples, seed):
     rng = random.Random(seed)
     out = []
@@ -627,8 +632,7 @@ def validate_pipeline(model, tok, tasks, seed=0, batch_size=16, max_new_tokens=6
         if kind == "cloze":
             got, details = cloze(model, tok, examples, batch_size)
             chance = got["chance"]["value"]
-            off = [n for n in NORMS if not wilson(round(got[n]["value"] * got[n]["n"]), got[n]["n"], Z99)[0]
-                   <= chance <= wilson(round(got[n]["value"] * got[n]["n"]), got[n]["n"], Z99)[1]]
+            off = [n for n in NORMS if not _interval(got[n], Z99)[0] <= chance <= _interval(got[n], Z99)[1]]
             results.append(("WARN" if off else "PASS", f"{name}: chance",
                             "a model that knows nothing: " + ", ".join(f"{n} {got[n]['value']:.2f}" for n in NORMS)
                             + f" (chance {chance:.2f})" + (f"; outside the 99% interval: {off}: does the length or "
@@ -657,7 +661,7 @@ def validate_pipeline(model, tok, tasks, seed=0, batch_size=16, max_new_tokens=6
         else:
             got, _ = generative(model, tok, examples, max_new_tokens, 4 * batch_size)
             em = got["exact_match"]
-            low, _ = wilson(round(em["value"] * em["n"]), em["n"], Z99)
+            low, _ = _interval(em, Z99)
             results.append(("WARN" if low > 0.01 else "PASS", f"{name}: chance",
                             f"a model that knows nothing: exact_match {em['value']:.2f}" +
                             (": above 1%; is the answer in the prompt, or does extraction accept anything?"
