@@ -682,10 +682,6 @@ def get_tokenizer(cfg, rank):
     return data.load_tokenizer(path)
 
 
-def vocab_size_of(tok):
-    return getattr(tok, "n_vocab", None) or tok.vocab_size
-
-
 def prepare_data(cfg, tok, rank):
     """Prepare the built-in corpus into data_dir when it holds no manifest yet (the default
     run); real data is prepared beforehand with `python data.py prepare`."""
@@ -920,9 +916,9 @@ class Trainer:
         os.makedirs(cfg.out_dir, exist_ok=True)
         self.tok = get_tokenizer(cfg, self.rank)
         prepare_data(cfg, self.tok, self.rank)
-        self.raw_model = build_model(cfg, overrides, vocab_size_of(self.tok)).to(self.device)
-        if vocab_size_of(self.tok) > self.raw_model.config.padded_vocab:
-            raise SystemExit(f"the tokenizer has {vocab_size_of(self.tok)} tokens but the model's embedding only "
+        self.raw_model = build_model(cfg, overrides, eval.vocab_size(self.tok)).to(self.device)
+        if eval.vocab_size(self.tok) > self.raw_model.config.padded_vocab:
+            raise SystemExit(f"the tokenizer has {eval.vocab_size(self.tok)} tokens but the model's embedding only "
                              f"{self.raw_model.config.padded_vocab} rows (--init {cfg.init}): use its tokenizer")
         if cfg.seq_len > self.raw_model.config.max_seq_len:
             raise SystemExit(f"--seq_len {cfg.seq_len} exceeds the model's max_seq_len "
@@ -952,7 +948,7 @@ class Trainer:
             self.log(f"--resume: no checkpoint in {cfg.out_dir}/ckpt yet, starting fresh")
 
     def decode(self, ids):
-        return self.tok.decode([i for i in ids if i < vocab_size_of(self.tok)])
+        return self.tok.decode([i for i in ids if i < eval.vocab_size(self.tok)])
 
     def log(self, *a):
         if self.rank == 0:
