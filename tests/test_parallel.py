@@ -112,9 +112,12 @@ def test_a_parameter_without_gradient_on_one_rank_counts_as_zeros(tmp_path):
 def _net_worker(rank, store, out):
     _join(rank, store)
     rows = parallel.bandwidth_table(sizes=[4096, 2 ** 20], iters=2)
-    # rank 1 multiplies matrices of 64 times the work: the health check must name it
-    mm, ar, slow = parallel.health_check(matmul=128 if rank == 0 else 512, allreduce_mb=1, iters=3)
-    torch.save({"rows": rows, "slow": slow, "mm": mm}, f"{out}.{rank}")
+    # rank 1 multiplies matrices of 512 times the work; which rank the check names is still a
+    # timing on a shared 2-core machine (CI once saw none), so the test asserts what is exact:
+    # every rank gets the same table and the verdict follows from it (slow_ranks itself is
+    # tested on fixed numbers in test_train.py)
+    mm, ar, slow = parallel.health_check(matmul=128 if rank == 0 else 1024, allreduce_mb=1, iters=3)
+    torch.save({"rows": rows, "slow": slow, "mm": mm, "ar": ar}, f"{out}.{rank}")
     dist.destroy_process_group()
 
 
@@ -126,7 +129,9 @@ def test_bandwidth_table_and_health_check(tmp_path, capsys):
     assert ops == [op for op in parallel.BUS_FACTOR for _ in range(2)]
     for op, n_bytes, sec, alg, bus in r0["rows"]:
         assert sec > 0 and alg == pytest.approx(n_bytes / sec) and bus == pytest.approx(alg * parallel.BUS_FACTOR[op](2))
-    assert r0["slow"] == r1["slow"] == [1]
+    assert r0["mm"] == r1["mm"] and r0["ar"] == r1["ar"] and len(r0["mm"]) == 2
+    assert all(t > 0 for t in r0["mm"] + r0["ar"])
+    assert r0["slow"] == r1["slow"] == parallel.slow_ranks(r0["mm"])
     parallel.print_bandwidth(r0["rows"], 2, "gloo")
     assert "| all_reduce | 4 KiB |" in capsys.readouterr().out
 
