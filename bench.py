@@ -29,6 +29,9 @@ Benchmarks (more arrive with the files they measure):
                                 # on --world gloo processes of this CPU (NCCL with --device cuda):
                                 # step time, per-rank memory, and the bytes each rank sends per step,
                                 # counted at the collectives, against the analytical volume
+    python bench.py sft_packing # SFT on the built-in chat data, packed vs padded, from one checkpoint:
+                                # wall time, conversations/s, real tokens per row, held-out loss after
+                                # the same conversations (the playbook: packing 3-5x faster, worse on small data)
     python bench.py tune        # (CUDA only) try tile sizes, warps and stages for each Triton
                                 # kernel; prints the fastest for attention.FLASH_TILES / moe.GG_TILES
                                 # / ssm.SSD_TILES (--kernels flash grouped_mm ssd: some of them)
@@ -1306,6 +1309,61 @@ def tune_ssd(b, T, heads, head_dim, state, groups, chunk, device="cuda"):
     return dict(tiles)
 
 
+def bench_sft_packing(args):
+    """The same conversations, once through, packed and padded, each from the same weights
+    with the same optimizer and learning rate: how long, how full the rows, and the held-out
+    assistant-token loss after."""
+    import eval as eval_py
+    import sft
+    import train
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tok = data.load_tokenizer(args.tokenizer or train.init_config(args.init).get("tokenizer") or
+                              os.path.join(train.init_config(args.init).get("data_dir", "data/builtin"), "tok.json"))
+    with open(os.path.join(args.init, "trainer.json")) as f:
+        config = model.ModelConfig(**json.load(f)["model_config"])
+    rows = []
+    for packing in (True, False):
+        stage = sft.SFTStage(tok, args.seq_len, args.batch_size, packing=packing, seed=0, log=lambda *a: None)
+        stage.train = stage.train[:args.conversations]     # the same conversations in both runs
+        stage.rows = stage.group(0)
+        m = model.Model(config).to(device)
+        train.load_checkpoint(args.init, m)
+        opt = torch.optim.AdamW(train.param_groups(m, 0.1), lr=args.lr, betas=(0.9, 0.95))
+        real = trained = steps = 0
+        t0 = time.perf_counter()
+        while stage.epoch == 0:
+            batch = {k: v.to(device) for k, v in stage.next_batch().items()}
+            if stage.epoch:       # next_batch started the next epoch: this one is done
+                break
+            _, loss, _ = m(batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            real += sum(len(stage.train[i][0]) for row in stage.rows[stage.cursor - args.batch_size:stage.cursor]
+                        for i in row)
+            trained += (batch["labels"] != -100).sum().item()
+            steps += 1
+        sync(device)
+        seconds = time.perf_counter() - t0
+        with torch.no_grad():
+            val = eval_py.validation(m.eval(), stage.val_batches(device, 10 ** 6),
+                                     eval_py.token_bytes(tok, config.padded_vocab), stage.names)["val_loss"]
+        rows.append((("packed" if packing else "padded"), steps, seconds, len(stage.train) / seconds,
+                     real / (steps * args.batch_size * args.seq_len), trained / steps, val))
+        print(f"{rows[-1][0]}: {steps} steps, {seconds:.1f} s", flush=True)
+    print(f"\n{len(stage.train)} conversations once through, batch {args.batch_size} x {args.seq_len}, AdamW lr "
+          f"{args.lr}, from {args.init}\n")
+    print("| rows | steps | seconds | conversations/s | real tokens per row | trained tokens/step | held-out loss |")
+    print("|---|---|---|---|---|---|---|")
+    for name, steps, seconds, cps, fill, per_step, val in rows:
+        print(f"| {name} | {steps} | {seconds:.1f} | {cps:.1f} | {fill:.0%} | {per_step:,.0f} | "
+              f"{val['value']:.3f} ({val['low']:.3f}-{val['high']:.3f}) |")
+    print(f"\npacked / padded: {rows[0][3] / rows[1][3]:.2f}x the conversations per second")
+    print(f"machine: {machine()}, {device}, float32")
+
+
 def bench_tune(args):
     if not torch.cuda.is_available() or not attention.kernels_on(torch.empty(0, device="cuda")):
         print("bench.py tune: tuning needs a CUDA GPU with Triton (and no NANOPLAYBOOK_KERNELS=0)", file=sys.stderr)
@@ -1383,13 +1441,20 @@ def main():
     pa.add_argument("--warmup", type=int, default=2)
     pa.add_argument("--bucket-mb", type=float, default=25.0, help="DataParallel's and DDP's gradient buckets")
     pa.add_argument("--impls", nargs="+", default=list(PARALLEL_IMPLS), choices=list(PARALLEL_IMPLS))
+    sp = sub.add_parser("sft_packing", help="SFT packed vs padded: speed and held-out loss on the same conversations")
+    sp.add_argument("--init", required=True, help="a train.py checkpoint to fine-tune (a pretrained one)")
+    sp.add_argument("--tokenizer", default="", help="default: the checkpoint run's")
+    sp.add_argument("--conversations", type=int, default=1500)
+    sp.add_argument("--batch-size", type=int, default=8)
+    sp.add_argument("--seq-len", type=int, default=256)
+    sp.add_argument("--lr", type=float, default=1e-3)
     tu = sub.add_parser("tune", help="search the kernels' tile sizes, warps and stages (CUDA)")
     tu.add_argument("--kernels", nargs="+", default=["flash", "grouped_mm", "ssd"],
                     choices=["flash", "grouped_mm", "ssd"])
     args = ap.parse_args()
     {"tokenizer": bench_tokenizer, "data": bench_data, "model": bench_model, "kernels": bench_kernels,
      "train": bench_train, "moe": bench_moe, "ssm": bench_ssm, "parallel": bench_parallel,
-     "tune": bench_tune}[args.cmd](args)
+     "tune": bench_tune, "sft_packing": bench_sft_packing}[args.cmd](args)
 
 
 if __name__ == "__main__":

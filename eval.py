@@ -74,7 +74,7 @@ Z95 = 1.959963984540054      # the normal quantile of a two-sided 95% interval
 Z99 = 2.5758293035489004     # 99%: the pipeline checks use the wider one, so chance rarely trips them
 STOP_TOKENS = ("<|eos|>", "<|endoftext|>", "<|im_end|>")
 BUILTIN = ("arithmetic", "docstring", "next_line")
-HEADLINE = ("val_loss", "val_bpb", "/acc_char", "/exact_match")   # the report card's columns on a console
+HEADLINE = ("val_loss", "val_bpb", "/acc_char", "/exact_match", "/template")   # the report card's columns on a console
 
 
 # -----------------------------------------------------------------------------
@@ -348,11 +348,15 @@ def same_answer(predicted, reference):
 @torch.no_grad()
 def generative(model, tok, examples, max_new_tokens=192, batch_size=64):
     """Exact match on examples [{"prompt", "answer"}]: greedy generation until an end token
-    (or max_new_tokens), the completion cut where a new "Question:" starts, the answer
-    extracted and compared. Returns (metrics, details): details[i] = {"completion",
-    "predicted", "correct"}."""
+    (or max_new_tokens), the completion cut where a new "Question:" starts and after a
+    reasoning model's "</think>", the answer extracted and compared. A chat example carries
+    its prompt already rendered in a chat template, "prompt_ids" (sft.py's), and is also
+    scored for template adherence: the turn ends with <|im_end|> and holds no other special
+    token (no forged turn, no <|eos|> in place of the end of turn). Returns (metrics,
+    details): details[i] = {"completion", "predicted", "correct"} (+ "template")."""
     specials = special_ids(tok)
     stop = [specials[s] for s in STOP_TOKENS if s in specials]
+    every_special = set(specials.values())
     max_len = _max_len(model)
     room = max(1, max_len - max_new_tokens)
     details, truncated = [], 0
@@ -360,16 +364,21 @@ def generative(model, tok, examples, max_new_tokens=192, batch_size=64):
         batch = examples[start:start + batch_size]
         prompts = []
         for ex in batch:
-            ids = encode(tok, ex["prompt"].rstrip())
+            ids = list(ex["prompt_ids"]) if "prompt_ids" in ex else encode(tok, ex["prompt"].rstrip())
             truncated += len(ids) > room
             prompts.append(ids[-room:])
         outs = model.generate(prompts, max_new_tokens=min(max_new_tokens, max_len - 1), temperature=0,
                               stop_ids=stop)
         for ex, out in zip(batch, outs):
-            text = tok.decode([t for t in out if t not in stop]).split("\nQuestion:")[0]
+            text = tok.decode([t for t in out if t not in stop]).split("\nQuestion:")[0].split("</think>")[-1]
             pred = extract_answer(text)
             details.append({"completion": text, "predicted": pred, "correct": same_answer(pred, ex["answer"])})
+            if "prompt_ids" in ex:
+                details[-1]["template"] = (bool(out) and out[-1] == specials.get("<|im_end|>")
+                                           and not every_special & set(out[:-1]))
     metrics = {"exact_match": accuracy([d["correct"] for d in details])}
+    if any("template" in d for d in details):
+        metrics["template"] = accuracy([d["template"] for d in details if "template" in d])
     if truncated:
         metrics["truncated"] = metric(truncated, truncated, truncated, len(examples))
     return metrics, details
@@ -578,6 +587,9 @@ class Oracle:
                       for kind, exs in tasks.values() if kind == "cloze" for ex in exs}
         self.answers = {ex["prompt"].rstrip(): ex["answer"]
                         for kind, exs in tasks.values() if kind == "generative" for ex in exs}
+        self.chat_answers = {tuple(ex["prompt_ids"]): ex["answer"]     # a chat prompt is known by its ids
+                             for kind, exs in tasks.values() if kind == "generative" for ex in exs
+                             if "prompt_ids" in ex}
 
     def _text(self, ids):
         return self.tok.decode([i for i in ids if i not in self.skip])
@@ -596,7 +608,8 @@ class Oracle:
         outs = []
         for p in prompts:
             text = self._text(p)
-            answer = self.answers.get(text) or next((a for q, a in self.answers.items() if q.endswith(text)), None)
+            answer = self.chat_answers.get(tuple(p)) or self.answers.get(text) or next(
+                (a for q, a in self.answers.items() if q.endswith(text)), None)
             outs.append(encode(self.tok, f" #### {answer}")[:max_new_tokens] if answer is not None else [])
         return outs
 
@@ -741,7 +754,7 @@ def add_to_card(run_dir, row, inherit=None):
 # -----------------------------------------------------------------------------
 # The command line: the one place that opens the project's own checkpoints
 
-def _open_checkpoint(ckpt, tokenizer):
+def open_checkpoint(ckpt, tokenizer):
     """(model, tokenizer, the run's train config) of a train.py checkpoint, or of a Hugging
     Face directory (then give --tokenizer)."""
     import data
@@ -839,7 +852,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not args.ckpt:
         p.error("--ckpt DIR: which checkpoint? (python eval.py alone runs the demo)")
-    net, tok, cfg = _open_checkpoint(args.ckpt, args.tokenizer)
+    net, tok, cfg = open_checkpoint(args.ckpt, args.tokenizer)
     device = torch.device(args.device)
     net = net.to(device).eval()
     metrics, t0 = {}, time.time()

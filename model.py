@@ -503,11 +503,12 @@ class Model(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens=64, temperature=1.0, top_k=None, top_p=None, stop_ids=(),
-                 generator=None):
+                 generator=None, on_token=None):
         """Sample continuations of a batch of prompts (lists of token ids, any lengths) with the
         KV cache: one forward over the left-padded prompts (padding gets position -1, which no
         token attends to), then one token per step. temperature 0 is greedy. A row stops after
-        a token in stop_ids. Returns the new tokens of each prompt (stop token included)."""
+        a token in stop_ids. on_token(row, token) is called as each token is chosen (to stream
+        it). Returns the new tokens of each prompt (stop token included)."""
         prompts = [list(map(int, p)) for p in prompts]
         if any(not p for p in prompts):
             raise ValueError("generate: every prompt needs at least one token")
@@ -533,6 +534,8 @@ class Model(nn.Module):
                 if not done[b]:
                     out[b].append(t)
                     done[b] = t in stop
+                    if on_token is not None:
+                        on_token(b, t)
             if all(done):
                 break
             h = self.hidden_states(tok[:, None], next_pos, cache)[:, -1]

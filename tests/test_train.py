@@ -694,8 +694,10 @@ def test_nan_patience_rolls_back_and_skips_the_batches(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--stage", "sft"], "--stage sft: arrives with sft.py"),
+    (["--stage", "dpo"], "--stage dpo: arrives with dpo.py"),
     (["--stage", "midtrain"], "--stage midtrain continues a trained model: give --init"),
+    (["--stage", "sft"], "--stage sft continues a trained model: give --init"),
+    (["--eval_tasks", "chat"], "--eval_tasks chat: held-out chat questions come with --stage sft"),
     (["--max_seq_len", "32"], "--seq_len 64 exceeds the model's max_seq_len 32"),
     (["--total_batch_tokens", "500"], "--total_batch_tokens 500 is not a multiple of batch_size x seq_len"),
 ])
@@ -705,6 +707,104 @@ def test_setup_errors_are_clean_exits(data_dir, tmp_path, extra, message):
     with pytest.raises(SystemExit) as e:
         trainer(data_dir, tmp_path / "run", *extra)
     assert message in str(e.value)
+
+
+# -----------------------------------------------------------------------------
+# 10b. The SFT stage (sft.py driven by train.py)
+
+@pytest.fixture(scope="module")
+def sft_init(tmp_path_factory, small_tokenizer):
+    """(checkpoint, tokenizer file): a small random model saved as train.py saves one, by a
+    run whose config names the 512-token tokenizer (it has the chat template's tokens)."""
+    d = tmp_path_factory.mktemp("sft_init")
+    small_tokenizer.save(str(d / "tok"))
+    torch.manual_seed(0)
+    net = M.Model(M.preset("tiny", vocab_size=small_tokenizer.vocab_size, n_layer=2, dim=64, n_head=2, n_kv_head=1,
+                           mlp_dim=128, nope_layers=(), max_seq_len=256))
+    train.save_checkpoint(str(d / "ckpt"), net, None, {"step": 0, "config": {"tokenizer": str(d / "tok.json")}})
+    return str(d / "ckpt"), str(d / "tok.json")
+
+
+def sft_trainer(init, out, *extra):
+    cfg, ov = train.parse_config([
+        "--stage", "sft", "--init", init, "--out_dir", str(out), "--seq_len", "256", "--batch_size", "4",
+        "--total_batch_tokens", "1024", "--max_steps", "8", "--lr", "3e-3", "--warmup_steps", "2",
+        "--eval_tasks", "", "--eval_batches", "2", "--sample_tokens", "0", *extra])
+    return train.Trainer(cfg, ov)
+
+
+def test_sft_stage_defaults_and_flags():
+    """--stage sft brings SFT's schedule (a lower lr than pretraining's, cosine, short warmup,
+    its chat questions evaluated); anything given on the command line wins; bad values of its
+    own flags are clean exits."""
+    cfg = cfg_of("--stage", "sft")
+    assert (cfg.lr, cfg.schedule, cfg.eval_tasks) == (1e-3, "cosine", "builtin,chat")
+    assert cfg.lr < train.TrainConfig.lr
+    assert cfg_of("--stage", "sft", "--lr", "2e-3", "--eval_tasks", "").lr == 2e-3
+    assert cfg_of("--stage", "sft", "--eval_tasks", "").eval_tasks == ""
+    assert cfg_of("--stage", "midtrain").lr == train.TrainConfig.lr
+    for bad in (["--train_on", "user"], ["--overlong", "drop"]):
+        with pytest.raises(SystemExit, match="--train_on"):
+            cfg_of("--stage", "sft", *bad)
+
+
+def test_sft_lowers_the_heldout_assistant_loss(sft_init, tmp_path, capsys):
+    """Eight SFT steps on the built-in chat data, from a checkpoint whose run names its
+    tokenizer: the held-out assistant-token loss (per kind) falls, measured at the start and at
+    the end; the report card holds both rows with the chat questions' exact match and template
+    adherence; the batch passes preflight although most labels are masked."""
+    ckpt, tok_file = sft_init
+    t = sft_trainer(ckpt, tmp_path / "sft", "--eval_tasks", "chat", "--eval_examples", "4")
+    assert t.cfg.tokenizer == tok_file                      # the model's own tokenizer, from its run
+    assert t.train() == 8
+    card = json.loads((tmp_path / "sft" / "report_card.json").read_text())
+    assert [(r["stage"], r["step"]) for r in card] == [("sft (start)", 0), ("sft", 8)]
+    before, after = card[0]["metrics"], card[1]["metrics"]
+    for k in ("val_loss", "val_loss/arithmetic", "val_loss/followup", "val_loss/docstring"):
+        assert after[k]["value"] < before[k]["value"] - 0.5, k
+    assert after["val_loss"]["high"] < before["val_loss"]["low"]
+    assert {"chat_arithmetic/exact_match", "chat_arithmetic/template", "chat_followup/template"} <= set(after)
+    assert after["chat_arithmetic/template"]["n"] == 4
+    out = capsys.readouterr().out
+    assert re.search(r"PASS batch: \d+\.\d% of labels masked", out)
+    assert "sft data (builtin):" in out and "packed into rows" in out
+
+
+def test_sft_resume_is_exact(sft_init, tmp_path):
+    """An SFT run stopped after step 2 and resumed ends with the same weights as one that ran
+    straight through: the stage's position (epoch, row) is in the checkpoint."""
+    ckpt, _ = sft_init
+    straight = sft_trainer(ckpt, tmp_path / "a", "--max_steps", "4", "--preflight", "false")
+    straight.train()
+    t = sft_trainer(ckpt, tmp_path / "b", "--max_steps", "4", "--preflight", "false")
+    next_batch = t.stage.next_batch
+
+    def signalled():
+        b = next_batch()
+        if t.stage.batches == 2:                # the second step (one micro-batch a step)
+            t.stop_signal = signal.SIGTERM
+        return b
+
+    t.stage.next_batch = signalled
+    assert t.train() == 2
+    resumed = sft_trainer(ckpt, tmp_path / "b", "--max_steps", "4", "--preflight", "false", "--resume")
+    assert resumed.stage.state_dict()["batches"] == 2
+    assert resumed.train() == 4
+    for (k, a), b in zip(straight.raw_model.state_dict().items(), resumed.raw_model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_sft_bad_data_is_a_clean_exit(sft_init, tmp_path):
+    """A chat file with an unknown role names the file and line; a tokenizer without the chat
+    tokens says which token is missing."""
+    ckpt, _ = sft_init
+    bad = tmp_path / "chat.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+                   + "\n" + json.dumps({"messages": [{"role": "bot", "content": "hi"}]}) + "\n")
+    with pytest.raises(SystemExit, match=r"chat.jsonl:2: message 0: unknown role 'bot'"):
+        sft_trainer(ckpt, tmp_path / "r1", "--chat_data", str(bad))
+    with pytest.raises(SystemExit, match="no <\\|im_start\\|> token"):
+        sft_trainer(ckpt, tmp_path / "r2", "--tokenizer", "bytes")
 
 
 # -----------------------------------------------------------------------------
