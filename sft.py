@@ -132,6 +132,13 @@ def split_thinking(message):
     return reasoning, content
 
 
+def reasoning_mode(messages):
+    """The mode the next assistant turn is in: the last /think or /no_think flag in a system or
+    user message (whole words: "/no_think." is not a flag), /think when there is none."""
+    flags = [f for m in messages if m["role"] != "assistant" for f in _FLAG.findall(m["content"])]
+    return (NO_THINK if flags[-1] else THINK) if flags else THINK
+
+
 def render_chat(messages, tokenizer, add_generation_prompt=False, train_on="assistant"):
     """(ids, mask) of a conversation in the template: mask[i] is True where token i is a
     training target (the assistant's thinking, answer and <|im_end|>; every token with
@@ -153,8 +160,7 @@ def render_chat(messages, tokenizer, add_generation_prompt=False, train_on="assi
     for i, m in enumerate(messages):
         put([start] + encode(tokenizer, m["role"] + "\n"), False)
         if m["role"] != "assistant":
-            flags = _FLAG.findall(m["content"])
-            mode = (NO_THINK if flags[-1] else THINK) if flags else mode
+            mode = reasoning_mode(messages[:i + 1])
             put(encode(tokenizer, m["content"]) + [end] + encode(tokenizer, "\n"), False)
             continue
         reasoning, answer = split_thinking(m)
@@ -301,8 +307,8 @@ def stdlib_functions():
             doc = (inspect.getdoc(fn) or "").split("\n\n")[0].replace("\n", " ").strip()
             if len(doc.split()) < 4 or len(doc) > 300 or doc.startswith(name + "("):
                 continue
-            try:
-                sig = str(inspect.signature(fn))
+            try:      # (a default's repr holds its memory address: left out, or no two runs agree)
+                sig = re.sub(r" at 0x[0-9a-f]+", "", str(inspect.signature(fn)))
             except (TypeError, ValueError):
                 sig = None
             out.add((f"{mod_name}.{name}", doc, sig))
@@ -593,23 +599,28 @@ def chat(model, tokenizer, read=input, write=None, system="", max_new_tokens=256
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
+        alone = len(render_chat(head + messages[-1:], tokenizer, add_generation_prompt=True)[0])
+        if alone > room:             # too long even on its own: refused, the history kept
+            messages.pop()
+            write(f"(that message is {alone} tokens with the template; this model reads {room} before "
+                  f"answering: say less)\n")
+            continue
         ids, _ = render_chat(messages, tokenizer, add_generation_prompt=True)
-        while len(ids) > room and len(messages) > len(head) + 1:
+        while len(ids) > room:
             messages = head + messages[len(head) + 2:]          # the oldest user turn and its answer
             ids, _ = render_chat(messages, tokenizer, add_generation_prompt=True)
             write("(the context is full: dropped the oldest turn)\n")
-        if len(ids) > room:
-            messages.pop()
-            write(f"(that message is {len(ids)} tokens with the template; this model reads {room} before "
-                  f"answering: say less)\n")
-            continue
         streamer = Streamer(tokenizer, write, skip=stops)
         out = model.generate([ids], max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                              stop_ids=stops, generator=generator, on_token=lambda row, t: streamer.put(t))[0]
         streamer.close()
         if not out or out[-1] not in stops:
             write(f"(cut at {max_new_tokens} tokens)\n")
-        messages.append({"role": "assistant", "content": tokenizer.decode([t for t in out if t not in stops])})
+        reply = tokenizer.decode([t for t in out if t not in stops])
+        # in /no_think mode a thinking block the model wrote anyway is not kept (the template
+        # writes the empty one): the history holds what the template can render
+        no_think = reasoning_mode(messages) == NO_THINK
+        messages.append({"role": "assistant", "content": split_thinking({"content": reply})[1] if no_think else reply})
     return messages
 
 

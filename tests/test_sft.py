@@ -10,9 +10,13 @@ streamer, and eval.py's scoring of chat examples (template adherence, the oracle
 
 import builtins
 import copy
+import hashlib
 import json
+import os
 import random
 import re
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -24,6 +28,8 @@ import eval
 import model as M
 import sft
 import tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A pure byte tokenizer: no merges, so the ids of text are exactly its UTF-8 bytes, and the
 # special tokens take 256..260 in tokenizer.SPECIAL_TOKENS' order.
@@ -210,6 +216,9 @@ def test_reasoning_field_and_leading_think_block_render_the_same():
     assert all(g == got[0] for g in got)
     ids, mask = got[0]
     assert [BYTE.decode(r) for r in runs(ids, mask)] == ["<think>\nstep 1\nstep 2\n</think>\nA.<|im_end|>"]
+    # a block that never closes is not reasoning: the content stays as written
+    ids, mask = sft.render_chat([user, {"role": "assistant", "content": "<think>no end"}], BYTE)
+    assert [BYTE.decode(r) for r in runs(ids, mask)] == ["<think>\n\n</think>\n<think>no end<|im_end|>"]
 
 
 def test_train_on_all_masks_every_token():
@@ -508,10 +517,10 @@ def test_pack_small_cases():
     assert sorted(map(sorted, sft.pack([3, 3, 4], 10))) == [[0, 1, 2]]
     assert sorted(map(sorted, sft.pack([6, 5, 4, 5], 10))) == [[0, 2], [1, 3]]
     assert next_fit([6, 5, 4, 5], 10) == 3
-    # best fit: 3 goes to the row with 3 left (after 7), not the one with 5 left (after 5)
-    rows = sft.pack([7, 5, 3], 10)
-    check_packing([7, 5, 3], 10, rows)
-    assert sorted(map(sorted, rows)) == [[0, 2], [1]]
+    # best fit: the 1 goes to the row with 1 left (5 + 4), not the first row it fits (7, 3 left)
+    rows = sft.pack([7, 5, 4, 1], 10)
+    check_packing([7, 5, 4, 1], 10, rows)
+    assert sorted(map(sorted, rows)) == [[0], [1, 2, 3]]
     assert sft.pack([], 10) == []
 
 
@@ -538,8 +547,8 @@ def test_make_row_by_hand():
     padding; the padding is pad_id."""
     row = sft.make_row([([1, 2, 3, 4], [False, False, True, True], "a"),
                         ([5, 6, 7], [True, True, False], "b"),
-                        ([8, 9], [False, True], "a")], seq_len=12, pad_id=0)
-    assert row == ([1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 0, 0],
+                        ([8, 9], [False, True], "a")], seq_len=12, pad_id=99)
+    assert row == ([1, 2, 3, 4, 5, 6, 7, 8, 9, 99, 99, 99],
                    [-100, 3, 4, -100, 6, -100, -100, 9, -100, -100, -100, -100],
                    [0, 1, 2, 3, 0, 1, 2, 0, 1, 0, 1, 2])
     full = sft.make_row([([1, 2, 3], [True, True, True], "a")], seq_len=3, pad_id=99)
@@ -618,14 +627,14 @@ def numbered_conversations(n, seed=0):
 
 @pytest.fixture(scope="module")
 def chat_file(tmp_path_factory):
-    """A .jsonl file of exactly 48 training conversations (and the held-out ones the 2% hash
-    picks among the first 60): (path, training conversations in file order)."""
-    convs = numbered_conversations(60)
+    """A .jsonl file of exactly 48 training conversations and the few the 2% hash holds out
+    among 300: (path, training conversations, held-out ones, in file order)."""
+    convs = numbered_conversations(300)
     train = [m for m in convs if not sft.is_heldout(json.dumps(m), 0.02)][:48]
     held = [m for m in convs if sft.is_heldout(json.dumps(m), 0.02)]
-    assert len(train) == 48
+    assert len(train) == 48 and len(held) >= 3
     path = write_jsonl(tmp_path_factory.mktemp("chat") / "chat.jsonl", train + held)
-    return path, train
+    return path, train, held
 
 
 def stage_of(small_tokenizer, path, **kw):
@@ -692,7 +701,7 @@ def test_stage_builtin_log_line(builtin_stage, builtin_split, small_tokenizer):
 def test_stage_log_counts_long_conversations(tmp_path, small_tokenizer, chat_file):
     """A file with one conversation too long to keep whole and one whose answer lies past
     seq_len: the log says 1 truncated and 1 skipped (with --overlong skip: 0 and 2)."""
-    path, train = chat_file
+    path, train, _ = chat_file
     long_answer = [U, {"role": "assistant", "content": "word " * 200}]
     long_question = [{"role": "user", "content": "word " * 200}, A]
     convs = [m for m in [long_answer, long_question] if not sft.is_heldout(json.dumps(m), 0.02)]
@@ -712,7 +721,7 @@ def test_stage_two_ranks_read_disjoint_rows_covering_the_epoch(packing, small_to
     """Ranks 0 and 1 of 2 read disjoint conversations; as many rows each; together every
     conversation of the epoch (one per row: all 48; packed: all but at most one row, the
     remainder). Found from the batches' tokens."""
-    path, _ = chat_file
+    path, _, _ = chat_file
     ranks = [stage_of(small_tokenizer, path, packing=packing, rank=r, world_size=2, batch_size=2) for r in (0, 1)]
     single = stage_of(small_tokenizer, path, packing=packing, batch_size=2)
     index = {tuple(x): i for i, (x, _, _) in enumerate(single.train)}
@@ -762,7 +771,7 @@ def test_stage_builtin_ranks_split_the_rows(builtin_stage):
 def test_stage_state_dict_resumes_exactly(small_tokenizer, chat_file):
     """state_dict() taken in the second epoch, loaded into a fresh stage, gives exactly the
     batches the first stage goes on to give, across the next epoch boundary."""
-    path, _ = chat_file
+    path, _, _ = chat_file
     a = stage_of(small_tokenizer, path, batch_size=2)
     while a.epoch == 0 or a.cursor < 2:
         a.next_batch()
@@ -783,7 +792,7 @@ def test_stage_state_dict_resumes_exactly(small_tokenizer, chat_file):
 def test_stage_epochs_reshuffle_and_seed_matters(small_tokenizer, chat_file):
     """Every epoch covers the same conversations in a new order (and new rows, packed); the same
     seed gives the same order, another seed another."""
-    path, _ = chat_file
+    path, _, _ = chat_file
     s = stage_of(small_tokenizer, path, packing=False, batch_size=4)
     index = {tuple(x): i for i, (x, _, _) in enumerate(s.train)}
     epochs = {}
@@ -795,6 +804,8 @@ def test_stage_epochs_reshuffle_and_seed_matters(small_tokenizer, chat_file):
     assert epochs[0] != epochs[1] != epochs[2] != epochs[0]
     packed = stage_of(small_tokenizer, path, batch_size=2)
     assert packed.group(0) != packed.group(1)
+    biggest = [max(len(packed.train[i][0]) for i in row) for row in packed.group(0)]
+    assert biggest != sorted(biggest, reverse=True)           # the rows themselves are shuffled too
     assert packed.group(1) == stage_of(small_tokenizer, path, batch_size=2).group(1)
     assert packed.group(0) != stage_of(small_tokenizer, path, batch_size=2, seed=1).group(0)
 
@@ -802,7 +813,7 @@ def test_stage_epochs_reshuffle_and_seed_matters(small_tokenizer, chat_file):
 def test_stage_padding_puts_one_conversation_per_row(small_tokenizer, chat_file):
     """packing=False: each row is one conversation, then padding (position_ids restart once,
     where the pad tokens start, and the padding is untrained)."""
-    path, _ = chat_file
+    path, _, _ = chat_file
     s = stage_of(small_tokenizer, path, packing=False)
     lengths = {len(x) for x, _, _ in s.train}
     for _ in range(3):
@@ -842,12 +853,30 @@ def test_stage_val_batches(builtin_stage):
     assert not set(rows[0]) & set(rows[1])
 
 
+def test_stage_train_on_all_trains_every_token_but_validates_on_the_assistant(small_tokenizer, chat_file):
+    """train_on="all": every training token is a target; the held-out loss stays on the
+    assistant's tokens (comparable between runs); the held-out conversations are the file's."""
+    path, _, held = chat_file
+    s = stage_of(small_tokenizer, path, train_on="all")
+    assert all(all(m) for _, m, _ in s.train)
+    assert [(x, m) for x, m, _ in s.val] == [sft.render_chat(h, small_tokenizer) for h in held]
+    batch = s.next_batch()
+    real = batch["input_ids"] != s.pad_id
+    assert torch.equal(batch["labels"] != -100, real & torch.cat([batch["position_ids"][:, 1:] != 0,
+                                                                  torch.zeros(4, 1, dtype=torch.bool)], 1))
+    (val,) = list(s.val_batches("cpu", 1))
+    assert [int((row != -100).sum()) for row in val["labels"]] == [sum(m[1:]) for _, m, _ in s.val[:len(val["labels"])]]
+    assert val["source"].tolist() == [0] * len(val["labels"])
+
+
 def test_stage_too_little_data_raises(tmp_path, small_tokenizer, chat_file):
     """A file with too few conversations for one batch raises a clear ValueError."""
-    _, train = chat_file
+    _, train, _ = chat_file
     p = write_jsonl(tmp_path / "few.jsonl", train[:3])
     with pytest.raises(ValueError, match="fewer rows than one batch of 4"):
         stage_of(small_tokenizer, p, packing=False)
+    just = stage_of(small_tokenizer, write_jsonl(tmp_path / "four.jsonl", train[:4]), packing=False)
+    assert len(just.rows) == 4 and just.next_batch()["input_ids"].shape == (4, 256)
     with pytest.raises(ValueError, match="fewer rows than one batch"):
         stage_of(small_tokenizer, p, packing=True)
 
@@ -874,6 +903,30 @@ def test_builtin_is_deterministic(builtin_split):
     other = sft.builtin_conversations(n=200, seed=1)
     assert other["train"][:50] != builtin_split["train"][:50]
     assert sft.builtin_conversations(n=200, seed=1) == other
+
+
+def test_builtin_is_the_same_in_another_process(builtin_split):
+    """The built-in data is the same on every run (a resumed run must see the same conversations
+    and rows): another Python process, with another hash seed, builds exactly the same data.
+    In particular no answer holds a memory address (a signature's default printed as
+    `<function copy2 at 0x7f...>`), which changes from run to run and is nothing to learn."""
+    addresses = [m["content"] for _, ms in builtin_split["train"] + builtin_split["val"] for m in ms
+                 if re.search(r" at 0x[0-9a-f]+", m["content"])]
+    assert not addresses, f"{len(addresses)} messages hold a memory address, e.g. {addresses[0]!r}"
+    code = ("import hashlib, json, sft; print(hashlib.sha256(json.dumps(sft.builtin_conversations(n=20))"
+            ".encode()).hexdigest())")
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    here = hashlib.sha256(json.dumps(sft.builtin_conversations(n=20)).encode()).hexdigest()
+    assert out.stdout.strip() == here
+
+
+def test_stage_builtin_split_does_not_move_with_the_seed(builtin_stage, small_tokenizer):
+    """Another --seed reorders the training rows but holds out exactly the same conversations."""
+    other = sft.SFTStage(small_tokenizer, seq_len=256, batch_size=4, data="builtin", seed=1, log=lambda s: None)
+    assert other.heldout == builtin_stage.heldout
+    assert sorted(x for x, _, _ in other.train) == sorted(x for x, _, _ in builtin_stage.train)
+    assert other.group(0) != builtin_stage.group(0)
 
 
 def test_builtin_heldout_questions_never_train(builtin_split):
@@ -1045,7 +1098,12 @@ def test_chat_streams_resets_refuses_and_drops_old_turns(small_tokenizer):
         prompt, out = next(replies)
         notes = seg.count("(the context is full: dropped the oldest turn)\n")
         dropped += notes
-        convo = head + convo[1 + 2 * notes:] + [{"role": "user", "content": line}]
+        convo = convo + [{"role": "user", "content": line}]
+        want_notes = 0            # the fewest oldest turns to drop for the prompt to fit
+        while len(sft.render_chat(head + convo[1 + 2 * want_notes:], tok, add_generation_prompt=True)[0]) > room:
+            want_notes += 1
+        assert notes == want_notes
+        convo = head + convo[1 + 2 * notes:]
         assert prompt == sft.render_chat(convo, tok, add_generation_prompt=True)[0]
         assert len(prompt) <= room
         reply = tok.decode([t for t in out if t not in stops])
@@ -1069,10 +1127,11 @@ class Scripted(torch.nn.Module):
         super().__init__()
         self.w = torch.nn.Parameter(torch.zeros(1))
         self.config = SimpleNamespace(max_seq_len=max_seq_len)
-        self.replies, self.prompts = list(replies), []
+        self.replies, self.prompts, self.stop_ids = list(replies), [], []
 
-    def generate(self, prompts, max_new_tokens, on_token=None, **kw):
+    def generate(self, prompts, max_new_tokens, on_token=None, stop_ids=(), **kw):
         self.prompts.append(list(prompts[0]))
+        self.stop_ids.append(list(stop_ids))
         out = self.replies.pop(0)[:max_new_tokens]
         for t in out:
             on_token(0, t)
@@ -1103,6 +1162,43 @@ def test_chat_survives_a_thinking_reply_in_no_think_mode():
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant"]
     assert messages[-1]["content"] == "Fine."
     assert len(model.prompts) == 2 and model.prompts[1][-len(E):] == E
+
+
+def test_chat_drops_the_oldest_turn_exactly_when_the_prompt_passes_room():
+    """The prompt may fill the model's length less max_new_tokens exactly; one token more and
+    the oldest turn (a user message and its answer) goes, with a note."""
+    room = 128 - 32
+    u1, a1 = {"role": "user", "content": "first"}, {"role": "assistant", "content": "Hi!"}
+    base = len(sft.render_chat([u1, a1, {"role": "user", "content": ""}], BYTE, add_generation_prompt=True)[0])
+    for extra, dropped in ((0, False), (1, True)):
+        line = "c" * (room - base + extra)
+        model = Scripted([b("Hi!") + [IE], b("ok") + [IE]], max_seq_len=128)
+        writes = []
+        messages = sft.chat(model, BYTE, read=Script(["first", line], writes), write=writes.append,
+                            max_new_tokens=32)
+        u2 = {"role": "user", "content": line}
+        kept = [u2] if dropped else [u1, a1, u2]
+        assert model.prompts[1] == sft.render_chat(kept, BYTE, add_generation_prompt=True)[0]
+        assert len(model.prompts[1]) == (len(kept[0]["content"]) + 8 + 11 if dropped else room)
+        assert messages == kept + [{"role": "assistant", "content": "ok"}]
+        assert "".join(writes) == "Hi!\n" + "(the context is full: dropped the oldest turn)\n" * dropped + "ok\n"
+
+
+def test_chat_keeps_replies_without_stop_tokens_and_notes_cut_ones():
+    """Generation stops at <|im_end|> or <|eos|>; a reply is kept without its stop token (the
+    template adds <|im_end|> back) and the next prompt is the rendered conversation; a reply
+    cut at max_new_tokens is kept and noted."""
+    model = Scripted([b("Hi!") + [IE], b("Yo") + [EOS], b("abcdef")])
+    writes = []
+    messages = sft.chat(model, BYTE, read=Script(["hi", "yo", "more"], writes), write=writes.append,
+                        max_new_tokens=4)
+    assert messages == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hi!"},
+                        {"role": "user", "content": "yo"}, {"role": "assistant", "content": "Yo"},
+                        {"role": "user", "content": "more"}, {"role": "assistant", "content": "abcd"}]
+    assert "".join(writes) == "Hi!\nYo\nabcd\n(cut at 4 tokens)\n"
+    assert all({IE, EOS} <= set(stops) for stops in model.stop_ids)
+    assert model.prompts[2] == sft.render_chat(messages[:5], BYTE, add_generation_prompt=True)[0]
+    assert model.prompts[2].count(IE) == 5 and EOS not in model.prompts[2]
 
 
 def test_chat_stops_at_end_of_input_and_quit():
