@@ -15,7 +15,9 @@ The concept. A model is judged three ways here:
   all; all three are reported. No letters "A/B/C/D": small models score at chance on that
   multiple-choice formulation long after they score above it in cloze form.
 - generative exact match: greedy generation, an extracted answer (GSM8K's `#### n`, a
-  \\boxed{n}, or the last number), compared with the reference after normalisation.
+  \\boxed{n}, or the last number), compared with the reference after normalisation. A chat
+  question (sft.py's) comes already rendered in the chat template and is also scored for
+  template adherence: does the reply end its turn with <|im_end|>, and nothing else special.
 Every accuracy comes with a 95% Wilson interval and every loss with a delta-method interval
 over rows: with 100 questions, 0.31 means "somewhere from 0.23 to 0.41", which is the
 difference between two ablations more often than not.

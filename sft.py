@@ -65,7 +65,6 @@ import importlib
 import inspect
 import itertools
 import json
-import os
 import random
 import re
 import sys
