@@ -1318,8 +1318,7 @@ def bench_sft_packing(args):
     import train
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tok = data.load_tokenizer(args.tokenizer or train.init_config(args.init).get("tokenizer") or
-                              os.path.join(train.init_config(args.init).get("data_dir", "data/builtin"), "tok.json"))
+    tok = data.load_tokenizer(args.tokenizer or train.init_tokenizer(args.init) or "data/builtin/tok.json")
     with open(os.path.join(args.init, "trainer.json")) as f:
         config = model.ModelConfig(**json.load(f)["model_config"])
     rows = []

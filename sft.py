@@ -514,7 +514,8 @@ class SFTStage:
     def chat_tasks(self):
         """eval.py generative tasks from the held-out built-in math conversations: the prompt is
         the conversation up to its last answer, in the template (ids, with the generation
-        prompt), the answer that turn's number. eval.py scores exact match and template
+        prompt; those under half of seq_len, leaving room for the reply), the answer that
+        turn's number. eval.py scores exact match and template
         adherence (the turn ends with <|im_end|>, no other special token inside)."""
         split = builtin_conversations(seed=0)["val"] if self.names != KINDS else self.heldout
         tasks = {}

@@ -441,6 +441,12 @@ def init_config(path):
         return {}
 
 
+def init_tokenizer(path):
+    """The tokenizer file the run that wrote checkpoint `path` used ("" when unknown)."""
+    parent = init_config(path)
+    return parent.get("tokenizer") or (os.path.join(parent["data_dir"], "tok.json") if parent.get("data_dir") else "")
+
+
 def checkpoints(run_dir):
     """The step directories in run_dir/ckpt, oldest first."""
     d = os.path.join(run_dir, "ckpt")
@@ -951,9 +957,7 @@ class Trainer:
         # (the checks above are cheap; the tokenizer and data below may take a while the first time)
         os.makedirs(cfg.out_dir, exist_ok=True)
         if cfg.init and not cfg.tokenizer:     # the model's own tokenizer, from the run that trained it
-            cfg.tokenizer = init_config(cfg.init).get("tokenizer") or cfg.tokenizer
-            if not cfg.tokenizer and init_config(cfg.init).get("data_dir"):
-                cfg.tokenizer = os.path.join(init_config(cfg.init)["data_dir"], "tok.json")
+            cfg.tokenizer = init_tokenizer(cfg.init)
         self.tok = get_tokenizer(cfg, self.rank)
         if cfg.stage in ("pretrain", "midtrain"):
             prepare_data(cfg, self.tok, self.rank)
@@ -967,9 +971,10 @@ class Trainer:
                              "--rope_scaling to extend a trained model's context)")
         self.stage = self.make_stage()
         self.tok_bytes = eval.token_bytes(self.tok, self.raw_model.config.padded_vocab)
-        names = [n.strip() for n in cfg.eval_tasks.split(",") if n.strip() not in ("", "none", "chat")]
-        self.tasks = eval.resolve_tasks(names, cfg.eval_examples)     # the same examples at every evaluation
-        if "chat" in [n.strip() for n in cfg.eval_tasks.split(",")]:
+        names = [n.strip() for n in cfg.eval_tasks.split(",") if n.strip() not in ("", "none")]
+        # the same examples at every evaluation; "chat" is the stage's own held-out questions
+        self.tasks = eval.resolve_tasks([n for n in names if n != "chat"], cfg.eval_examples)
+        if "chat" in names:
             if not hasattr(self.stage, "chat_tasks"):
                 raise SystemExit(f"--eval_tasks chat: held-out chat questions come with --stage sft, not {cfg.stage}")
             self.tasks.update(eval.subset(self.stage.chat_tasks(), cfg.eval_examples))
