@@ -76,7 +76,8 @@ Z95 = 1.959963984540054      # the normal quantile of a two-sided 95% interval
 Z99 = 2.5758293035489004     # 99%: the pipeline checks use the wider one, so chance rarely trips them
 STOP_TOKENS = ("<|eos|>", "<|endoftext|>", "<|im_end|>")
 BUILTIN = ("arithmetic", "docstring", "next_line")
-HEADLINE = ("val_loss", "val_bpb", "/acc_char", "/exact_match", "/template")   # the report card's columns on a console
+# the report card's columns on a console
+HEADLINE = ("val_loss", "val_bpb", "/acc_char", "/exact_match", "/template", "pref/accuracy", "win_rate")
 
 
 # -----------------------------------------------------------------------------
@@ -560,16 +561,31 @@ def subset(tasks, n, seed=0):
             for name, (kind, ex) in tasks.items()}
 
 
-def run_tasks(model, tok, tasks, batch_size=16, max_new_tokens=192):
-    """Every task's metrics, as {"<task>/<metric>": metric}."""
+def run_tasks(model, tok, tasks, batch_size=16, max_new_tokens=192, correct=None):
+    """Every task's metrics, as {"<task>/<metric>": metric}. With a dict `correct`, also each
+    example's outcome: correct[task] = [bool] (cloze: by acc_char, the playbook's choice)."""
     out = {}
     for name, (kind, examples) in tasks.items():
         if kind == "cloze":
-            metrics, _ = cloze(model, tok, examples, batch_size)
+            metrics, details = cloze(model, tok, examples, batch_size)
+            outcomes = [d["correct"]["acc_char"] for d in details]
         else:
-            metrics, _ = generative(model, tok, examples, max_new_tokens, 4 * batch_size)
+            metrics, details = generative(model, tok, examples, max_new_tokens, 4 * batch_size)
+            outcomes = [d["correct"] for d in details]
         out.update({f"{name}/{k}": v for k, v in metrics.items()})
+        if correct is not None:
+            correct[name] = outcomes
     return out
+
+
+def win_rate(new, old):
+    """How often a model beats another on the same examples ([bool] each, in the same order):
+    a win (right where the other is wrong) counts 1, a tie 1/2, a loss 0; the mean, with the
+    delta-method interval over examples. 0.5 is no better and no worse."""
+    if len(new) != len(old):
+        raise ValueError(f"win_rate: {len(new)} outcomes against {len(old)}: not the same examples")
+    scores = [0.5 + (bool(a) - bool(b)) / 2 for a, b in zip(new, old)]
+    return ratio(scores, [1.0] * len(scores))
 
 
 # -----------------------------------------------------------------------------

@@ -453,15 +453,21 @@ class Model(nn.Module):
             x = block(x, rope, mask, cache, reset)
         return self.norm(x)
 
-    def forward(self, input_ids, labels=None, position_ids=None, cache=None, return_logits=None):
+    def forward(self, input_ids, labels=None, position_ids=None, cache=None, return_logits=None,
+                log_probs=False, temperature=1.0):
         """Returns (logits, loss, aux). Without labels: logits (B, T, padded_vocab), loss None.
         With labels: the loss (mean cross-entropy over labels != -100, plus z_loss * mean
         logsumexp^2), computed chunk by chunk, and logits None unless return_logits=True.
         aux holds the detached terms for logging: "ce", "z_loss", and "row_ce", each sequence's
         mean cross-entropy (B,). With MoE layers the loss also holds their balancing terms
         (moe_aux_loss, router_z_loss), logged as "moe_loss", and aux["moe"] maps each MoE
-        layer's index to its load statistics (min_load, max_load, load_entropy, dropped)."""
-        return self.head(self.hidden_states(input_ids, position_ids, cache), labels, return_logits)
+        layer's index to its load statistics (min_load, max_load, load_entropy, dropped).
+        log_probs=True: (None, None, aux) with aux["log_probs"], see log_probs(); through forward
+        so that what wraps the model (DDP, ZeRO, FSDP2 gather weights in forward hooks) sees it."""
+        h = self.hidden_states(input_ids, position_ids, cache)
+        if log_probs:
+            return None, None, self.head_log_probs(h, labels, temperature)
+        return self.head(h, labels, return_logits)
 
     def head(self, h, labels=None, return_logits=None):
         """forward's second half, from the final hidden states h (B, T, dim): see forward. A
@@ -492,14 +498,26 @@ class Model(nn.Module):
     def log_probs(self, input_ids, labels, position_ids=None, temperature=1.0):
         """log p(labels[t] | tokens <= t) for every position (B, T), 0 where labels == -100;
         differentiable, for dpo.py and rl.py. Chunks over time, recomputing each chunk's
-        logits in the backward pass (checkpointing), so full logits are never kept."""
-        h = self.hidden_states(input_ids, position_ids)
+        logits in the backward pass (checkpointing), so full logits are never kept. (A wrapped
+        model: call it with log_probs=True instead, which runs the wrapper's hooks.)"""
+        return self(input_ids, labels, position_ids, log_probs=True, temperature=temperature)[2]["log_probs"]
+
+    def head_log_probs(self, h, labels, temperature=1.0):
+        """log_probs' second half, from the final hidden states: {"log_probs": (B, T)}, and with
+        MoE layers their balancing terms, undetached, as "moe_loss" (a stage adds them to its
+        loss, as the forward with labels does)."""
         if hasattr(self.lm_head, "log_probs"):   # a vocabulary-parallel head (parallel.py) normalises over every rank
-            return self.lm_head.log_probs(h, labels, temperature)
-        step = max(1, _chunk_rows(self.config.padded_vocab) // h.shape[0])   # time steps per chunk
-        return torch.cat([torch.utils.checkpoint.checkpoint(_label_log_probs, h[:, s:s + step], self.lm_head.weight,
-                                                            labels[:, s:s + step], temperature, use_reentrant=False)
-                          for s in range(0, h.shape[1], step)], dim=1)
+            lp = self.lm_head.log_probs(h, labels, temperature)
+        else:
+            step = max(1, _chunk_rows(self.config.padded_vocab) // h.shape[0])   # time steps per chunk
+            lp = torch.cat([torch.utils.checkpoint.checkpoint(_label_log_probs, h[:, s:s + step], self.lm_head.weight,
+                                                              labels[:, s:s + step], temperature, use_reentrant=False)
+                            for s in range(0, h.shape[1], step)], dim=1)
+        aux = {"log_probs": lp}
+        if self.moe_layers:
+            aux["moe_loss"] = sum(m.loss for m in self.moe_layers)
+            aux["moe"] = {b.layer: b.mlp.stats for b in self.layers if isinstance(b.mlp, moe.MoE)}
+        return aux
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens=64, temperature=1.0, top_k=None, top_p=None, stop_ids=(),

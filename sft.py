@@ -184,40 +184,52 @@ def render_chat(messages, tokenizer, add_generation_prompt=False, train_on="assi
 # -----------------------------------------------------------------------------
 # Chat data: files in Hugging Face's `messages` shape, or the built-in set
 
-def read_conversations(path):
-    """Conversations of a .jsonl file or a .parquet file with a `messages` column (SmolTalk's
-    shape: each row a list of {"role", "content"}). Every conversation is checked; a bad one
-    raises ValueError naming the file and line (or row)."""
+def read_rows(path, required=()):
+    """[(where, row)] of a .jsonl file (each line a JSON object) or a .parquet table (each row
+    a dict), where = "path:line" or "path row N", for errors that say which row; every row
+    must have the `required` fields."""
     if path.endswith(".parquet"):
         try:
             import pyarrow.parquet as pq
         except ImportError:
             raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow") from None
         table = pq.read_table(path)
-        if "messages" not in table.column_names:
-            raise ValueError(f"{path}: no column 'messages' (it has {', '.join(table.column_names)})")
-        rows = [(f"{path} row {i}", m) for i, m in enumerate(table.column("messages").to_pylist())]
+        for key in required:
+            if key not in table.column_names:
+                raise ValueError(f"{path}: no column {key!r} (it has {', '.join(table.column_names)})")
+        rows = [(f"{path} row {i}", row) for i, row in enumerate(table.to_pylist())]
     elif path.endswith(".jsonl"):
         rows = []
         with open(path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not JSON ({e})") from None
-                if not isinstance(row, dict) or "messages" not in row:
-                    raise ValueError(f"{path}:{n}: no 'messages' field")
-                rows.append((f"{path}:{n}", row["messages"]))
+                if line.strip():
+                    try:
+                        rows.append((f"{path}:{n}", json.loads(line)))
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}:{n}: not JSON ({e})") from None
     else:
-        raise ValueError(f"{path}: chat data is .jsonl or .parquet with a 'messages' field")
+        raise ValueError(f"{path}: the data is .jsonl or .parquet" +
+                         (f" with {', '.join(map(repr, required))}" if required else ""))
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: a row is a JSON object, not a {type(row).__name__}"
+                             + (f" (no {required[0]!r} field)" if required else ""))
+        for key in required:
+            if key not in row:
+                raise ValueError(f"{where}: no {key!r} field (it has {', '.join(row) or 'nothing'})")
+    return rows
+
+
+def read_conversations(path):
+    """Conversations of a .jsonl file or a .parquet file with a `messages` column (SmolTalk's
+    shape: each row a list of {"role", "content"}). Every conversation is checked; a bad one
+    raises ValueError naming the file and line (or row)."""
     out = []
-    for where, messages in rows:
+    for where, row in read_rows(path, ("messages",)):
         try:
             # parquet hands back extra struct fields as None: drop them
             messages = [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m
-                        for m in messages] if isinstance(messages, list) else messages
+                        for m in row["messages"]] if isinstance(row["messages"], list) else row["messages"]
             check_conversation(messages)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
@@ -236,7 +248,7 @@ SYSTEM_PROMPTS = ("You are a helpful assistant.", "You are a careful math and Py
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
-def _arithmetic(rng):
+def arithmetic_problem(rng):
     """(question, worked steps, answer) of a two-operation problem, brackets included."""
     a, b, c = rng.randint(2, 99), rng.randint(2, 30), rng.randint(2, 30)
     op1, op2 = rng.choice("+-*"), rng.choice("+-*")
@@ -251,7 +263,7 @@ def _arithmetic(rng):
     return f"{a} {op1} {b} {op2} {c}", [f"{a} {op1} {b} = {x}", f"{x} {op2} {c} = {OPS[op2](x, c)}"], OPS[op2](x, c)
 
 
-def _opening(rng, question, think):
+def opening(rng, question, think):
     """The first messages: a system prompt or not, and the mode flag in one of them (or none:
     /think by default)."""
     flag = THINK if think else NO_THINK
@@ -261,7 +273,7 @@ def _opening(rng, question, think):
     return (system if where == "system" or rng.random() < 0.3 else []) + [user]
 
 
-def _math_turn(steps, answer, think):
+def math_turn(steps, answer, think):
     return {"role": "assistant", "content": f"The answer is {answer}.",
             **({"reasoning": "\n".join(steps)} if think else {})}
 
@@ -270,16 +282,16 @@ def arithmetic_conversation(rng):
     """(kind, key, messages): a problem worked in the thinking block (3 in 4) or answered
     directly (/no_think); half of them get a follow-up question on the answer. The key is the
     first question, so a held-out problem is held out with its follow-ups."""
-    expr, steps, answer = _arithmetic(rng)
+    expr, steps, answer = arithmetic_problem(rng)
     think = rng.random() < 0.75
     q = rng.choice(["What is {}?", "Compute {}.", "Calculate {}, please.", "How much is {}?"]).format(expr)
-    messages = _opening(rng, q, think) + [_math_turn(steps, answer, think)]
+    messages = opening(rng, q, think) + [math_turn(steps, answer, think)]
     if rng.random() < 0.5:
         return "arithmetic", expr, messages
     op, k = rng.choice("+-*"), rng.randint(2, 12)
     follow = {"+": "Now add {} to that.", "-": "And if we subtract {}?", "*": "Multiply that by {}."}[op].format(k)
     messages += [{"role": "user", "content": follow},
-                 _math_turn([f"{answer} {op} {k} = {OPS[op](answer, k)}"], OPS[op](answer, k), think)]
+                 math_turn([f"{answer} {op} {k} = {OPS[op](answer, k)}"], OPS[op](answer, k), think)]
     return "followup", expr, messages
 
 
@@ -320,7 +332,7 @@ def docstring_conversation(rng, fn):
     name, doc, sig = fn
     mod, short = name.rsplit(".", 1)
     q = rng.choice(["What does `{}` do?", "Explain `{}` in one sentence.", "What is `{}` for?"]).format(name)
-    messages = _opening(rng, q, think=False) + [{"role": "assistant", "content": doc}]
+    messages = opening(rng, q, think=False) + [{"role": "assistant", "content": doc}]
     r = rng.random()
     if r < 0.25:
         messages += [{"role": "user", "content": "Which module is it in?"},
@@ -441,7 +453,7 @@ class SFTStage:
         self.seq_len, self.batch_size, self.packing, self.seed = seq_len, batch_size, packing, seed
         self.rank, self.world_size = rank, world_size
         self.pad_id = next((special_id(tokenizer, s) for s in ("<|pad|>", "<|eos|>", "<|im_end|>")
-                            if _has_special(tokenizer, s)), 0)
+                            if has_special(tokenizer, s)), 0)
         if data == "builtin":
             split = builtin_conversations(seed=0)       # the held-out split does not move with --seed
             self.names = KINDS
@@ -512,24 +524,8 @@ class SFTStage:
             yield {k: v.to(device) for k, v in batch.items()}
 
     def chat_tasks(self):
-        """eval.py generative tasks from the held-out built-in math conversations: the prompt is
-        the conversation up to its last answer, in the template (ids, with the generation
-        prompt; those under half of seq_len, leaving room for the reply), the answer that
-        turn's number. eval.py scores exact match and template
-        adherence (the turn ends with <|im_end|>, no other special token inside)."""
-        split = builtin_conversations(seed=0)["val"] if self.names != KINDS else self.heldout
-        tasks = {}
-        for kind in ("arithmetic", "followup"):
-            examples = []
-            for k, messages in split:
-                if k != kind:
-                    continue
-                ids, _ = render_chat(messages[:-1], self.tokenizer, add_generation_prompt=True)
-                if len(ids) < self.seq_len // 2:
-                    examples.append({"prompt": self.tokenizer.decode(ids), "prompt_ids": ids,
-                                     "answer": re.findall(r"-?\d+", messages[-1]["content"])[-1]})
-            tasks[f"chat_{kind}"] = ("generative", examples)
-        return tasks
+        """Held-out math questions in the template, for eval.py (see chat_tasks)."""
+        return chat_tasks(self.tokenizer, self.seq_len, self.heldout if self.names == KINDS else None)
 
     def state_dict(self):
         return {"epoch": self.epoch, "cursor": self.cursor, "batches": self.batches}
@@ -539,7 +535,28 @@ class SFTStage:
         self.rows = self.group(self.epoch)
 
 
-def _has_special(tok, name):
+def chat_tasks(tokenizer, seq_len, heldout=None):
+    """eval.py generative tasks from the held-out built-in math conversations (or `heldout`,
+    [(kind, messages)]): the prompt is the conversation up to its last answer, in the template
+    (ids, with the generation prompt; those under half of seq_len, leaving room for the
+    reply), the answer that turn's number. eval.py scores exact match and template adherence
+    (the turn ends with <|im_end|>, no other special token inside)."""
+    split = builtin_conversations(seed=0)["val"] if heldout is None else heldout
+    tasks = {}
+    for kind in ("arithmetic", "followup"):
+        examples = []
+        for k, messages in split:
+            if k != kind:
+                continue
+            ids, _ = render_chat(messages[:-1], tokenizer, add_generation_prompt=True)
+            if len(ids) < seq_len // 2:
+                examples.append({"prompt": tokenizer.decode(ids), "prompt_ids": ids,
+                                 "answer": re.findall(r"-?\d+", messages[-1]["content"])[-1]})
+        tasks[f"chat_{kind}"] = ("generative", examples)
+    return tasks
+
+
+def has_special(tok, name):
     try:
         special_id(tok, name)
         return True
@@ -580,7 +597,7 @@ def chat(model, tokenizer, read=input, write=None, system="", max_new_tokens=256
     full. /reset starts over, /quit (or end of input) stops. Returns the messages."""
     write = write or (lambda text: print(text, end="", flush=True))
     stops = [special_id(tokenizer, "<|im_end|>")] + [special_id(tokenizer, s) for s in ("<|eos|>", "<|endoftext|>")
-                                                     if _has_special(tokenizer, s)]
+                                                     if has_special(tokenizer, s)]
     head = [{"role": "system", "content": system}] if system else []
     messages = list(head)
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)

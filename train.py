@@ -67,6 +67,7 @@ import torch
 import torch.distributed as dist
 
 import data
+import dpo
 import eval
 import model as M
 import moe
@@ -80,7 +81,7 @@ import sft
 @dataclass
 class TrainConfig:
     preset: str = "tiny"                # the model preset; model fields override it (--n_layer 4)
-    stage: str = "pretrain"             # pretrain | midtrain | sft (dpo | rl with their files)
+    stage: str = "pretrain"             # pretrain | midtrain | sft | dpo (rl with its file)
     init: str = ""                      # start from: a checkpoint directory of this script, or a HF directory
     out_dir: str = "runs/tiny"
     resume: bool = False                # continue from the latest checkpoint in out_dir
@@ -95,7 +96,17 @@ class TrainConfig:
     chat_data: str = "builtin"          # .jsonl / .parquet of {"messages": [...]}, or the built-in conversations
     packing: bool = True                # several conversations per row (false: one per row, padded)
     train_on: str = "assistant"         # assistant (the loss on the assistant's turns) | all
-    overlong: str = "truncate"          # a conversation over seq_len: truncate | skip (counted either way)
+    overlong: str = "truncate"          # a conversation (or preference pair) over seq_len: truncate | skip (counted)
+    # preference optimisation (--stage dpo, dpo.py)
+    pref_data: str = "builtin"          # .jsonl / .parquet in TRL's shapes (prompt, chosen, rejected; or prompt,
+                                        # completion, label for kto), or the built-in pairs
+    loss: str = "apo_zero"              # sigmoid (DPO) | ipo | apo_zero | apo_down | orpo | simpo | kto
+    beta: float = 0.1                   # the leash to the reference (orpo: the odds-ratio weight; simpo: ~2)
+    label_smoothing: float = 0.0        # sigmoid (cDPO) and simpo: the chance a preference label is wrong
+    simpo_gamma: float = 0.5            # simpo's target margin
+    ref: str = "copy"                   # the reference (--init): copy (a frozen copy) | cache (its log-probs, once)
+    desirable_weight: float = 1.0       # kto: weights of the desirable and undesirable completions
+    undesirable_weight: float = 1.0
     batch_size: int = 8                 # sequences per micro-batch and process
     total_batch_tokens: int = 4096      # the global batch; gradient accumulation reaches it
     # optimisation
@@ -145,8 +156,15 @@ STAGES = ("pretrain", "midtrain", "sft", "dpo", "rl")
 # model, 80 steps reach a held-out arithmetic loss of 1.02 at 1e-3 against 1.49 at 3e-4; large
 # models fine-tune nearer a tenth or less), warmed up briefly and decayed by a cosine to a
 # tenth, with a few evaluations (its held-out chat questions answered before and after)
+# DPO: a tenth of SFT's learning rate (the policy must stay near its reference), batch_size
+# counting pairs; the held-out preference accuracy and the chat questions before and after
 STAGE_DEFAULTS = {"sft": {"lr": 1e-3, "schedule": "cosine", "warmup_steps": 5, "min_lr_ratio": 0.1,
-                          "max_steps": 80, "eval_every": 40, "eval_tasks": "builtin,chat", "ckpt_every": 40}}
+                          "max_steps": 80, "eval_every": 40, "eval_tasks": "builtin,chat", "ckpt_every": 40},
+                  "dpo": {"lr": 1e-4, "schedule": "cosine", "warmup_steps": 5, "min_lr_ratio": 0.1,
+                          "max_steps": 60, "eval_every": 30, "eval_tasks": "builtin,chat", "ckpt_every": 30}}
+# the stage metrics on the progress line (all of them go to metrics.jsonl): the margin, how often
+# it is right, and whether the chosen answers themselves get likelier
+SHOWN = ("train/rewards/margins", "train/rewards/accuracies", "train/logps/chosen", "train/kl")
 MODEL_FIELDS = {f.name for f in fields(M.ModelConfig)}
 TRAIN_FIELDS = {f.name: f for f in fields(TrainConfig)}
 BOOL_DEFAULTS = {f.name: f.default for f in fields(M.ModelConfig) + fields(TrainConfig) if isinstance(f.default, bool)}
@@ -941,12 +959,18 @@ class Trainer:
         torch.manual_seed(cfg.seed)           # the same init on every rank (TP slices it: no seed bug)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
-        if cfg.stage in ("dpo", "rl"):
+        if cfg.stage == "rl":
             raise SystemExit(f"--stage {cfg.stage}: arrives with {cfg.stage}.py (a later issue)")
         if checkpoints(cfg.out_dir) and not cfg.resume:
             raise SystemExit(f"{cfg.out_dir} already holds checkpoints: --resume to continue that run, or a new --out_dir")
         if cfg.stage in ("midtrain", "sft") and not cfg.init and not cfg.resume:
             raise SystemExit(f"--stage {cfg.stage} continues a trained model: give --init CHECKPOINT")
+        if cfg.stage == "dpo" and not cfg.init:
+            raise SystemExit("--stage dpo starts from an SFT model and keeps it as the reference: give --init "
+                             "CHECKPOINT (on --resume too)")
+        if cfg.stage == "dpo" and cfg.pp > 1:
+            raise SystemExit("--stage dpo with --pp: not written here (the pipeline schedule takes the "
+                             "cross-entropy loss only)")
         if not cfg.init and cfg.preset not in M.PRESETS:
             raise SystemExit(f"--preset {cfg.preset!r}: presets are {', '.join(M.PRESETS)}")
         per_step = cfg.batch_size * cfg.seq_len * self.dp      # TP and PP ranks share their batch
@@ -970,15 +994,21 @@ class Trainer:
                              f"{self.raw_model.config.max_seq_len}; raise --max_seq_len (with --rope_theta or "
                              "--rope_scaling to extend a trained model's context)")
         self.stage = self.make_stage()
+        resuming = cfg.resume and checkpoints(cfg.out_dir)
+        if getattr(self.stage, "ref_mode", None) == "cache" and not resuming:   # (resumed: in the checkpoint)
+            self.stage.cache_reference(self.raw_model, self.device, log=self.log)
         self.tok_bytes = eval.token_bytes(self.tok, self.raw_model.config.padded_vocab)
         names = [n.strip() for n in cfg.eval_tasks.split(",") if n.strip() not in ("", "none")]
         # the same examples at every evaluation; "chat" is the stage's own held-out questions
         self.tasks = eval.resolve_tasks([n for n in names if n != "chat"], cfg.eval_examples)
         if "chat" in names:
             if not hasattr(self.stage, "chat_tasks"):
-                raise SystemExit(f"--eval_tasks chat: held-out chat questions come with --stage sft, not {cfg.stage}")
+                raise SystemExit(f"--eval_tasks chat: held-out chat questions come with --stage sft or dpo, "
+                                 f"not {cfg.stage}")
             self.tasks.update(eval.subset(self.stage.chat_tasks(), cfg.eval_examples))
         self.last_eval, self.said_no_tasks = {}, False
+        # each task example's outcome before this stage (the win rate's baseline), and at the last evaluation
+        self.start_correct = self.last_correct = None
         self.full_config = self.raw_model.config
         self.flops_per_token = self.raw_model.flops_per_token(cfg.seq_len)   # of the whole model, before it is split
         self.n_params = self.raw_model.num_params()
@@ -999,6 +1029,14 @@ class Trainer:
 
     def make_stage(self):
         cfg = self.cfg
+        if cfg.stage == "dpo":
+            try:      # (before the model is wrapped: a frozen reference copy is a whole, plain model)
+                return dpo.DPOStage(self.tok, cfg.seq_len, cfg.batch_size, self.raw_model, cfg.pref_data, cfg.loss,
+                                    cfg.beta, cfg.label_smoothing, cfg.simpo_gamma, cfg.ref, cfg.desirable_weight,
+                                    cfg.undesirable_weight, cfg.overlong, cfg.seed, self.dp_rank, self.dp,
+                                    self.layout.group("dp") if self.world_size > 1 else None, log=self.log)
+            except (OSError, ValueError) as e:
+                raise SystemExit(f"--stage dpo: {e}")
         if cfg.stage != "sft":
             return PretrainStage(cfg, self.dp_rank, self.dp, cfg.max_steps * cfg.total_batch_tokens)
         try:
@@ -1025,6 +1063,7 @@ class Trainer:
             state = load_checkpoint(path, self.raw_model, self.optimizer)
         self.start_step = state["step"]
         self.monitor.load_state_dict(state["monitor"])
+        self.start_correct = state.get("start_correct")
         if loader:
             self.stage.load_state_dict(state["stage"])
         self.log(f"restored {path} (step {self.start_step})")
@@ -1070,7 +1109,7 @@ class Trainer:
             path = os.path.join(self.cfg.out_dir, "ckpt", f"step_{step:06d}")
             save_checkpoint(path, model, optimizer,
                             {"step": step, "config": asdict(self.cfg), "stage": self.stage.state_dict(),
-                             "monitor": self.monitor.state_dict()})
+                             "monitor": self.monitor.state_dict(), "start_correct": self.start_correct})
             if self.cfg.keep_last > 0:     # 0 keeps every checkpoint
                 for old in checkpoints(self.cfg.out_dir)[:-self.cfg.keep_last]:
                     shutil.rmtree(old, ignore_errors=True)
@@ -1145,8 +1184,25 @@ class Trainer:
                      "written here); validation loss and bits per byte are")
             self.said_no_tasks = True
         elif tasks and self.layout.pp == 1:
+            correct = {}
             with self.whole_model() as m, self.autocast:
-                out.update(eval.run_tasks(m, self.tok, tasks))
+                out.update(eval.run_tasks(m, self.tok, tasks, correct=correct))
+            if self.start_correct is None:
+                self.last_correct = correct
+            else:     # each example against the model this stage started from (0.5: no better, no worse)
+                both = [t for t in correct if t in self.start_correct]
+                out.update({f"win_rate/{t}": eval.win_rate(correct[t], self.start_correct[t]) for t in both})
+                if both:
+                    out["win_rate"] = eval.win_rate(sum((correct[t] for t in both), []),
+                                                    sum((self.start_correct[t] for t in both), []))
+        if hasattr(self.stage, "evaluate") and self.layout.pp == 1:
+            # the stage's own held-out outcomes (DPO: preference accuracy): [bool] -> accuracy,
+            # [float] -> a mean, each with its interval
+            with torch.no_grad(), self.whole_model() as m, self.autocast:
+                outcomes = self.stage.evaluate(m, self.device)
+            for k, v in outcomes.items():
+                if v:
+                    out[k] = eval.accuracy(v) if isinstance(v[0], bool) else eval.ratio(v, [1.0] * len(v))
         return out
 
     def eval_model(self):
@@ -1222,12 +1278,15 @@ class Trainer:
             if failed and not cfg.ignore_preflight:
                 raise SystemExit(f"preflight FAILED: {', '.join(failed)} (fix it, or --ignore_preflight to run anyway)")
         if not checkpoints(cfg.out_dir):
-            self.save(0)      # something to return to if the first steps go non-finite
-            if cfg.stage == "sft" and cfg.init:
-                # before: the model as it came, on this stage's evaluation (its chat questions)
+            before = cfg.stage in ("sft", "dpo") and cfg.init
+            if before:
+                # the model as it came, on this stage's evaluation (its chat questions, held-out
+                # pairs); every later evaluation's win rate is against these outcomes
                 self.last_eval = self.evaluate(cfg.eval_batches, self.tasks)
-                if self.rank == 0:
-                    self.report_card(0, stage=f"{cfg.stage} (start)")
+                self.start_correct = self.last_correct
+            self.save(0)      # something to return to if the first steps go non-finite
+            if before and self.rank == 0:
+                self.report_card(0, stage=f"{cfg.stage} (start)")
         previous = {sig: signal.signal(sig, lambda signum, frame: setattr(self, "stop_signal", signum))
                     for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
@@ -1246,23 +1305,29 @@ class Trainer:
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
             t0 = time.perf_counter()
-            # per-source (loss sum, tokens), then (mean-loss sum, micro-batches), then (stop, -):
-            # one all-reduce carries them all, so every rank agrees on the loss and on stopping
-            stats = torch.zeros(len(self.stage.names) + 2, 2, device=self.device)
+            # per-source (loss sum, tokens), then (mean-loss sum, micro-batches), then (stop, -),
+            # then the stage's own metrics (sum, micro-batches; DPO: rewards, margins): one
+            # all-reduce carries them all, so every rank agrees on the loss and on stopping
+            S, extra = len(self.stage.names), getattr(self.stage, "metric_names", ())
+            stats = torch.zeros(S + 2 + len(extra), 2, device=self.device)
+            one = torch.ones((), device=self.device)
             batches, losses, auxes, fwd_time = self.forward_backward(
                 lambda: {k: v.to(self.device) for k, v in self.stage.next_batch().items()}, self.accum)
             for batch, loss, aux in zip(batches, losses, auxes):
-                stats[-2] += torch.stack([loss.float(), torch.ones((), device=self.device)])
+                stats[S] += torch.stack([loss.float(), one])
                 n_tok = (batch["labels"] != -100).sum(1).float()
                 if "source" in batch and "row_ce" in aux:   # (a pipeline's last stage has the rows)
-                    stats[:-2, 0].index_add_(0, batch["source"], aux["row_ce"].float() * n_tok)
-                    stats[:-2, 1].index_add_(0, batch["source"], n_tok)
-            stats[-1, 0] = float(self.stop_signal is not None)
+                    stats[:S, 0].index_add_(0, batch["source"], aux["row_ce"].float() * n_tok)
+                    stats[:S, 1].index_add_(0, batch["source"], n_tok)
+                for j, name in enumerate(extra):
+                    if name in aux.get("metrics", {}):
+                        stats[S + 2 + j] += torch.stack([aux["metrics"][name].float(), one])
+            stats[S + 1, 0] = float(self.stop_signal is not None)
             grad_norm = self.layout.clip_grad_norm_(self.raw_model, cfg.grad_clip)
             if dist.is_initialized():
                 dist.all_reduce(stats)
-            loss_value = (stats[-2, 0] / stats[-2, 1]).item()
-            stop = stats[-1, 0].item() > 0
+            loss_value = (stats[S, 0] / stats[S, 1]).item()
+            stop = stats[S + 1, 0].item() > 0
             gn = grad_norm.item()
             stepped = math.isfinite(loss_value) and math.isfinite(gn)
             if stepped:
@@ -1285,6 +1350,9 @@ class Trainer:
             for s, name in enumerate(self.stage.names):
                 if stats[s, 1] > 0:
                     record[f"loss/{name}"] = (stats[s, 0] / stats[s, 1]).item()
+            for j, name in enumerate(extra):
+                if stats[S + 2 + j, 1] > 0:
+                    record[f"train/{name}"] = (stats[S + 2 + j, 0] / stats[S + 2 + j, 1]).item()
             if "moe" in aux:   # each MoE layer's load over the whole step (every rank's tokens)
                 record["moe_loss"] = aux["moe_loss"].item()
                 for layer, layer_stats in aux["moe"].items():
@@ -1316,6 +1384,7 @@ class Trainer:
                 sources = " ".join(f"{k[5:]} {v:.3f}" for k, v in record.items() if k.startswith("loss/"))
                 val = " ".join(f"{k} {v:.3f}" for k, v in record.items() if k.startswith("val_loss") or
                                k.endswith(eval.HEADLINE))
+                sources += " ".join(f"{k.split('/')[-1]} {record[k]:.3f}" for k in SHOWN if k in record)
                 if "moe_loss" in record:   # the worst layer: a collapsing router shows here first
                     sources += f" | moe max load {max(v for k, v in record.items() if k.endswith('max_load')):.2f}"
                 print(f"step {step:5d}/{cfg.max_steps} loss {loss_value:.4f} lr {lr:.2e} gnorm {gn:.3f} "
