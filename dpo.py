@@ -140,6 +140,8 @@ def preference_loss(loss_type, policy_chosen_logps, policy_rejected_logps, ref_c
         raise ValueError(f"loss_type {loss_type!r}: one of {', '.join(x for x in LOSSES if x != 'kto')} "
                          "(kto is kto_loss, on unpaired completions)")
     pc, pr, rc, rr = policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    if loss_type not in REFERENCE_FREE and (rc is None or rr is None):
+        raise ValueError(f"{loss_type} compares against a reference: give ref_chosen_logps and ref_rejected_logps")
     if loss_type in AVERAGED:
         if chosen_lengths is None or rejected_lengths is None:
             raise ValueError(f"{loss_type} averages over completion tokens: give chosen_lengths and rejected_lengths")
@@ -150,8 +152,6 @@ def preference_loss(loss_type, policy_chosen_logps, policy_rejected_logps, ref_c
         return orpo_loss(pc, pr, beta)
     if loss_type == "simpo":
         return simpo_loss(pc, pr, beta, gamma, label_smoothing)
-    if rc is None or rr is None:
-        raise ValueError(f"{loss_type} compares against a reference: give ref_chosen_logps and ref_rejected_logps")
     if loss_type == "apo_zero":
         return apo_zero_loss(pc - rc, pr - rr, beta)
     if loss_type == "apo_down":
@@ -161,14 +161,11 @@ def preference_loss(loss_type, policy_chosen_logps, policy_rejected_logps, ref_c
 
 
 def implicit_rewards(loss_type, policy_logps, ref_logps=None, lengths=None, beta=0.1):
-    """Each completion's reward as the loss sees it (TRL's rewards/chosen and /rejected):
-    beta (log pi - log pi_ref), on averaged log-probabilities for ipo; beta times the mean
-    log-probability for the reference-free orpo and simpo."""
-    if loss_type in AVERAGED:
-        policy_logps = policy_logps / lengths
-        if loss_type in REFERENCE_FREE:
-            return beta * policy_logps.detach()
-        ref_logps = ref_logps / lengths
+    """Each completion's reward as TRL logs it (rewards/chosen, /rejected): beta (log pi -
+    log pi_ref) of the summed log-probabilities (ipo's too, as TRL 1.x); beta times the mean
+    log-probability per token for the reference-free orpo and simpo."""
+    if loss_type in REFERENCE_FREE:
+        return beta * (policy_logps / lengths).detach()
     return beta * (policy_logps - ref_logps).detach()
 
 
@@ -176,7 +173,7 @@ def kto_kl(policy_kl_logps, ref_kl_logps, group=None):
     """KTO's reference point z0: KL(policy || reference) estimated on the batch's mismatched
     pairs (each prompt with another example's completion), mean(log pi - log pi_ref), averaged
     over the data-parallel group, clamped at 0 and detached: a baseline, not a target."""
-    kl = (policy_kl_logps - ref_kl_logps).detach().float().mean()
+    kl = (policy_kl_logps - ref_kl_logps).detach().mean()
     if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(kl, group=group)
         kl = kl / dist.get_world_size(group)
