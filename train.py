@@ -19,8 +19,10 @@ in everything that keeps a long run alive and honest:
   from a checkpoint with a new mixture and a longer context (ABF: a new rope_theta; YaRN), and
   supervised fine-tuning (sft.py: chat conversations, the loss on the assistant's turns, SFT's
   own learning rate and schedule, its held-out chat questions evaluated before and after).
-  The same loop will drive dpo.py and rl.py (a stage gives the next batch, the loss on a
-  batch, and its held-out batches and tasks).
+  Preference optimisation (dpo.py: DPO and its variants against a frozen or cached
+  reference, held-out preference accuracy and the win rate over the starting model) runs in
+  the same loop; rl.py will too (a stage gives the next batch, the loss on a batch, and its
+  held-out batches and tasks).
 
 The playbook's lessons: do your preflight checklist or die; monitor like your GPUs depend on
 it; checkpoint constantly because something will crash; mid-training is not autopilot. AdamW
@@ -39,6 +41,7 @@ Run:
     python train.py --resume --out_dir runs/x         # continue from the latest checkpoint
     python train.py --stage midtrain --init runs/x/ckpt/step_000200 --seq_len 512 --rope_theta 100000
     python train.py --stage sft --init runs/x/ckpt/step_000200 --out_dir runs/sft   # sft.py's stage
+    python train.py --stage dpo --init runs/sft/ckpt/step_000080 --out_dir runs/dpo  # dpo.py's (APO-zero)
     torchrun --nproc_per_node=8 train.py --preset smollm2-135m --data_dir data/fineweb --tokenizer tok.json
     torchrun --nproc_per_node=8 train.py --tp 2 --fsdp ...    # parallel.py: 4 data-parallel x 2 tensor-parallel, ZeRO-3
     torchrun --nproc_per_node=2 train.py --pp 2 ...           # two pipeline stages; --parallel_impl torch: FSDP2/DTensor

@@ -267,3 +267,186 @@ def test_builtin_pairs_are_deterministic_held_out_as_sft_and_rejected_answers_ar
                     assert steps[-1].endswith(f"= {wrong}") and steps != rec["chosen"][0]["reasoning"].split("\n")
             assert sft.is_heldout(key) == (split == "val"), (key, split)
     assert {k for k, _ in a["train"]} == set(dpo.KINDS) == {k for k, _ in a["val"]}
+
+
+# -----------------------------------------------------------------------------
+# Rows, the stage, merging (a tiny random model and the 512-token tokenizer of conftest)
+
+def tiny(tok, seed=0):
+    torch.manual_seed(seed)
+    return M.Model(M.preset("tiny", vocab_size=tok.vocab_size, n_layer=2, dim=64, n_head=2, n_kv_head=1,
+                            mlp_dim=128, nope_layers=(), max_seq_len=256))
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    """60 built-in pairs (both kinds) as a jsonl in TRL's conversational shape."""
+    items = dpo.builtin_pairs(n=40, seed=1)["train"]
+    items = [x for x in items if x[0] == "arithmetic"][:40] + [x for x in items if x[0] == "docstring"][:20]
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(rec) + "\n" for _, rec in items))
+    return str(path)
+
+
+def stage(tok, path, model=None, **kw):
+    return dpo.DPOStage(tok, 256, 4, model, path, log=lambda *a: None, **kw)
+
+
+def test_a_rows_summed_log_prob_is_the_completions_given_the_prompt(small_tokenizer, pairs_file):
+    """For each row of a pair batch: the summed log-probability the stage takes equals
+    sum over the completion's tokens of log softmax(logits of the whole unpadded text), read
+    naively from the model's logits; the chosen half first, then the rejected half."""
+    tok, net = small_tokenizer, tiny(small_tokenizer)
+    examples, _ = dpo.tokenize([("x", r) for r in dpo.read_preferences(pairs_file)[:3]], tok, 256)
+    batch = dpo.pair_batch(examples, 0)
+    logps, _ = dpo.sequence_logps(net, batch, grad=False)
+    for row, (prompt, parts, _, _) in enumerate(examples * 2):
+        ids, mask = parts[row // len(examples)]
+        full = torch.tensor([prompt + ids])
+        logits, _, _ = net(full)
+        lp = logits[0, :-1].float().log_softmax(-1)
+        want = sum(lp[len(prompt) + j - 1, t].item() for j, (t, m) in enumerate(zip(ids, mask)) if m)
+        assert logps[row].item() == pytest.approx(want, rel=1e-5)
+        assert sum(mask) == (batch["labels"][row] != -100).sum().item()
+
+
+def test_cached_reference_equals_the_frozen_copy(small_tokenizer, pairs_file):
+    """ref="cache" (log-probabilities computed once, kept in the state) and ref="copy" (a frozen
+    copy) give the same loss and gradients, before and after the policy has moved; the cache
+    survives a JSON round trip of the state (a checkpoint)."""
+    tok = small_tokenizer
+    net = tiny(tok)
+    a, b = stage(tok, pairs_file, net, ref="copy"), stage(tok, pairs_file, net, ref="cache")
+    b.cache_reference(net, torch.device("cpu"), log=lambda *x: None)
+    b.load_state_dict(json.loads(json.dumps(b.state_dict())))
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    for step in range(2):
+        ba, bb = a.next_batch(), b.next_batch()
+        assert torch.equal(ba["input_ids"], bb["input_ids"]) and "ref_logps" in bb and "ref_logps" not in ba
+        grads = []
+        for st, batch in ((a, ba), (b, bb)):
+            net.zero_grad()
+            loss, aux = st.loss(net, batch)
+            loss.backward()
+            grads.append((loss.item(), [p.grad.clone() for p in net.parameters()], aux["metrics"]))
+        assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
+        assert step == 0 or grads[0][0] != pytest.approx(1.0)       # the policy moved from its reference
+        for ga, gb in zip(grads[0][1], grads[1][1]):
+            torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-7)
+        for k in grads[0][2]:
+            assert grads[0][2][k].item() == pytest.approx(grads[1][2][k].item(), rel=1e-5, abs=1e-6)
+        opt.step()
+
+
+def test_stage_resumes_splits_ranks_and_evaluates(small_tokenizer, pairs_file):
+    """A restored state gives the batches an uninterrupted stage gives; two ranks read
+    disjoint examples, as many each; reference-free losses keep no reference; evaluate gives
+    one outcome per held-out pair (the accuracy is whether the chosen scores higher)."""
+    tok, net = small_tokenizer, tiny(small_tokenizer)
+    s = stage(tok, pairs_file, net)
+    for _ in range(3):
+        s.next_batch()
+    state = json.loads(json.dumps(s.state_dict()))
+    want = [s.next_batch()["input_ids"] for _ in range(20)]    # across an epoch's end
+    r = stage(tok, pairs_file, net)
+    r.load_state_dict(state)
+    assert all(torch.equal(x, r.next_batch()["input_ids"]) for x in want)
+    ranks = [stage(tok, pairs_file, net, rank=k, world_size=2) for k in (0, 1)]
+    assert len(ranks[0].order) == len(ranks[1].order) and not set(ranks[0].order) & set(ranks[1].order)
+    free = stage(tok, pairs_file, None, loss_type="simpo")
+    assert free.ref_model is None and free.reference_logps(free.next_batch()) is None
+    s.val = s.train[:6]
+    out = s.evaluate(net, torch.device("cpu"))
+    logps, _ = dpo.sequence_logps(net, dpo.pair_batch(s.val, 0), grad=False)
+    assert out["pref/accuracy"] == (logps[:6] > logps[6:]).tolist()
+    assert out["pref/reward_accuracy"] == [False] * 6 and out["pref/margin"] == [0.0] * 6   # policy == reference
+
+
+def test_kto_stage_rows_and_loss(small_tokenizer, pairs_file, tmp_path):
+    """Unpaired rows (or pairs unpaired for kto): a batch holds the B completions, then the
+    same prompts with the previous example's completion (the KL rows); the loss is KTO's on
+    the first half with the KL from the second; other losses refuse unpaired data."""
+    tok, net = small_tokenizer, tiny(small_tokenizer)
+    rows = [{"prompt": f"Say {w}.", "completion": w, "label": i % 3 != 0} for i, w in enumerate(
+        ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"])]
+    path = tmp_path / "kto.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match="kto only"):
+        stage(tok, str(path), net)
+    s = stage(tok, str(path), net, loss_type="kto")
+    batch = s.next_batch()
+    B = len(batch["desirable"])
+    assert batch["input_ids"].shape[0] == 2 * B
+    for i, idx in enumerate(s.order[:B]):
+        prompt, parts, _, label = s.train[idx]
+        assert parts[1][0] == s.train[idx - 1][1][0][0] and label == batch["desirable"][i].item()
+    loss, aux = s.loss(net, batch)
+    logps, _ = dpo.sequence_logps(net, batch, grad=False)
+    kl = dpo.kto_kl(logps[B:], logps[B:])      # policy == reference: the KL baseline is 0
+    assert aux["metrics"]["kl"].item() == pytest.approx(kl.item(), abs=1e-6) == 0
+    assert loss.item() == pytest.approx(0.5, rel=1e-6)       # 1 - sigmoid(0) for every completion
+    assert stage(tok, pairs_file, net, loss_type="kto").paired     # pairs are unpaired for kto
+
+
+def test_apo_zero_steps_raise_heldout_preference_accuracy(small_tokenizer, tmp_path):
+    """A preference a tiny model can learn in a few steps and carry to prompts it never saw
+    (answers that end kindly over curt ones of as many tokens, on held-out questions):
+    APO-zero raises the held-out preference accuracy (the chosen answer more likely than the
+    rejected one) to nearly every pair. (The built-in pairs need arithmetic and docstrings a
+    model learns in pretraining; train.py's run on them is in the README.)"""
+    tok, net = small_tokenizer, tiny(small_tokenizer)
+    rng = random.Random(0)
+    words = ["apple", "river", "stone", "cloud", "tiger", "piano", "garden", "candle", "rocket", "forest"]
+
+    def pair():
+        a, b = rng.sample(words, 2)
+        return {"prompt": f"Tell me about the {a} and the {b}.",
+                "chosen": f"The {a} and the {b}. Happy to help.", "rejected": f"The {a} and the {b}. Go away now."}
+    path = tmp_path / "style.jsonl"
+    path.write_text("".join(json.dumps(pair()) + "\n" for _ in range(200)))
+    held, _ = dpo.tokenize([("x", dpo.preference_record(pair())) for _ in range(40)], tok, 256)
+
+    def accuracy():
+        logps, _ = dpo.sequence_logps(net, dpo.pair_batch(held, 0), grad=False)
+        return (logps[:40] > logps[40:]).float().mean().item()
+    s = stage(tok, str(path), net, loss_type="apo_zero", beta=0.5)
+    before = accuracy()
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    for _ in range(15):
+        loss, _ = s.loss(net, s.next_batch())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = accuracy()
+    print(f"held-out preference accuracy {before:.2f} -> {after:.2f}")
+    assert after >= max(0.9, before + 0.3), (before, after)
+
+
+def test_merge_is_the_weighted_average_and_refuses_mismatches(small_tokenizer, tmp_path):
+    """merge writes sum w_i theta_i (a train.py checkpoint stays loadable: trainer.json kept,
+    with the recipe); other shapes or names, and an existing output, are refused; the command
+    line parses CKPT:WEIGHT."""
+    from safetensors.torch import load_file
+    import train
+    tok = small_tokenizer
+    a, b = tiny(tok, 1), tiny(tok, 2)
+    train.save_checkpoint(str(tmp_path / "a"), a, None, {"step": 5, "config": {"tokenizer": "t.json"}})
+    train.save_checkpoint(str(tmp_path / "b"), b, None, {"step": 9, "config": {}})
+    out = str(tmp_path / "m")
+    dpo.main(["merge", out, f"{tmp_path / 'a'}:0.25", f"{tmp_path / 'b'}:0.75"])
+    merged, wa, wb = (load_file(os.path.join(d, "model.safetensors")) for d in (out, tmp_path / "a", tmp_path / "b"))
+    for k in merged:
+        torch.testing.assert_close(merged[k], 0.25 * wa[k] + 0.75 * wb[k])
+    c = M.Model(a.config)
+    state = train.load_checkpoint(out, c)
+    assert state["config"]["tokenizer"] == "t.json" and [x["weight"] for x in state["merged_from"]] == [0.25, 0.75]
+    with pytest.raises(ValueError, match="exists"):
+        dpo.merge_checkpoints(out, [(str(tmp_path / "a"), 1.0)])
+    other = M.Model(M.preset("tiny", vocab_size=tok.vocab_size, n_layer=3, dim=64, n_head=2, n_kv_head=1,
+                             mlp_dim=128, nope_layers=(), max_seq_len=256))
+    train.save_checkpoint(str(tmp_path / "c"), other, None, {"step": 1})
+    with pytest.raises(ValueError, match="other tensors"):
+        dpo.merge_checkpoints(str(tmp_path / "m2"), [(str(tmp_path / "a"), 0.5), (str(tmp_path / "c"), 0.5)])
+    assert not os.path.exists(tmp_path / "m2")
+    with pytest.raises(SystemExit, match="weight"):
+        dpo.main(["merge", str(tmp_path / "m3"), f"{tmp_path / 'a'}:x"])

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import data
+import dpo
 import eval as eval_py
 import model as M
 import train
@@ -694,7 +695,7 @@ def test_nan_patience_rolls_back_and_skips_the_batches(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--stage", "dpo"], "--stage dpo: arrives with dpo.py"),
+    (["--stage", "rl"], "--stage rl: arrives with rl.py"),
     (["--stage", "midtrain"], "--stage midtrain continues a trained model: give --init"),
     (["--stage", "sft"], "--stage sft continues a trained model: give --init"),
     (["--eval_tasks", "chat"], "--eval_tasks chat: held-out chat questions come with --stage sft"),
@@ -805,6 +806,77 @@ def test_sft_bad_data_is_a_clean_exit(sft_init, tmp_path):
         sft_trainer(ckpt, tmp_path / "r1", "--chat_data", str(bad))
     with pytest.raises(SystemExit, match="no <\\|im_start\\|> token"):
         sft_trainer(ckpt, tmp_path / "r2", "--tokenizer", "bytes")
+
+
+@pytest.fixture(scope="module")
+def dpo_pairs(tmp_path_factory):
+    """80 built-in preference pairs as a jsonl (TRL's conversational shape)."""
+    path = tmp_path_factory.mktemp("dpo") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(rec) + "\n" for _, rec in dpo.builtin_pairs(n=80, seed=2)["train"][:80]))
+    return str(path)
+
+
+def dpo_trainer(init, out, pairs, *extra):
+    cfg, ov = train.parse_config([
+        "--stage", "dpo", "--init", init, "--out_dir", str(out), "--pref_data", pairs, "--seq_len", "256",
+        "--batch_size", "4", "--total_batch_tokens", "1024", "--max_steps", "4", "--lr", "1e-3", "--warmup_steps", "1",
+        "--eval_tasks", "", "--eval_batches", "1", "--sample_tokens", "0", "--preflight", "false", *extra])
+    return train.Trainer(cfg, ov)
+
+
+def test_dpo_stage_defaults_and_refusals(sft_init, dpo_pairs, tmp_path):
+    """--stage dpo: a tenth of SFT's learning rate, APO-zero; it needs --init (the reference);
+    a bad loss name, a bad pairs file (file and line) and unpaired data with a paired loss
+    are clean exits."""
+    cfg = cfg_of("--stage", "dpo")
+    assert (cfg.lr, cfg.loss, cfg.ref) == (STAGE_LR := train.STAGE_DEFAULTS["sft"]["lr"] / 10, "apo_zero", "copy")
+    assert STAGE_LR == 1e-4
+    with pytest.raises(SystemExit, match="--init"):
+        train.Trainer(*train.parse_config(["--stage", "dpo", "--out_dir", str(tmp_path / "x")]))
+    ckpt, _ = sft_init
+    with pytest.raises(SystemExit, match="loss 'dpo'"):
+        dpo_trainer(ckpt, tmp_path / "r1", dpo_pairs, "--loss", "dpo")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": "a"}\n')
+    with pytest.raises(SystemExit, match="bad.jsonl:2: no rejected"):
+        dpo_trainer(ckpt, tmp_path / "r2", str(bad))
+    unpaired = tmp_path / "kto.jsonl"
+    unpaired.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": "a", "label": i % 2 == 0}) + "\n"
+                                for i in range(20)))
+    with pytest.raises(SystemExit, match="kto only"):
+        dpo_trainer(ckpt, tmp_path / "r3", str(unpaired))
+
+
+def test_dpo_run_with_a_cached_reference_resumes_exactly(sft_init, dpo_pairs, tmp_path):
+    """A DPO run with ref=cache stopped after step 2 and resumed (the cache comes back from
+    the checkpoint, not recomputed from the moved model) ends with the weights of one that
+    ran straight through; the step metrics (rewards, margins) reach metrics.jsonl; the start
+    row and the end row of the report card hold the held-out preference accuracy."""
+    ckpt, _ = sft_init
+    straight = dpo_trainer(ckpt, tmp_path / "a", dpo_pairs, "--ref", "cache")
+    straight.train()
+    t = dpo_trainer(ckpt, tmp_path / "b", dpo_pairs, "--ref", "cache")
+    next_batch = t.stage.next_batch
+
+    def signalled():
+        b = next_batch()
+        if t.stage.batches == 2:
+            t.stop_signal = signal.SIGTERM
+        return b
+
+    t.stage.next_batch = signalled
+    assert t.train() == 2
+    resumed = dpo_trainer(ckpt, tmp_path / "b", dpo_pairs, "--ref", "cache", "--resume")
+    assert torch.equal(resumed.stage.ref_cache["train"], straight.stage.ref_cache["train"])
+    assert resumed.train() == 4
+    for (k, a), b in zip(straight.raw_model.state_dict().items(), resumed.raw_model.state_dict().values()):
+        assert torch.equal(a, b), k
+    records = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
+    assert {"train/rewards/margins", "train/rewards/accuracies", "train/logps/chosen"} <= set(records[-1])
+    card = json.load(open(tmp_path / "a" / "report_card.json"))
+    rows = card["rows"] if isinstance(card, dict) else card
+    assert [r["stage"] for r in rows][-2:] == ["dpo (start)", "dpo"]
+    assert all("pref/accuracy" in r["metrics"] for r in rows[-2:])
 
 
 # -----------------------------------------------------------------------------
