@@ -1193,7 +1193,8 @@ class Trainer:
             if self.start_correct is None:
                 self.last_correct = correct
             else:     # each example against the model this stage started from (0.5: no better, no worse)
-                both = [t for t in correct if t in self.start_correct]
+                # (the same examples: preflight's two-example subsets are not compared)
+                both = [t for t in correct if len(correct[t]) == len(self.start_correct.get(t, ()))]
                 out.update({f"win_rate/{t}": eval.win_rate(correct[t], self.start_correct[t]) for t in both})
                 if both:
                     out["win_rate"] = eval.win_rate(sum((correct[t] for t in both), []),

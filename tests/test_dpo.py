@@ -12,8 +12,6 @@ import math
 import os
 import random
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -21,7 +19,6 @@ import torch
 import dpo
 import model as M
 import sft
-import tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
