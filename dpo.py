@@ -242,7 +242,7 @@ def preference_record(row, where="a row"):
     try:
         sft.check_conversation(rec["prompt"], need_assistant=False)
         for part in parts:
-            if rec[part][0]["role"] != "assistant" if rec[part] else True:
+            if not rec[part] or rec[part][0]["role"] != "assistant":
                 raise ValueError(f"'{part}' must start with an assistant message")
             sft.check_conversation(rec["prompt"] + rec[part])
     except ValueError as e:
@@ -409,6 +409,9 @@ class DPOStage:
     r + world_size, ..."""
 
     mask_warn = 0.98       # preflight: prompts are masked, and padding to the longest row
+    # what loss() reports per step (train.py averages them over micro-batches and ranks)
+    metric_names = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                    "logps/rejected", "kl")
 
     def __init__(self, tokenizer, seq_len, batch_size, model=None, data="builtin", loss_type="apo_zero", beta=0.1,
                  label_smoothing=0.0, gamma=0.5, ref="copy", desirable_weight=1.0, undesirable_weight=1.0,
@@ -554,9 +557,6 @@ class DPOStage:
         metrics = {"kl": kl, "rewards/chosen": (rewards * d).sum() / n_d, "rewards/rejected": (rewards * ~d).sum() / n_u,
                    "logps/chosen": (logps.detach() * d).sum() / n_d, "logps/rejected": (logps.detach() * ~d).sum() / n_u}
         return losses, metrics, aux
-
-    metric_names = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-                    "logps/rejected", "kl")
 
     def loss(self, model, batch):
         losses, metrics, aux = self.losses(model, batch)
