@@ -55,6 +55,10 @@ def _dp_worker(rank, store, state, batches, impl, out):
             model.load_state_dict(state)
     losses, weights = _train(model, batches, rank, 2, wrapper)
     torch.save({"losses": losses, "weights": weights}, f"{out}.{rank}")
+    # both ranks done before either tears down: a rank that exits while the other's last
+    # gloo exchange is in flight can abort it ("terminate called without an active exception",
+    # seen once in CI)
+    dist.barrier()
     dist.destroy_process_group()
 
 
