@@ -447,3 +447,37 @@ def test_merge_is_the_weighted_average_and_refuses_mismatches(small_tokenizer, t
     assert not os.path.exists(tmp_path / "m2")
     with pytest.raises(SystemExit, match="weight"):
         dpo.main(["merge", str(tmp_path / "m3"), f"{tmp_path / 'a'}:x"])
+
+
+def _two_rank_worker(rank, store, tok, pairs, out):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    s = dpo.DPOStage(tok, 256, 4, None, pairs, loss_type="kto", ref="cache", rank=rank, world_size=2,
+                     group=dist.group.WORLD, log=lambda *a: None)
+    net = tiny(tok)
+    s.cache_reference(net, torch.device("cpu"), log=lambda *a: None)
+    s.val, s.ref_cache["val"] = s.train[:8], s.ref_cache["train"][:8]
+    torch.save({"cache": s.ref_cache["train"], "outcomes": s.evaluate(net, torch.device("cpu"))}, f"{out}.{rank}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_two_ranks_share_the_reference_cache_and_the_heldout_outcomes(small_tokenizer, pairs_file, tmp_path):
+    """Under two gloo ranks: each computes its share of the reference log-probabilities and
+    the all-reduce gives both ranks the whole cache one process computes; evaluate gathers
+    every held-out example's outcome (the same multiset as one process)."""
+    import torch.multiprocessing as mp
+    tok = small_tokenizer
+    one = dpo.DPOStage(tok, 256, 4, None, pairs_file, loss_type="kto", ref="cache", log=lambda *a: None)
+    net = tiny(tok)
+    one.cache_reference(net, torch.device("cpu"), log=lambda *a: None)
+    one.val, one.ref_cache["val"] = one.train[:8], one.ref_cache["train"][:8]
+    want = one.evaluate(net, torch.device("cpu"))
+    mp.spawn(_two_rank_worker, args=(str(tmp_path / "store"), tok, pairs_file, str(tmp_path / "out")), nprocs=2)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"out.{rank}")
+        torch.testing.assert_close(got["cache"], one.ref_cache["train"], rtol=1e-5, atol=1e-5)
+        assert set(got["outcomes"]) == set(want)
+        for k in want:
+            assert sorted(got["outcomes"][k]) == pytest.approx(sorted(want[k]), abs=1e-4), k
