@@ -1388,7 +1388,8 @@ class Trainer:
                 sources = " ".join(f"{k[5:]} {v:.3f}" for k, v in record.items() if k.startswith("loss/"))
                 val = " ".join(f"{k} {v:.3f}" for k, v in record.items() if k.startswith("val_loss") or
                                k.endswith(eval.HEADLINE))
-                sources += " ".join(f"{k.split('/')[-1]} {record[k]:.3f}" for k in SHOWN if k in record)
+                shown = " ".join(f"{k.split('/')[-1]} {record[k]:.3f}" for k in SHOWN if k in record)
+                sources = " ".join(part for part in (sources, shown) if part)
                 if "moe_loss" in record:   # the worst layer: a collapsing router shows here first
                     sources += f" | moe max load {max(v for k, v in record.items() if k.endswith('max_load')):.2f}"
                 print(f"step {step:5d}/{cfg.max_steps} loss {loss_value:.4f} lr {lr:.2e} gnorm {gn:.3f} "
