@@ -454,7 +454,7 @@ class Model(nn.Module):
         return self.norm(x)
 
     def forward(self, input_ids, labels=None, position_ids=None, cache=None, return_logits=None,
-                log_probs=False, temperature=1.0):
+                log_probs=False, temperature=1.0, hidden=False):
         """Returns (logits, loss, aux). Without labels: logits (B, T, padded_vocab), loss None.
         With labels: the loss (mean cross-entropy over labels != -100, plus z_loss * mean
         logsumexp^2), computed chunk by chunk, and logits None unless return_logits=True.
@@ -463,8 +463,15 @@ class Model(nn.Module):
         (moe_aux_loss, router_z_loss), logged as "moe_loss", and aux["moe"] maps each MoE
         layer's index to its load statistics (min_load, max_load, load_entropy, dropped).
         log_probs=True: (None, None, aux) with aux["log_probs"], see log_probs(); through forward
-        so that what wraps the model (DDP, ZeRO, FSDP2 gather weights in forward hooks) sees it."""
+        so that what wraps the model (DDP, ZeRO, FSDP2 gather weights in forward hooks) sees it.
+        hidden=True: (None, None, {"hidden": the final hidden states (B, T, dim)}, with MoE
+        layers their balancing terms) for a head of the caller's own (rl.py's reward model)."""
         h = self.hidden_states(input_ids, position_ids, cache)
+        if hidden:
+            aux = {"hidden": h}
+            if self.moe_layers:
+                aux["moe_loss"] = sum(m.loss for m in self.moe_layers)
+            return None, None, aux
         if log_probs:
             return None, None, self.head_log_probs(h, labels, temperature)
         return self.head(h, labels, return_logits)

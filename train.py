@@ -21,8 +21,10 @@ in everything that keeps a long run alive and honest:
   own learning rate and schedule, its held-out chat questions evaluated before and after).
   Preference optimisation (dpo.py: DPO and its variants against a frozen or cached
   reference, held-out preference accuracy and the win rate over the starting model) runs in
-  the same loop; rl.py will too (a stage gives the next batch, the loss on a batch, and its
-  held-out batches and tasks).
+  the same loop, and so does on-policy training (rl.py: GRPO on verifiable rewards or a reward
+  model's, on-policy distillation from a teacher; its batches are rollouts of the current
+  policy, sampled when the last one is spent) and a reward model's own stage (a stage gives
+  the next batch, the loss on a batch, and its held-out batches and tasks).
 
 The playbook's lessons: do your preflight checklist or die; monitor like your GPUs depend on
 it; checkpoint constantly because something will crash; mid-training is not autopilot. AdamW
@@ -42,6 +44,8 @@ Run:
     python train.py --stage midtrain --init runs/x/ckpt/step_000200 --seq_len 512 --rope_theta 100000
     python train.py --stage sft --init runs/x/ckpt/step_000200 --out_dir runs/sft   # sft.py's stage
     python train.py --stage dpo --init runs/sft/ckpt/step_000080 --out_dir runs/dpo  # dpo.py's (APO-zero)
+    python train.py --stage rl --init runs/sft/ckpt/step_000080 --out_dir runs/rl    # rl.py's (GRPO / DAPO)
+    python train.py --stage rm --init runs/sft/ckpt/step_000080 --out_dir runs/rm    # a reward model (rl.py)
     torchrun --nproc_per_node=8 train.py --preset smollm2-135m --data_dir data/fineweb --tokenizer tok.json
     torchrun --nproc_per_node=8 train.py --tp 2 --fsdp ...    # parallel.py: 4 data-parallel x 2 tensor-parallel, ZeRO-3
     torchrun --nproc_per_node=2 train.py --pp 2 ...           # two pipeline stages; --parallel_impl torch: FSDP2/DTensor
@@ -49,6 +53,7 @@ Run:
 """
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -75,6 +80,7 @@ import eval
 import model as M
 import moe
 import parallel
+import rl
 import sft
 
 
@@ -84,7 +90,7 @@ import sft
 @dataclass
 class TrainConfig:
     preset: str = "tiny"                # the model preset; model fields override it (--n_layer 4)
-    stage: str = "pretrain"             # pretrain | midtrain | sft | dpo (rl with its file)
+    stage: str = "pretrain"             # pretrain | midtrain | sft | dpo | rl | rm (a reward model)
     init: str = ""                      # start from: a checkpoint directory of this script, or a HF directory
     out_dir: str = "runs/tiny"
     resume: bool = False                # continue from the latest checkpoint in out_dir
@@ -110,6 +116,24 @@ class TrainConfig:
     ref: str = "copy"                   # the reference (--init): copy (a frozen copy) | cache (its log-probs, once)
     desirable_weight: float = 1.0       # kto: weights of the desirable and undesirable completions
     undesirable_weight: float = 1.0
+    # on-policy training (--stage rl, rl.py); --beta (default 0 here) leashes it to the --init model
+    rl_data: str = "builtin"            # .jsonl / .parquet of GSM8K's {"question", "answer": "... #### n"}, or built-in
+    reward: str = "math"                # math (the verified answer) | rm:CHECKPOINT (a --stage rm run's model)
+    teacher: str = ""                   # a checkpoint with the same tokenizer: on-policy distillation
+    distill: str = "reverse_kl"         # with --teacher: reverse_kl (per-token advantage) | gjsd (GKD's loss)
+    jsd_beta: float = 0.5               # gjsd: 0 = forward KL(teacher || student), 1 = reverse KL
+    group_size: int = 8                 # completions per prompt (GRPO's group)
+    max_new_tokens: int = 64            # of a completion (the overlong penalty's max_length)
+    rl_temperature: float = 1.0         # sampling (and the log-probabilities' temperature)
+    loss_type: str = "dapo"             # grpo | bnpo | dr_grpo | dapo (TRL's aggregations)
+    scale: str = "group"                # advantages / the group's std (GRPO) | batch | none (Dr. GRPO)
+    eps_low: float = 0.2                # the clip range [1 - eps_low, 1 + eps_high]: DAPO's clip-higher
+    eps_high: float = 0.28
+    iterations: int = 1                 # optimisation steps per rollout (TRL's num_iterations)
+    format_weight: float = 0.1          # the format reward's weight (the thinking block, the ended turn)
+    overlong_cache: int = 0             # DAPO's soft overlong penalty over the last N of max_new_tokens (0: off)
+    resample: int = 2                   # extra rounds of prompts to replace zero-variance groups (dynamic sampling)
+    rm_center: float = 0.01             # --stage rm: the (r_chosen + r_rejected)^2 penalty that centres rewards
     batch_size: int = 8                 # sequences per micro-batch and process
     total_batch_tokens: int = 4096      # the global batch; gradient accumulation reaches it
     # optimisation
@@ -153,21 +177,31 @@ class TrainConfig:
     stall_steps: int = 200              # loss not improving for this many steps raises an alert
 
 
-STAGES = ("pretrain", "midtrain", "sft", "dpo", "rl")
+STAGES = ("pretrain", "midtrain", "sft", "dpo", "rl", "rm")
 # What a stage changes when not given: SFT continues a trained model on far less data, at a
 # lower peak learning rate (a third of pretraining's here: from the default pretrained tiny
 # model, 80 steps reach a held-out arithmetic loss of 1.02 at 1e-3 against 1.49 at 3e-4; large
 # models fine-tune nearer a tenth or less), warmed up briefly and decayed by a cosine to a
 # tenth, with a few evaluations (its held-out chat questions answered before and after)
 # DPO: a tenth of SFT's learning rate (the policy must stay near its reference), batch_size
-# counting pairs; the held-out preference accuracy and the chat questions before and after
+# counting pairs; the held-out preference accuracy and the chat questions before and after.
+# RL: batch_size counts completions (16 x 4 micro-batches = 8 prompts x 8 per step), no KL
+# leash (beta 0, as DAPO), a constant learning rate after a short warmup, the held-out
+# problems of every level answered before and after. A reward model: DPO's pairs and rate.
 STAGE_DEFAULTS = {"sft": {"lr": 1e-3, "schedule": "cosine", "warmup_steps": 5, "min_lr_ratio": 0.1,
                           "max_steps": 80, "eval_every": 40, "eval_tasks": "builtin,chat", "ckpt_every": 40},
                   "dpo": {"lr": 1e-4, "schedule": "cosine", "warmup_steps": 5, "min_lr_ratio": 0.1,
-                          "max_steps": 60, "eval_every": 30, "eval_tasks": "builtin,chat", "ckpt_every": 30}}
+                          "max_steps": 60, "eval_every": 30, "eval_tasks": "builtin,chat", "ckpt_every": 30},
+                  "rl": {"lr": 1e-4, "schedule": "cosine", "warmup_steps": 3, "min_lr_ratio": 1.0, "max_steps": 60,
+                         "eval_every": 30, "eval_tasks": "chat", "ckpt_every": 30, "beta": 0.0, "batch_size": 16,
+                         "total_batch_tokens": 16384},
+                  "rm": {"lr": 1e-4, "schedule": "cosine", "warmup_steps": 5, "min_lr_ratio": 0.1, "max_steps": 60,
+                         "eval_every": 30, "eval_tasks": "", "ckpt_every": 30}}
 # the stage metrics on the progress line (all of them go to metrics.jsonl): the margin, how often
 # it is right, and whether the chosen answers themselves get likelier
-SHOWN = ("train/rewards/margins", "train/rewards/accuracies", "train/logps/chosen", "train/kl")
+SHOWN = ("train/rewards/margins", "train/rewards/accuracies", "train/logps/chosen", "train/kl", "train/reward",
+         "train/accuracy", "train/length", "train/entropy", "train/zero_std", "train/clip_ratio/region_mean",
+         "train/reverse_kl")
 MODEL_FIELDS = {f.name for f in fields(M.ModelConfig)}
 TRAIN_FIELDS = {f.name: f for f in fields(TrainConfig)}
 BOOL_DEFAULTS = {f.name: f.default for f in fields(M.ModelConfig) + fields(TrainConfig) if isinstance(f.default, bool)}
@@ -754,6 +788,24 @@ def prepare_data(cfg, tok, rank):
         barrier()
 
 
+def load_frozen(path, device, what):
+    """A checkpoint of this script (a reward model's with its score head) as a frozen model in
+    eval mode on `device`: rl.py's reward model and teacher."""
+    try:
+        with open(os.path.join(path, "trainer.json")) as f:
+            mc = json.load(f)["model_config"]
+    except FileNotFoundError:
+        raise ValueError(f"{what}{path}: no trainer.json (a checkpoint directory of this script is expected)") from None
+    from safetensors import safe_open
+    with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+        has_head = "score.weight" in f.keys()
+    model = M.Model(M.ModelConfig(**mc))
+    if has_head:
+        rl.add_score_head(model)
+    load_checkpoint(path, model)
+    return model.to(device).eval().requires_grad_(False)
+
+
 def build_model(cfg, overrides, vocab_size):
     """A fresh model from the preset and overrides, or the --init weights. From a checkpoint
     only position fields may change: mid-training extends the context with a new rope_theta
@@ -767,6 +819,13 @@ def build_model(cfg, overrides, vocab_size):
         with open(os.path.join(cfg.init, "trainer.json")) as f:
             mc = json.load(f)["model_config"]
         model = M.Model(M.ModelConfig(**mc))
+        from safetensors import safe_open
+        with safe_open(os.path.join(cfg.init, "model.safetensors"), "pt") as f:
+            if "score.weight" in f.keys():     # a reward model continues as one (--stage rm), never as a policy
+                if cfg.stage != "rm":
+                    raise SystemExit(f"--init {cfg.init} is a reward model (it has a score head): it scores "
+                                     f"completions (--stage rl --reward rm:{cfg.init}), it does not generate them")
+                rl.add_score_head(model)
         load_checkpoint(cfg.init, model)
     else:
         model = M.Model.from_pretrained(cfg.init)
@@ -835,7 +894,7 @@ def preflight(t):
     if t.rank == 0:
         print("preflight checklist:")
     loader_state = t.stage.state_dict()
-    batch = {k: v.to(device) for k, v in t.stage.next_batch().items()}
+    batch = t.next_batch()
     t.stage.load_state_dict(loader_state)        # the run itself starts from this same batch
     V = model.config.padded_vocab    # the softmax runs over the padded rows too
     # 1. the initial loss of a fresh model is ln(vocab): it knows nothing and claims nothing
@@ -872,9 +931,9 @@ def preflight(t):
         with tempfile.TemporaryDirectory(dir=cfg.out_dir) as d:
             save_checkpoint(os.path.join(d, "step"), t.host_copy(whole)[0] if t.layout.sharded else model, None,
                             {"step": 0})
-            copy = t.host_copy()[0]
-            load_checkpoint(os.path.join(d, "step"), copy)
-            back = copy.state_dict()
+            reloaded = t.host_copy()[0]
+            load_checkpoint(os.path.join(d, "step"), reloaded)
+            back = reloaded.state_dict()
             same = all(torch.equal(v.cpu(), back[k]) for k, v in whole.items())
             size = sum(os.path.getsize(os.path.join(d, "step", f)) for f in os.listdir(os.path.join(d, "step")))
         report("PASS" if same else "FAIL", "checkpoint round trip",
@@ -962,8 +1021,6 @@ class Trainer:
         torch.manual_seed(cfg.seed)           # the same init on every rank (TP slices it: no seed bug)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
-        if cfg.stage == "rl":
-            raise SystemExit(f"--stage {cfg.stage}: arrives with {cfg.stage}.py (a later issue)")
         if checkpoints(cfg.out_dir) and not cfg.resume:
             raise SystemExit(f"{cfg.out_dir} already holds checkpoints: --resume to continue that run, or a new --out_dir")
         if cfg.stage in ("midtrain", "sft") and not cfg.init and not cfg.resume:
@@ -974,6 +1031,12 @@ class Trainer:
         if cfg.stage == "dpo" and cfg.pp > 1:
             raise SystemExit("--stage dpo with --pp: not written here (the pipeline schedule takes the "
                              "cross-entropy loss only)")
+        if cfg.stage in ("rl", "rm") and not cfg.init:
+            raise SystemExit(f"--stage {cfg.stage} starts from a trained (SFT) model: give --init CHECKPOINT "
+                             "(on --resume too)")
+        if cfg.stage in ("rl", "rm") and (cfg.pp > 1 or cfg.tp > 1 or cfg.fsdp):
+            raise SystemExit(f"--stage {cfg.stage}: data parallelism only here (rollouts sample from, and the "
+                             "reward head reads, a whole model on every rank); drop --pp, --tp and --fsdp")
         if not cfg.init and cfg.preset not in M.PRESETS:
             raise SystemExit(f"--preset {cfg.preset!r}: presets are {', '.join(M.PRESETS)}")
         per_step = cfg.batch_size * cfg.seq_len * self.dp      # TP and PP ranks share their batch
@@ -996,6 +1059,8 @@ class Trainer:
             raise SystemExit(f"--seq_len {cfg.seq_len} exceeds the model's max_seq_len "
                              f"{self.raw_model.config.max_seq_len}; raise --max_seq_len (with --rope_theta or "
                              "--rope_scaling to extend a trained model's context)")
+        if cfg.stage == "rm" and not hasattr(self.raw_model, "score"):
+            rl.add_score_head(self.raw_model)     # (before the optimizer and the wrapper see the parameters)
         self.stage = self.make_stage()
         resuming = cfg.resume and checkpoints(cfg.out_dir)
         if getattr(self.stage, "ref_mode", None) == "cache" and not resuming:   # (resumed: in the checkpoint)
@@ -1006,7 +1071,7 @@ class Trainer:
         self.tasks = eval.resolve_tasks([n for n in names if n != "chat"], cfg.eval_examples)
         if "chat" in names:
             if not hasattr(self.stage, "chat_tasks"):
-                raise SystemExit(f"--eval_tasks chat: held-out chat questions come with --stage sft or dpo, "
+                raise SystemExit(f"--eval_tasks chat: held-out chat questions come with --stage sft, dpo or rl, "
                                  f"not {cfg.stage}")
             self.tasks.update(eval.subset(self.stage.chat_tasks(), cfg.eval_examples))
         self.last_eval, self.said_no_tasks = {}, False
@@ -1032,12 +1097,25 @@ class Trainer:
 
     def make_stage(self):
         cfg = self.cfg
+        group = self.layout.group("dp") if self.world_size > 1 else None
+        if cfg.stage == "rl":
+            try:
+                return self.rl_stage(group)
+            except (OSError, ValueError) as e:
+                raise SystemExit(f"--stage rl: {e}")
+        if cfg.stage == "rm":
+            try:
+                return rl.RewardModelStage(self.tok, cfg.seq_len, cfg.batch_size, self.raw_model, cfg.pref_data,
+                                           cfg.rm_center, cfg.overlong, cfg.seed, self.dp_rank, self.dp, group,
+                                           log=self.log)
+            except (OSError, ValueError) as e:
+                raise SystemExit(f"--stage rm: {e}")
         if cfg.stage == "dpo":
             try:      # (before the model is wrapped: a frozen reference copy is a whole, plain model)
                 return dpo.DPOStage(self.tok, cfg.seq_len, cfg.batch_size, self.raw_model, cfg.pref_data, cfg.loss,
                                     cfg.beta, cfg.label_smoothing, cfg.simpo_gamma, cfg.ref, cfg.desirable_weight,
-                                    cfg.undesirable_weight, cfg.overlong, cfg.seed, self.dp_rank, self.dp,
-                                    self.layout.group("dp") if self.world_size > 1 else None, log=self.log)
+                                    cfg.undesirable_weight, cfg.overlong, cfg.seed, self.dp_rank, self.dp, group,
+                                    log=self.log)
             except (OSError, ValueError) as e:
                 raise SystemExit(f"--stage dpo: {e}")
         if cfg.stage != "sft":
@@ -1047,6 +1125,44 @@ class Trainer:
                                 cfg.overlong, cfg.seed, self.dp_rank, self.dp, log=self.log)
         except (OSError, ValueError) as e:     # a bad file, a tokenizer without the chat tokens
             raise SystemExit(f"--stage sft: {e}")
+
+    def rl_stage(self, group):
+        """rl.py's stage with its frozen models: the reference (a copy of --init, when beta > 0),
+        a reward model (--reward rm:DIR), a teacher (--teacher DIR, whose tokenizer must be
+        this model's), each in eval mode without gradients, on this device."""
+        cfg = self.cfg
+        ref = reward_model = teacher = None
+        if cfg.beta > 0:
+            ref = copy.deepcopy(self.raw_model).eval().requires_grad_(False)
+        if cfg.reward.startswith("rm:"):
+            reward_model = load_frozen(cfg.reward[3:], self.device, "--reward rm:")
+            if not hasattr(reward_model, "score"):
+                raise ValueError(f"--reward {cfg.reward}: that checkpoint has no score head (train one with --stage rm)")
+        elif cfg.reward != "math":
+            raise ValueError(f"--reward {cfg.reward!r}: math, or rm:CHECKPOINT")
+        if cfg.teacher:
+            theirs = init_tokenizer(cfg.teacher)
+            if not theirs:
+                raise ValueError(f"--teacher {cfg.teacher}: its tokenizer is unknown (not a checkpoint of this "
+                                 "script's); distillation needs the student's own")
+            why = rl.same_tokenizer(self.tok, data.load_tokenizer(theirs))
+            if why:
+                raise ValueError(f"--teacher {cfg.teacher} uses another tokenizer ({theirs}: {why}); on-policy "
+                                 "distillation compares the two models token by token, so they must share one")
+            teacher = load_frozen(cfg.teacher, self.device, "--teacher")
+        return rl.RLStage(self.tok, cfg.seq_len, cfg.batch_size, self.accum, cfg.rl_data, cfg.group_size,
+                          cfg.max_new_tokens, cfg.rl_temperature, cfg.loss_type, cfg.scale, cfg.beta, cfg.eps_low,
+                          cfg.eps_high, cfg.iterations, cfg.format_weight, cfg.overlong_cache, cfg.resample, ref,
+                          reward_model, teacher, cfg.distill, cfg.jsd_beta, cfg.seed, self.dp_rank, self.dp, group,
+                          log=self.log)
+
+    def next_batch(self):
+        """The stage's next micro-batch on this device; an on-policy stage first samples a new
+        rollout from the whole current policy when its last one is spent (every rank at once)."""
+        if getattr(self.stage, "wants_rollout", lambda: False)():
+            with torch.no_grad(), self.whole_model() as m, self.autocast:
+                self.stage.rollout(m, self.device)
+        return {k: v.to(self.device) for k, v in self.stage.next_batch().items()}
 
     def decode(self, ids):
         return self.tok.decode([i for i in ids if i < eval.vocab_size(self.tok)])
@@ -1078,6 +1194,8 @@ class Trainer:
         parameter name, as Layout.full_state gives them) when given."""
         with torch.random.fork_rng(devices=[]):
             host = M.Model(self.full_config)
+            if hasattr(self.raw_model, "score"):    # a reward model's head
+                rl.add_score_head(host)
         host_opt = torch.optim.AdamW(param_groups(host, self.cfg.weight_decay, self.cfg.decay_embeddings))
         if weights is not None:
             host.load_state_dict({k: v.cpu() for k, v in weights.items()}, strict=False)
@@ -1282,7 +1400,7 @@ class Trainer:
             if failed and not cfg.ignore_preflight:
                 raise SystemExit(f"preflight FAILED: {', '.join(failed)} (fix it, or --ignore_preflight to run anyway)")
         if not checkpoints(cfg.out_dir):
-            before = cfg.stage in ("sft", "dpo") and cfg.init
+            before = cfg.stage in ("sft", "dpo", "rl") and cfg.init
             if before:
                 # the model as it came, on this stage's evaluation (its chat questions, held-out
                 # pairs); every later evaluation's win rate is against these outcomes
@@ -1315,8 +1433,8 @@ class Trainer:
             S, extra = len(self.stage.names), getattr(self.stage, "metric_names", ())
             stats = torch.zeros(S + 2 + len(extra), 2, device=self.device)
             one = torch.ones((), device=self.device)
-            batches, losses, auxes, fwd_time = self.forward_backward(
-                lambda: {k: v.to(self.device) for k, v in self.stage.next_batch().items()}, self.accum)
+            rollouts = getattr(self.stage, "rollouts", 0)
+            batches, losses, auxes, fwd_time = self.forward_backward(self.next_batch, self.accum)
             for batch, loss, aux in zip(batches, losses, auxes):
                 stats[S] += torch.stack([loss.float(), one])
                 n_tok = (batch["labels"] != -100).sum(1).float()
@@ -1357,6 +1475,12 @@ class Trainer:
             for j, name in enumerate(extra):
                 if stats[S + 2 + j, 1] > 0:
                     record[f"train/{name}"] = (stats[S + 2 + j, 0] / stats[S + 2 + j, 1]).item()
+            if getattr(self.stage, "rollouts", 0) > rollouts:
+                # on-policy: sampling and training are separate speeds (every rank samples its own
+                # share at once); the step's tokens/s above counts both, over the nominal batch
+                rollout_s, trained = self.stage.rollout_seconds, sum(b["lengths"].sum().item() for b in batches)
+                record["rollout_tokens_per_s"] = self.stage.generated * self.dp / rollout_s
+                record["train_tokens_per_s"] = trained * self.dp / max(dt - rollout_s, 1e-9)
             if "moe" in aux:   # each MoE layer's load over the whole step (every rank's tokens)
                 record["moe_loss"] = aux["moe_loss"].item()
                 for layer, layer_stats in aux["moe"].items():
@@ -1390,6 +1514,9 @@ class Trainer:
                                k.endswith(eval.HEADLINE))
                 shown = " ".join(f"{k.split('/')[-1]} {record[k]:.3f}" for k in SHOWN if k in record)
                 sources = " ".join(part for part in (sources, shown) if part)
+                if "rollout_tokens_per_s" in record:
+                    sources += (f" | rollout {record['rollout_tokens_per_s']:,.0f} tok/s, train "
+                                f"{record['train_tokens_per_s']:,.0f} tok/s")
                 if "moe_loss" in record:   # the worst layer: a collapsing router shows here first
                     sources += f" | moe max load {max(v for k, v in record.items() if k.endswith('max_load')):.2f}"
                 print(f"step {step:5d}/{cfg.max_steps} loss {loss_value:.4f} lr {lr:.2e} gnorm {gn:.3f} "
@@ -1413,7 +1540,7 @@ def sample(t, prompt="def ", n_tokens=48):
     them generate together (the same seed, so the same tokens), and rank 0 prints."""
     ids, stop = eval.encode(t.tok, prompt), ()
     if hasattr(t.stage, "chat_tasks"):
-        ids = t.stage.chat_tasks()["chat_arithmetic"][1][0]["prompt_ids"]
+        ids = next(iter(t.stage.chat_tasks().values()))[1][0]["prompt_ids"]   # the first task's first question
         stop, n_tokens = [eval.special_ids(t.tok)["<|im_end|>"]], max(n_tokens, 96)
     with t.whole_model() as m:
         out = m.generate([ids], max_new_tokens=n_tokens, temperature=0.8, top_k=50, stop_ids=stop,
