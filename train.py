@@ -1145,7 +1145,7 @@ class Trainer:
             if not theirs:
                 raise ValueError(f"--teacher {cfg.teacher}: its tokenizer is unknown (not a checkpoint of this "
                                  "script's); distillation needs the student's own")
-            why = rl.same_tokenizer(self.tok, data.load_tokenizer(theirs))
+            why = rl.same_tokenizer(self.tok, data.ByteTokenizer() if theirs == "bytes" else data.load_tokenizer(theirs))
             if why:
                 raise ValueError(f"--teacher {cfg.teacher} uses another tokenizer ({theirs}: {why}); on-policy "
                                  "distillation compares the two models token by token, so they must share one")

@@ -879,6 +879,92 @@ def test_dpo_run_with_a_cached_reference_resumes_exactly(sft_init, dpo_pairs, tm
 
 
 # -----------------------------------------------------------------------------
+# 10c. On-policy training and the reward model (rl.py driven by train.py)
+
+def rl_trainer(init, out, *extra):
+    cfg, ov = train.parse_config([
+        "--stage", "rl", "--init", init, "--out_dir", str(out), "--seq_len", "128", "--batch_size", "8",
+        "--total_batch_tokens", "2048", "--group_size", "4", "--max_new_tokens", "16", "--max_steps", "4",
+        "--eval_tasks", "", "--eval_batches", "1", "--sample_tokens", "0", "--preflight", "false", *extra])
+    return train.Trainer(cfg, ov)
+
+
+def test_rl_stage_defaults_and_refusals(sft_init, tmp_path, small_tokenizer):
+    """--stage rl: no KL leash, DAPO's aggregation and clip, a constant learning rate; it needs
+    --init; sharded layouts, an unknown reward, a reward model as the policy and a teacher
+    with another tokenizer are clean exits that say why."""
+    cfg = cfg_of("--stage", "rl")
+    assert (cfg.beta, cfg.loss_type, cfg.eps_high, cfg.min_lr_ratio, cfg.eval_tasks) == (0.0, "dapo", 0.28, 1.0, "chat")
+    assert cfg_of("--stage", "dpo").beta == 0.1
+    with pytest.raises(SystemExit, match="--init"):
+        train.Trainer(*train.parse_config(["--stage", "rl", "--out_dir", str(tmp_path / "x")]))
+    ckpt, _ = sft_init
+    with pytest.raises(SystemExit, match="data parallelism only"):
+        rl_trainer(ckpt, tmp_path / "r0", "--fsdp", "true")
+    with pytest.raises(SystemExit, match="--reward 'judge'"):
+        rl_trainer(ckpt, tmp_path / "r1", "--reward", "judge")
+    other = tmp_path / "teacher"
+    torch.manual_seed(1)
+    net = M.Model(M.preset("tiny", vocab_size=data.ByteTokenizer().vocab_size, n_layer=1, dim=32, n_head=2,
+                           n_kv_head=1, mlp_dim=64, max_seq_len=256, nope_layers=()))
+    train.save_checkpoint(str(other), net, None, {"step": 0, "config": {"tokenizer": "bytes"}})
+    with pytest.raises(SystemExit, match="uses another tokenizer"):
+        rl_trainer(ckpt, tmp_path / "r2", "--teacher", str(other))
+
+
+def test_rl_run_resumes_exactly_and_logs_its_metrics(sft_init, tmp_path):
+    """An RL run stopped after step 2 and resumed samples the same rollouts (the prompt stream
+    and the sampling seed follow the rollout count) and ends with the weights of one that ran
+    straight through; the step metrics and both speeds reach metrics.jsonl."""
+    ckpt, _ = sft_init
+    straight = rl_trainer(ckpt, tmp_path / "a")
+    straight.train()
+    t = rl_trainer(ckpt, tmp_path / "b")
+    next_batch = t.stage.next_batch
+
+    def signalled():
+        b = next_batch()
+        if t.stage.batches == 4:              # the second step (two micro-batches a step)
+            t.stop_signal = signal.SIGTERM
+        return b
+
+    t.stage.next_batch = signalled
+    assert t.train() == 2
+    resumed = rl_trainer(ckpt, tmp_path / "b", "--resume")
+    assert resumed.train() == 4
+    for (k, a), b in zip(straight.raw_model.state_dict().items(), resumed.raw_model.state_dict().values()):
+        assert torch.equal(a, b), k
+    records = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
+    assert {"train/reward", "train/accuracy", "train/entropy", "train/length", "train/zero_std",
+            "train/clip_ratio/region_mean", "rollout_tokens_per_s", "train_tokens_per_s"} <= set(records[-1])
+
+
+def test_reward_model_stage_then_rl_on_its_reward_and_distillation(sft_init, tmp_path, dpo_pairs, capsys):
+    """--stage rm trains a score head on pairs and saves it; --reward rm:DIR makes it the
+    reward of an RL run (and it is refused as a policy); --teacher with the student's own
+    checkpoint distils with a reverse KL of 0 at the first rollout."""
+    ckpt, _ = sft_init
+    cfg, ov = train.parse_config([
+        "--stage", "rm", "--init", ckpt, "--out_dir", str(tmp_path / "rm"), "--pref_data", dpo_pairs,
+        "--seq_len", "256", "--batch_size", "4", "--total_batch_tokens", "1024", "--max_steps", "2",
+        "--eval_batches", "1", "--sample_tokens", "0"])
+    rm = train.Trainer(cfg, ov)
+    assert rm.train() == 2
+    assert "PASS checkpoint round trip" in capsys.readouterr().out
+    rm_ckpt = str(tmp_path / "rm" / "ckpt" / "step_000002")
+    record = [json.loads(line) for line in open(tmp_path / "rm" / "metrics.jsonl")][-1]
+    assert {"train/rewards/accuracies", "rm/accuracy"} <= set(record)
+    with pytest.raises(SystemExit, match="is a reward model"):
+        rl_trainer(rm_ckpt, tmp_path / "p")
+    t = rl_trainer(ckpt, tmp_path / "rl", "--reward", f"rm:{rm_ckpt}", "--max_steps", "1")
+    assert t.train() == 1
+    d = rl_trainer(ckpt, tmp_path / "d", "--teacher", ckpt, "--max_steps", "1")
+    assert d.train() == 1
+    record = [json.loads(line) for line in open(tmp_path / "d" / "metrics.jsonl")][-1]
+    assert abs(record["train/reverse_kl"]) < 1e-5
+
+
+# -----------------------------------------------------------------------------
 # 11. plot()
 
 def test_plot_without_matplotlib(tmp_path, monkeypatch, capsys):
