@@ -71,7 +71,6 @@ Run:
     python train.py --stage rl --init CKPT --teacher runs/big/ckpt/step_000500 # on-policy distillation
 """
 
-import argparse
 import itertools
 import math
 import random
@@ -742,3 +741,51 @@ class RLStage:
         self.rollouts, self.batches, self.drawn = state["rollouts"], state["batches"], state["drawn"]
         self.stream = self.prompt_stream(self.drawn)
         self.buffer, self.served = [], 0
+
+
+# -----------------------------------------------------------------------------
+# Demo
+
+def _demo():
+    import os
+
+    import tokenizer as T
+    tok = T.Tokenizer.load(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "builtin", "tok.json"))
+    print("Built-in problems, one per level (the held-out split is sft.py's hash):")
+    stream = builtin_stream(0, heldout=False)
+    for _ in LEVELS:
+        rec = next(stream)
+        print(f"  {rec['kind']:6s} {rec['messages'][-1]['content']!r} -> {rec['answer']}")
+    ids, think = prompt_ids(rec, tok)
+    print(f"the last as the policy reads it ({len(ids)} tokens, {'/think' if think else '/no_think'} mode):\n"
+          + tok.decode(ids))
+    rec = {"answer": "33"}
+    group = [("<think>\n7 * 3 = 21\n12 + 21 = 33\n</think>\nThe answer is 33.", True),
+             ("<think>\n12 + 7 = 19\n19 * 3 = 57\n</think>\nThe answer is 57.", True),
+             ("<think>\n7 * 3 = 21\n12 + 21 = 33", False),
+             ("The answer is 33.", True)]
+    print("\nA group of four completions of 'What is 12 + 7 * 3? /think', their rewards (answer + 0.1 x format):")
+    rewards = []
+    for text, finished in group:
+        r = math_reward(text, rec["answer"]) + 0.1 * format_reward(text, True, finished)
+        rewards.append(r)
+        print(f"  {r:.1f}  {text!r}{'' if finished else '  (cut off)'}")
+    for scale in SCALES:
+        adv, _ = group_advantages(torch.tensor(rewards), 4, scale)
+        print(f"  advantages, scale={scale:5s}: {[round(a, 3) for a in adv.tolist()]}")
+    print("\nThe clip (eps 0.2 / 0.28): d loss / d log pi of one token, by its ratio pi / pi_old")
+    print("  ratio   A=+1    A=-1")
+    for ratio in (0.6, 0.9, 1.0, 1.2, 1.5):
+        grads = []
+        for a in (1.0, -1.0):
+            lp = torch.tensor([[math.log(ratio)]], requires_grad=True)
+            policy_loss(lp, torch.zeros(1, 1), torch.tensor([a]), torch.ones(1, 1), 0.2, 0.28)[0].backward()
+            grads.append(lp.grad.item())
+        print(f"  {ratio:4.1f}  {grads[0]:+.2f}   {grads[1]:+.2f}" + ("   <- one side past the clip: not pushed further"
+                                                                    if ratio in (0.6, 1.5) else ""))
+    print(f"\nDAPO's overlong penalty, max 64 tokens, the last 16 a ramp: "
+          f"{[(n, round(overlong_penalty(n, 64, 16), 2)) for n in (40, 48, 56, 64)]}")
+
+
+if __name__ == "__main__":
+    _demo()
