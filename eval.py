@@ -77,7 +77,7 @@ Z99 = 2.5758293035489004     # 99%: the pipeline checks use the wider one, so ch
 STOP_TOKENS = ("<|eos|>", "<|endoftext|>", "<|im_end|>")
 BUILTIN = ("arithmetic", "docstring", "next_line")
 # the report card's columns on a console
-HEADLINE = ("val_loss", "val_bpb", "/acc_char", "/exact_match", "/template", "pref/accuracy", "win_rate")
+HEADLINE = ("val_loss", "val_bpb", "/acc_char", "/exact_match", "/template", "pref/accuracy", "rm/accuracy", "win_rate")
 
 
 # -----------------------------------------------------------------------------
