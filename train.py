@@ -186,13 +186,14 @@ STAGES = ("pretrain", "midtrain", "sft", "dpo", "rl", "rm")
 # DPO: a tenth of SFT's learning rate (the policy must stay near its reference), batch_size
 # counting pairs; the held-out preference accuracy and the chat questions before and after.
 # RL: batch_size counts completions (16 x 4 micro-batches = 8 prompts x 8 per step), no KL
-# leash (beta 0, as DAPO), a constant learning rate after a short warmup, the held-out
+# leash (beta 0, as DAPO), a constant learning rate after a short warmup (3e-4: from the
+# default SFT model, 60 steps took the held-out easy problems from 3% to 22%), the held-out
 # problems of every level answered before and after. A reward model: DPO's pairs and rate.
 STAGE_DEFAULTS = {"sft": {"lr": 1e-3, "schedule": "cosine", "warmup_steps": 5, "min_lr_ratio": 0.1,
                           "max_steps": 80, "eval_every": 40, "eval_tasks": "builtin,chat", "ckpt_every": 40},
                   "dpo": {"lr": 1e-4, "schedule": "cosine", "warmup_steps": 5, "min_lr_ratio": 0.1,
                           "max_steps": 60, "eval_every": 30, "eval_tasks": "builtin,chat", "ckpt_every": 30},
-                  "rl": {"lr": 1e-4, "schedule": "cosine", "warmup_steps": 3, "min_lr_ratio": 1.0, "max_steps": 60,
+                  "rl": {"lr": 3e-4, "schedule": "cosine", "warmup_steps": 3, "min_lr_ratio": 1.0, "max_steps": 60,
                          "eval_every": 30, "eval_tasks": "chat", "ckpt_every": 30, "beta": 0.0, "batch_size": 16,
                          "total_batch_tokens": 16384},
                   "rm": {"lr": 1e-4, "schedule": "cosine", "warmup_steps": 5, "min_lr_ratio": 0.1, "max_steps": 60,
