@@ -25,6 +25,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For a module of tiny models (pytestmark = pytest.mark.usefixtures("one_thread")): one
+    thread is fastest there, two fight over the cores for 32-wide matmuls."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def stdlib_texts():
     """About 300 KB of real text: standard-library source files (every 24th file)."""

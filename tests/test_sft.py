@@ -61,13 +61,7 @@ def saved_as_tiktoken(tok, tmp_path_factory, name):
     return data.load_tokenizer(prefix + ".json")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is fastest (two fight over the cores for 32-wide matmuls)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")     # tiny models (conftest.py)
 
 
 @pytest.fixture(scope="module")

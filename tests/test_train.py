@@ -771,6 +771,20 @@ def test_sft_lowers_the_heldout_assistant_loss(sft_init, tmp_path, capsys):
     assert "sft data (builtin):" in out and "packed into rows" in out
 
 
+def stop_after(t, batches):
+    """Trainer t gets a SIGTERM (a preempted job) once its stage has handed out `batches`
+    micro-batches: it finishes that step, saves, and stops."""
+    next_batch = t.stage.next_batch
+
+    def signalled():
+        b = next_batch()
+        if t.stage.batches == batches:
+            t.stop_signal = signal.SIGTERM
+        return b
+
+    t.stage.next_batch = signalled
+
+
 def test_sft_resume_is_exact(sft_init, tmp_path):
     """An SFT run stopped after step 2 and resumed ends with the same weights as one that ran
     straight through: the stage's position (epoch, row) is in the checkpoint."""
@@ -778,15 +792,7 @@ def test_sft_resume_is_exact(sft_init, tmp_path):
     straight = sft_trainer(ckpt, tmp_path / "a", "--max_steps", "4", "--preflight", "false")
     straight.train()
     t = sft_trainer(ckpt, tmp_path / "b", "--max_steps", "4", "--preflight", "false")
-    next_batch = t.stage.next_batch
-
-    def signalled():
-        b = next_batch()
-        if t.stage.batches == 2:                # the second step (one micro-batch a step)
-            t.stop_signal = signal.SIGTERM
-        return b
-
-    t.stage.next_batch = signalled
+    stop_after(t, 2)        # after the second step (one micro-batch a step)
     assert t.train() == 2
     resumed = sft_trainer(ckpt, tmp_path / "b", "--max_steps", "4", "--preflight", "false", "--resume")
     assert resumed.stage.state_dict()["batches"] == 2
@@ -855,15 +861,7 @@ def test_dpo_run_with_a_cached_reference_resumes_exactly(sft_init, dpo_pairs, tm
     straight = dpo_trainer(ckpt, tmp_path / "a", dpo_pairs, "--ref", "cache")
     straight.train()
     t = dpo_trainer(ckpt, tmp_path / "b", dpo_pairs, "--ref", "cache")
-    next_batch = t.stage.next_batch
-
-    def signalled():
-        b = next_batch()
-        if t.stage.batches == 2:
-            t.stop_signal = signal.SIGTERM
-        return b
-
-    t.stage.next_batch = signalled
+    stop_after(t, 2)
     assert t.train() == 2
     resumed = dpo_trainer(ckpt, tmp_path / "b", dpo_pairs, "--ref", "cache", "--resume")
     assert torch.equal(resumed.stage.ref_cache["train"], straight.stage.ref_cache["train"])
@@ -920,15 +918,7 @@ def test_rl_run_resumes_exactly_and_logs_its_metrics(sft_init, tmp_path):
     straight = rl_trainer(ckpt, tmp_path / "a")
     straight.train()
     t = rl_trainer(ckpt, tmp_path / "b")
-    next_batch = t.stage.next_batch
-
-    def signalled():
-        b = next_batch()
-        if t.stage.batches == 4:              # the second step (two micro-batches a step)
-            t.stop_signal = signal.SIGTERM
-        return b
-
-    t.stage.next_batch = signalled
+    stop_after(t, 4)        # after the second step (two micro-batches a step)
     assert t.train() == 2
     resumed = rl_trainer(ckpt, tmp_path / "b", "--resume")
     assert resumed.train() == 4
