@@ -789,6 +789,13 @@ def prepare_data(cfg, tok, rank):
         barrier()
 
 
+def is_reward_model(path):
+    """Whether checkpoint `path` holds a reward model (rl.py's score head: "score.weight")."""
+    from safetensors import safe_open
+    with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+        return "score.weight" in f.keys()
+
+
 def load_frozen(path, device, what):
     """A checkpoint of this script (a reward model's with its score head) as a frozen model in
     eval mode on `device`: rl.py's reward model and teacher."""
@@ -797,11 +804,8 @@ def load_frozen(path, device, what):
             mc = json.load(f)["model_config"]
     except FileNotFoundError:
         raise ValueError(f"{what}{path}: no trainer.json (a checkpoint directory of this script is expected)") from None
-    from safetensors import safe_open
-    with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
-        has_head = "score.weight" in f.keys()
     model = M.Model(M.ModelConfig(**mc))
-    if has_head:
+    if is_reward_model(path):
         rl.add_score_head(model)
     load_checkpoint(path, model)
     return model.to(device).eval().requires_grad_(False)
@@ -820,13 +824,11 @@ def build_model(cfg, overrides, vocab_size):
         with open(os.path.join(cfg.init, "trainer.json")) as f:
             mc = json.load(f)["model_config"]
         model = M.Model(M.ModelConfig(**mc))
-        from safetensors import safe_open
-        with safe_open(os.path.join(cfg.init, "model.safetensors"), "pt") as f:
-            if "score.weight" in f.keys():     # a reward model continues as one (--stage rm), never as a policy
-                if cfg.stage != "rm":
-                    raise SystemExit(f"--init {cfg.init} is a reward model (it has a score head): it scores "
-                                     f"completions (--stage rl --reward rm:{cfg.init}), it does not generate them")
-                rl.add_score_head(model)
+        if is_reward_model(cfg.init):     # a reward model continues as one (--stage rm), never as a policy
+            if cfg.stage != "rm":
+                raise SystemExit(f"--init {cfg.init} is a reward model (it has a score head): it scores "
+                                 f"completions (--stage rl --reward rm:{cfg.init}), it does not generate them")
+            rl.add_score_head(model)
         load_checkpoint(cfg.init, model)
     else:
         model = M.Model.from_pretrained(cfg.init)
