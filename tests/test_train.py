@@ -695,7 +695,7 @@ def test_nan_patience_rolls_back_and_skips_the_batches(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--stage", "rl"], "--stage rl: arrives with rl.py"),
+    (["--stage", "rl"], "--stage rl starts from a trained (SFT) model: give --init"),
     (["--stage", "midtrain"], "--stage midtrain continues a trained model: give --init"),
     (["--stage", "sft"], "--stage sft continues a trained model: give --init"),
     (["--eval_tasks", "chat"], "--eval_tasks chat: held-out chat questions come with --stage sft"),
@@ -703,8 +703,9 @@ def test_nan_patience_rolls_back_and_skips_the_batches(data_dir, tmp_path):
     (["--total_batch_tokens", "500"], "--total_batch_tokens 500 is not a multiple of batch_size x seq_len"),
 ])
 def test_setup_errors_are_clean_exits(data_dir, tmp_path, extra, message):
-    """Unsupported stages, mid-training without --init, a too long seq_len and a global batch
-    that is not a multiple of the micro-batch exit with a message saying so."""
+    """RL, mid-training and SFT without --init, chat tasks without a chat stage, a too long
+    seq_len and a global batch that is not a multiple of the micro-batch exit with a message
+    saying so."""
     with pytest.raises(SystemExit) as e:
         trainer(data_dir, tmp_path / "run", *extra)
     assert message in str(e.value)
