@@ -25,6 +25,31 @@ def _seed():
     torch.manual_seed(0)
 
 
+def spawn(fn, args, nprocs):
+    """torch.multiprocessing.spawn(fn, args, nprocs), the processes forked from a server that has
+    imported torch and the project once: a spawned process is a fresh interpreter importing torch
+    (about 2 s of CPU each, and the processes of a spawn share this machine's 2 cores), which was
+    most of what the multi-process tests cost. Forked from a process that has run nothing, each
+    rank still starts clean: no threads, no process group, no CUDA."""
+    import multiprocessing.forkserver
+    import tempfile
+
+    import torch.multiprocessing as mp
+    # read when the server starts (the first call); the server imports these with this
+    # process's sys.path, so the project's modules resolve as they do here
+    multiprocessing.forkserver.set_forkserver_preload(["torch", "torch.distributed", "pytest", "model", "parallel"])
+    # The arguments go through a file: pickled for a forkserver child, every tensor's storage
+    # would travel as a file descriptor, and a forkserver takes at most 256 per process.
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "args.pt")
+        torch.save(args, path)
+        mp.start_processes(_spawned, args=(fn, path), nprocs=nprocs, start_method="forkserver")
+
+
+def _spawned(rank, fn, path):
+    fn(rank, *torch.load(path, weights_only=False))
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """For a module of tiny models (pytestmark = pytest.mark.usefixtures("one_thread")): one

@@ -9,6 +9,8 @@ import torch
 import attention as A
 from attention import MLA, Attention, KVCache, Rotary, apply_rope, attend, attention_mask, rope_inv_freq
 
+pytestmark = pytest.mark.usefixtures("one_thread")     # tiny models (conftest.py)
+
 transformers = pytest.importorskip("transformers")
 
 

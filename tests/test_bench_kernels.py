@@ -16,6 +16,8 @@ from conftest import Kernels
 import bench
 import model
 
+pytestmark = pytest.mark.usefixtures("one_thread")     # tiny models (conftest.py)
+
 pytest.importorskip("triton")   # without it (macOS) the kernels do not exist; the references run
 
 # Every shape small enough for Triton's interpreter, and the tiles smaller than T = 40, so

@@ -16,6 +16,7 @@ import re
 import pytest
 import torch
 
+from conftest import spawn
 import dpo
 import model as M
 import sft
@@ -462,14 +463,13 @@ def test_two_ranks_share_the_reference_cache_and_the_heldout_outcomes(small_toke
     """Under two gloo ranks: each computes its share of the reference log-probabilities and
     the all-reduce gives both ranks the whole cache one process computes; evaluate gathers
     every held-out example's outcome (the same multiset as one process)."""
-    import torch.multiprocessing as mp
     tok = small_tokenizer
     one = dpo.DPOStage(tok, 256, 4, None, pairs_file, loss_type="kto", ref="cache", log=lambda *a: None)
     net = tiny(tok)
     one.cache_reference(net, torch.device("cpu"), log=lambda *a: None)
     one.val, one.ref_cache["val"] = one.train[:8], one.ref_cache["train"][:8]
     want = one.evaluate(net, torch.device("cpu"))
-    mp.spawn(_two_rank_worker, args=(str(tmp_path / "store"), tok, pairs_file, str(tmp_path / "out")), nprocs=2)
+    spawn(_two_rank_worker, args=(str(tmp_path / "store"), tok, pairs_file, str(tmp_path / "out")), nprocs=2)
     for rank in range(2):
         got = torch.load(tmp_path / f"out.{rank}")
         torch.testing.assert_close(got["cache"], one.ref_cache["train"], rtol=1e-5, atol=1e-5)

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 import model as M
 from model import Model, ModelConfig, preset
 
+pytestmark = pytest.mark.usefixtures("one_thread")     # tiny models (conftest.py)
+
 transformers = pytest.importorskip("transformers")
 
 SMALL = dict(vocab_size=256, n_layer=3, dim=64, n_head=4, n_kv_head=2, mlp_dim=96, max_seq_len=128)
@@ -528,6 +530,11 @@ def test_model_with_flash_attention_equals_sdpa(scheme, kernels, monkeypatch):
     the hybrid the SSD scan) against the sdpa model with the same weights and no kernels, on packed documents: loss and every gradient; then
     cached decoding, where the kernel hands over to sdpa."""
     cfg = {**SMALL, **SCHEMES[scheme]}
+    if scheme == "hybrid":
+        # Triton's interpreter runs each program in Python, and the SSD kernels launch programs
+        # per head: 4 heads of 32 channels (two 16-wide tiles each) instead of 8 of 16 take 2/3
+        # of the time, and still share each of the 2 groups between heads, over 10 chunks of 4
+        cfg["ssm_head_dim"] = 32
     ref = randomize(Model(ModelConfig(**cfg, attn_impl="sdpa")), 0.3)
     m = Model(ModelConfig(**cfg, attn_impl="triton"))
     m.load_state_dict(ref.state_dict())

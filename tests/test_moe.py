@@ -15,6 +15,8 @@ import torch.nn.functional as F
 import moe
 from model import Model, ModelConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")     # tiny models (conftest.py)
+
 DIM, E, K, D_EXPERT = 16, 6, 2, 24
 
 

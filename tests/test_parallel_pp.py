@@ -7,10 +7,12 @@ processes, that neither schedule can deadlock even if every send waits for its r
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from conftest import spawn
 import parallel as pp
 from model import Model, ModelConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")     # tiny models (conftest.py)
 
 SMALL = dict(vocab_size=256, n_layer=4, dim=32, n_head=4, n_kv_head=2, mlp_dim=64, max_seq_len=64)
 STEPS, MICRO = 3, 4
@@ -102,6 +104,9 @@ def _pp_worker(rank, store, runs, out):
     except ValueError as e:
         results["error"] = str(e)
     torch.save(results, f"{out}.{rank}")
+    # every rank done before any tears down: a rank that exits while another's last gloo
+    # exchange is in flight can abort it ("terminate called without an active exception")
+    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -117,7 +122,7 @@ def runs(tmp_path_factory):
         todo[(world, schedule, tied)] = (state, steps)
         ref[(world, schedule, tied)] = _reference(state, tied, steps)
     tmp = tmp_path_factory.mktemp("pp")
-    mp.spawn(_pp_worker, args=(str(tmp / "store"), todo, str(tmp / "out")), nprocs=3)
+    spawn(_pp_worker, args=(str(tmp / "store"), todo, str(tmp / "out")), nprocs=3)
     got = [torch.load(tmp / f"out.{r}") for r in range(3)]
     out = {key: (state, *ref[key], [g[key] for g in got[3 - key[0]:]]) for key, (state, _) in todo.items()}
     out["error"] = got[0]["error"]

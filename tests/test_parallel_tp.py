@@ -12,11 +12,13 @@ import functools
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from conftest import spawn
 import parallel as tp
 from model import Model, ModelConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")     # tiny models (conftest.py)
 
 SMALL = dict(vocab_size=256, n_layer=2, dim=32, n_head=4, n_kv_head=2, mlp_dim=64, max_seq_len=64)
 CASES2 = {   # tp = 2
@@ -185,15 +187,18 @@ def _worker(rank, store, out):
                "seed_bug": _seed_bug(pair), "refusals": _refusals(pair),
                "equivalence4": _equivalence(CASES4, None)}
     torch.save(results, f"{out}.{rank}")
+    # every rank done before any tears down: a rank that exits while another's last gloo
+    # exchange is in flight can abort it ("terminate called without an active exception")
+    dist.barrier()
     dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    """Every rank's results: one set of processes for all the tests (starting them is what
-    costs: each imports torch)."""
+    """Every rank's results: one set of processes for all the tests (starting them, and their
+    gloo rendezvous, is what costs)."""
     tmp = tmp_path_factory.mktemp("tp")
-    mp.spawn(_worker, args=(str(tmp / "store"), str(tmp / "out")), nprocs=4)
+    spawn(_worker, args=(str(tmp / "store"), str(tmp / "out")), nprocs=4)
     return [torch.load(tmp / f"out.{r}") for r in range(4)]
 
 

@@ -3,8 +3,9 @@ stages 1, 2 and 3 against one process on the whole batch (with and without gradi
 accumulation), stage 3 against torch's FSDP2, the bytes each rank holds, checkpoints that do not
 depend on the sharding, and the errors users hit first.
 
-Each spawn costs a few seconds (two fresh interpreters importing torch), so each worker runs a
-whole family of cases and the tests read its results from a module-scoped fixture."""
+Starting processes (and their gloo rendezvous) costs more than the cases themselves: so one
+spawn runs every family of cases (training, memory, checkpoints) and the tests read its results
+from module-scoped fixtures."""
 
 import contextlib
 import math
@@ -12,10 +13,12 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from conftest import spawn
 from model import Model, ModelConfig
 from parallel import ZeRO, clip_grad_norm_
+
+pytestmark = pytest.mark.usefixtures("one_thread")     # tiny models (conftest.py)
 
 SMALL = dict(vocab_size=256, n_layer=2, dim=32, n_head=4, n_kv_head=2, mlp_dim=64, max_seq_len=64)
 # gate/up projections of 67 rows do not split evenly over 2 ranks: the shards carry a padding row
@@ -23,6 +26,7 @@ ODD = dict(SMALL, mlp_dim=67)
 # MoE layers: their router z-loss leaves each block by a side path (an attribute that the head
 # adds to the loss), not through the block's output, where stage 3 hooks its backward gather
 MOE = dict(SMALL, n_experts=4, top_k=2, d_expert=32, router_z_loss=0.01)
+MEM = dict(ODD, n_layer=4)      # the memory test's model
 STAGES = (1, 2, 3)
 
 
@@ -88,8 +92,7 @@ def _close(got, want, what):
 # -----------------------------------------------------------------------------
 # Stages 1, 2, 3 == one process; stage 3 == FSDP2
 
-def _train_worker(rank, store, state, moe_state, batches, out):
-    _join(rank, store)
+def _train_cases(rank, state, moe_state, batches):
     results = {}
     for stage in STAGES:
         for accum, b in batches.items():
@@ -109,17 +112,45 @@ def _train_worker(rank, store, state, moe_state, batches, out):
     fully_shard(model)
     losses, _ = _train(model, batches[1], rank, 2)
     results["fsdp2"] = {"losses": losses, "weights": {k: v.full_tensor() for k, v in model.state_dict().items()}}
+    return results
+
+
+def _worker(rank, store, inputs, out):
+    """Every case, one family after the other, in one pair of processes (each on fresh models)."""
+    _join(rank, store)
+    results = {"train": _train_cases(rank, inputs["state"], inputs["moe_state"], inputs["batches"]),
+               "memory": _memory_cases(rank, inputs["mem_state"], inputs["mem_batches"]),
+               "checkpoint": _checkpoint_cases(rank, inputs["odd_state"], inputs["odd_batches"])}
     torch.save(results, f"{out}.{rank}")
+    # both ranks done before either tears down: a rank that exits while the other's last gloo
+    # exchange is in flight can abort it ("terminate called without an active exception")
+    dist.barrier()
     dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def inputs():
+    """The initial weights of each model (seeded) and the training batches."""
+    def init(config):
+        torch.manual_seed(0)
+        return _weights(Model(ModelConfig(**config)))
+    return dict(state=init(SMALL), moe_state=init(MOE), mem_state=init(MEM), odd_state=init(ODD),
+                batches={1: _batches(3, 1), 2: _batches(3, 2, seed=1)}, mem_batches=_batches(1, 1),
+                odd_batches=_batches(3, 1))
+
+
+@pytest.fixture(scope="module")
+def ranks(inputs, tmp_path_factory):
+    """Both ranks' results: one spawn for every test (starting the processes is what costs)."""
+    tmp = tmp_path_factory.mktemp("zero")
+    spawn(_worker, args=(str(tmp / "store"), inputs, str(tmp / "out")), nprocs=2)
+    return [torch.load(tmp / f"out.{r}") for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def trained(inputs, ranks):
     """One process on the whole batch, and the 2-rank runs, for 3 steps of 1 and of 2 micro-batches."""
-    tmp = tmp_path_factory.mktemp("zero_train")
-    torch.manual_seed(0)
-    state = _weights(Model(ModelConfig(**SMALL)))
-    batches = {1: _batches(3, 1), 2: _batches(3, 2, seed=1)}
+    state, batches = inputs["state"], inputs["batches"]
     want = {}
     for accum, b in batches.items():
         model = Model(ModelConfig(**SMALL))
@@ -127,11 +158,10 @@ def trained(tmp_path_factory):
         losses, _ = _train(model, b)
         want[accum] = {"losses": losses, "weights": _weights(model)}
     moe = Model(ModelConfig(**MOE))
-    moe_state = _weights(moe)
+    moe.load_state_dict(inputs["moe_state"])
     losses, _ = _train(moe, batches[1])
     want["moe"] = {"losses": losses, "weights": _weights(moe)}
-    mp.spawn(_train_worker, args=(str(tmp / "store"), state, moe_state, batches, str(tmp / "out")), nprocs=2)
-    return want, [torch.load(tmp / f"out.{r}") for r in range(2)]
+    return want, [r["train"] for r in ranks]
 
 
 @pytest.mark.parametrize("accum", [1, 2])
@@ -170,11 +200,7 @@ def test_stage3_equals_torch_fsdp2(trained):
 # -----------------------------------------------------------------------------
 # Memory
 
-MEM = dict(ODD, n_layer=4)
-
-
-def _memory_worker(rank, store, state, batches, out):
-    _join(rank, store)
+def _memory_cases(rank, state, batches):
     results = {}
     for stage in STAGES:
         model = _fresh(MEM, rank, state)
@@ -197,15 +223,11 @@ def _memory_worker(rank, store, state, batches, out):
             summoned = net.memory()["gathered"]
         results[stage] = dict(seen, between=between, after_eval=after_eval, summoned=summoned,
                               loss=loss.item(), h=h, after_summon=net.memory()["gathered"])
-    torch.save(results, f"{out}.{rank}")
-    dist.destroy_process_group()
+    return results
 
 
-def test_memory_per_rank_shrinks_as_claimed(tmp_path):
-    torch.manual_seed(0)
-    model = Model(ModelConfig(**MEM))
-    mp.spawn(_memory_worker, args=(str(tmp_path / "store"), _weights(model), _batches(1, 1), str(tmp_path / "out")),
-             nprocs=2)
+def test_memory_per_rank_shrinks_as_claimed(ranks):
+    model = Model(ModelConfig(**MEM))                      # the sizes: MEM's shapes, whatever the values
     nbytes = lambda ps: sum(p.numel() * 4 for p in ps)                     # noqa: E731
     shard_bytes = lambda ps: sum(math.ceil(p.shape[0] / 2) * p[0].numel() * 4 for p in ps)  # noqa: E731
     params = list(model.parameters())                      # each tensor once: the tied head is the embedding
@@ -214,7 +236,7 @@ def test_memory_per_rank_shrinks_as_claimed(tmp_path):
     layer = nbytes(model.layers[0].parameters())
     steps = 4 * len(params)                                # AdamW's step counter: one float32 per parameter
     for rank in range(2):
-        m = torch.load(tmp_path / f"out.{rank}")
+        m = ranks[rank]["memory"]
         for stage in STAGES:
             got, want = m[stage], m[stage]["expected"]
             assert want["params"] == P / (2 if stage == 3 else 1)
@@ -249,8 +271,7 @@ def test_memory_per_rank_shrinks_as_claimed(tmp_path):
 # -----------------------------------------------------------------------------
 # Checkpoints that do not depend on the sharding
 
-def _checkpoint_worker(rank, store, state, batches, out):
-    _join(rank, store)
+def _checkpoint_cases(rank, state, batches):
     # two steps at stage 3, a full checkpoint, a third step
     model = _fresh(ODD, rank, state)
     net = ZeRO(model, stage=3)
@@ -278,17 +299,14 @@ def _checkpoint_worker(rank, store, state, batches, out):
         error = None
     except ValueError as e:
         error = str(e)
-    torch.save({"sd": sd, "osd": osd, "after": after, "resumed": resumed, "error": error}, f"{out}.{rank}")
-    dist.destroy_process_group()
+    return {"sd": sd, "osd": osd, "after": after, "resumed": resumed, "error": error}
 
 
-def test_full_checkpoints_round_trip(tmp_path):
-    torch.manual_seed(0)
+def test_full_checkpoints_round_trip(inputs, ranks):
+    state, batches = inputs["odd_state"], inputs["odd_batches"]
     model = Model(ModelConfig(**ODD))
-    state = _weights(model)
-    batches = _batches(3, 1)
-    mp.spawn(_checkpoint_worker, args=(str(tmp_path / "store"), state, batches, str(tmp_path / "out")), nprocs=2)
-    r0, r1 = (torch.load(tmp_path / f"out.{r}") for r in range(2))
+    model.load_state_dict(state)
+    r0, r1 = (r["checkpoint"] for r in ranks)
     # one checkpoint, whatever the rank: full shapes, both names of the tied weight
     _close(r0["sd"], r1["sd"], "ranks' state dicts")
     assert r0["sd"].keys() == state.keys() and "lm_head.weight" in r0["sd"]

@@ -12,6 +12,8 @@ import torch
 import ssm
 from conftest import Kernels
 
+pytestmark = pytest.mark.usefixtures("one_thread")     # tiny models (conftest.py)
+
 F64 = torch.float64
 
 

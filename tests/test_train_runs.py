@@ -400,46 +400,66 @@ LAYOUTS = {
 }
 
 
+TASKS = ["--eval_tasks", "builtin", "--eval_examples", "4"]
+# the layouts whose runs also evaluate eval.py's tasks (at the preflight and after step 12)
+TASK_LAYOUTS = ["zero3", "tp2", "torch-fsdp2", "pp2"]
+
+
+@pytest.fixture(scope="module")
+def layout_runs(data_dir, tmp_path_factory):
+    """layout -> (directory, torchrun's output): the 12 steps of RESUME_ARGS under that layout, in
+    directory/out, run the first time a test asks. A torchrun start costs more than the run
+    itself, so one run serves every test that reads it: the comparison with one process, the
+    tasks (TASK_LAYOUTS), the resume in another layout (TP x ZeRO-3)."""
+    runs = {}
+
+    def run(layout):
+        if layout not in runs:
+            nproc, flags, _ = LAYOUTS[layout]
+            cwd = tmp_path_factory.mktemp(layout)
+            tasks = TASKS if layout in TASK_LAYOUTS else []
+            rc, stdout = run_torchrun(common(data_dir) + MODEL + RESUME_ARGS + flags + tasks + ["--out_dir", "out"],
+                                      cwd, nproc=nproc, timeout=240)
+            assert rc == 0, f"torchrun exited {rc}:\n{stdout[-3000:]}"
+            runs[layout] = (cwd, stdout)
+        return runs[layout]
+    return run
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_torchrun_layouts_match_one_process(layout, data_dir, base_run, tmp_path):
-    nproc, flags, loss_rel = LAYOUTS[layout]
-    rc, stdout = run_torchrun(common(data_dir) + MODEL + RESUME_ARGS + flags + ["--out_dir", "out"], tmp_path,
-                              nproc=nproc, timeout=240)
-    assert rc == 0, f"torchrun exited {rc}:\n{stdout[-3000:]}"
+def test_torchrun_layouts_match_one_process(layout, base_run, layout_runs):
+    _, flags, loss_rel = LAYOUTS[layout]
+    cwd, stdout = layout_runs(layout)
     checks = {item: status for status, item, _ in preflight_lines(stdout)}
     assert "FAIL" not in checks.values(), stdout[-3000:]
     assert checks.get("layout") == "PASS" and checks.get("identical initial weights") == "PASS"
     if "--tp" in flags and "torch" not in flags:
         assert checks.get("tensor-parallel shards") == "PASS"
-    _same_run(base_run["out"], str(tmp_path / "out"), loss_rel)
-
-
-TASKS = ["--eval_tasks", "builtin", "--eval_examples", "4"]
-TASK_RUN = ["--max_steps", "2", "--out_dir", "out"]
+    # (evaluating the tasks, where a run does, changes nothing of its training)
+    _same_run(base_run["out"], str(cwd / "out"), loss_rel)
 
 
 @pytest.fixture(scope="module")
 def tasks_one_process(data_dir, tmp_path_factory):
+    """One process's metrics after the layouts' 12 steps, with the tasks."""
     d = tmp_path_factory.mktemp("tasks_one")
-    check(run_train(common(data_dir) + MODEL + TASKS + TASK_RUN, d))
+    check(run_train(common(data_dir) + MODEL + RESUME_ARGS + TASKS + ["--out_dir", "out"], d))
     return read_metrics(str(d / "out"))[-1]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["zero3", "tp2", "torch-fsdp2", "pp2"])
-def test_torchrun_evaluates_tasks_on_sharded_models(layout, data_dir, tasks_one_process, tmp_path):
+@pytest.mark.parametrize("layout", TASK_LAYOUTS)
+def test_torchrun_evaluates_tasks_on_sharded_models(layout, tasks_one_process, layout_runs):
     """eval.py's tasks on a split model (every rank scores and generates with the whole model:
     ZeRO-3 summons its weights, FSDP2 unshards, TP's ranks work together) give one process's
     numbers; where every rank reads the same rows (TP, PP) so does the validation loss. Under
     --pp the tasks are skipped, and the run says so."""
-    nproc, flags, _ = LAYOUTS[layout]
-    rc, stdout = run_torchrun(common(data_dir) + MODEL + TASKS + TASK_RUN + flags, tmp_path, nproc=nproc,
-                              timeout=240)
-    assert rc == 0, stdout[-3000:]
+    cwd, stdout = layout_runs(layout)
     checks = {item: status for status, item, _ in preflight_lines(stdout)}
     assert checks["evaluation"] == "PASS" and checks["evaluation pipeline"] == "PASS", stdout[-3000:]
-    one, row = tasks_one_process, read_metrics(str(tmp_path / "out"))[-1]
+    one, row = tasks_one_process, read_metrics(str(cwd / "out"))[-1]
+    assert row["step"] == one["step"] == 12
     tasks = [k for k in one if k.startswith(("arithmetic/", "docstring/", "next_line/"))]
     assert len(tasks) == 9
     if layout == "pp2":
@@ -452,12 +472,13 @@ def test_torchrun_evaluates_tasks_on_sharded_models(layout, data_dir, tasks_one_
 
 
 @pytest.mark.slow
-def test_torchrun_sharded_checkpoint_resumes_in_another_layout(data_dir, base_run, tmp_path):
+def test_torchrun_sharded_checkpoint_resumes_in_another_layout(data_dir, base_run, layout_runs, tmp_path):
     """Checkpoints are one process's view: 8 steps under TP x ZeRO-3 on 4 processes, resumed on
     2 pipeline stages, end where one process does."""
     args = common(data_dir) + MODEL + RESUME_ARGS + ["--out_dir", "out"]
-    rc, stdout = run_torchrun(args + ["--tp", "2", "--fsdp"], tmp_path, nproc=4, timeout=240)
-    assert rc == 0, stdout[-3000:]
+    # a copy of the layout test's 4-process run, without its step-12 checkpoint: step 8's is
+    # then the latest
+    shutil.copytree(layout_runs("tp2-zero3-4procs")[0] / "out", tmp_path / "out")
     shutil.rmtree(ckpt(str(tmp_path / "out"), 12))
     rc, stdout = run_torchrun(args + ["--resume", "--pp", "2"], tmp_path, timeout=240)
     assert rc == 0, stdout[-3000:]
