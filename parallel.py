@@ -21,7 +21,8 @@ column/row linears, heads, the vocabulary-parallel embedding, head and cross-ent
 replica check that catches SmolLM3's seed bug); pipeline parallelism (GPipe and 1F1B); the
 mesh that combines them (pp x dp x tp); the torch-native path (FSDP2's fully_shard and DTensor's
 parallelize_module), for when a run outgrows this file; then the network: bus bandwidth and the
-per-rank health check. train.py composes them (--tp, --pp, --fsdp, --parallel_impl).
+per-rank health check; and the memory per GPU of a layout, planned before the run (memory_plan,
+train.py --plan). train.py composes them (--tp, --pp, --fsdp, --parallel_impl).
 
 Papers: Li et al. 2020 (PyTorch DDP: gradient bucketing and overlap); Rajbhandari et al. 2020
 (ZeRO); Zhao et al. 2023 (PyTorch FSDP); Shoeybi et al. 2019 (Megatron-LM); Huang et al. 2019
@@ -1776,6 +1777,111 @@ def gather_times(seconds, device=None):
     every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(every, mine)
     return [t.item() for t in every]
+
+
+# -----------------------------------------------------------------------------
+# Memory per GPU of a layout, before renting the GPUs (train.py --plan)
+#
+# The playbook's "spec what you need": whether a layout fits is arithmetic on the shapes, so do
+# it before the run. The conventions are train.py's: weights stay float32 and the forward runs
+# under bf16 autocast on CUDA. So a parameter costs 4 bytes (the float32 "master" weight the
+# optimizer updates), its gradient 4 (autograd accumulates in the parameter's dtype), AdamW's two
+# moments 8 (torch keeps them in the parameter's dtype), plus AdamW's step counter, one float32
+# per tensor: 16 bytes per parameter before any sharding, as the ZeRO paper counts (2 + 2 + 12
+# there: fp16 weights and gradients, an fp32 master and moments). Autocast adds bf16 copies of
+# the matmul weights, cached for the forward and saved for the backward: counted with what
+# the backward keeps (the activations column), since they live exactly as long.
+
+def memory_plan(model, seq_len, micro_batch, tp=1, pp=1, dp=1, zero_stage=0, n_micro=1):
+    """Bytes on the fullest GPU of a layout of `model` (a model.py Model, duck typed; build it
+    on the "meta" device to plan a 3B model without its memory): {"weights", "grads",
+    "optimizer", "activations", "total"} at micro-batches of micro_batch x seq_len tokens.
+    tp x pp x dp GPUs; zero_stage 0 is plain data parallelism (DataParallel), 1-3 ZeRO over the
+    dp ranks (not with pp: train.py does not combine them); n_micro: micro-batches per step
+    (gradient accumulation), which a pipeline keeps in flight. An estimate: see the comments."""
+    c = model.config
+    if tp > 1 and _refusals(model, tp):
+        raise ValueError(f"tp {tp}: " + "; ".join(_refusals(model, tp)))
+    if pp > 1 and zero_stage:
+        raise ValueError("ZeRO with pipeline parallelism is not combined here (train.py refuses --pp with --fsdp)")
+    if zero_stage not in (0, 1, 2, 3) or (zero_stage and dp == 1):
+        raise ValueError(f"zero_stage {zero_stage}: 0 (plain DP), or 1-3 with more than one data-parallel rank")
+    linear = {f"{n}.weight" for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, nn.Linear)}
+
+    def tp_split(name):
+        # What tensor_parallel shards: every projection of a block, the embedding and the head
+        # (by vocabulary rows); K/V over min(tp, n_kv_head) slots (fewer heads than ranks:
+        # replicated); norms and learned positions stay whole on every rank.
+        if tp == 1 or "norm" in name or name.startswith("embed_positions"):
+            return 1
+        return min(tp, c.n_kv_head) if name.split(".")[-2] in ("k_proj", "v_proj") else tp
+
+    # Activations, bytes per token per layer, of the dense GQA block on the GPU path (bf16
+    # autocast, the flash kernel), counting what autograd saves for the backward: the two
+    # residual-stream inputs of the RMSNorms (float32: weights are, so the residual adds are),
+    # 4 + 4 h; the bf16 casts of the normed input, one per projection reading it (q, k, v; gate,
+    # up), 5 x 2 h; flash attention's q, k, v and output (the output is also o_proj's input)
+    # and its float32 logsumexp per head; SwiGLU's gate, silu(gate), up and their product, 4 x 2
+    # mlp_dim. This is Korthikanti et al. 2022's sbh(34 + 5as/h) redone for this code: no
+    # dropout masks, no (T x T) attention scores (the flash kernel never keeps them), SwiGLU
+    # in place of a 4h GELU MLP, K/V at n_kv_head. Left out: small terms (RoPE's cos/sin,
+    # RMSNorm's 1/rms), the backward's own temporaries, the allocator's fragmentation and the
+    # CUDA context: what the fit test's headroom is for. MoE, MLA and Mamba-2 layers are
+    # counted as if they were this block. Tensor parallelism (without sequence parallelism)
+    # splits the heads and mlp_dim; the residual stream and the casts stay whole on every rank.
+    h, d, tokens = c.dim, c.head_dim, micro_batch * seq_len
+    heads, kv_heads = c.n_head // tp, max(c.n_kv_head // tp, 1)
+    per_layer = 18 * h + 4 * heads * d + 4 * kv_heads * d + 4 * heads + 8 * c.mlp_dim // tp
+    worst = None
+    for s, (lo, hi) in enumerate(split_layers(c.n_layer, pp)):
+        # This stage's tensors, each once (a tied matrix is one tensor in one process, two on a
+        # pipeline: stage 0's embedding and the last stage's head): elements per GPU after TP.
+        held = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            top = name.split(".")[0]
+            unit = int(name.split(".")[1]) if top == "layers" else "root"
+            if unit == "root" and not (s == 0 if top.startswith("embed") else s == pp - 1):
+                continue
+            if unit != "root" and not lo <= unit < hi:
+                continue
+            key = id(p) if pp == 1 else name
+            n, unit0, mm = held.get(key, (p.numel() // tp_split(name), unit, False))
+            held[key] = (n, unit0, mm or name in linear)
+        n = sum(e for e, _, _ in held.values())
+        units = {}
+        for e, u, _ in held.values():
+            units[u] = units.get(u, 0) + e
+        root, block = units.get("root", 0), max((e for u, e in units.items() if u != "root"), default=0)
+        P, steps = 4 * n, 4 * len(held)
+        # ZeRO (parallel.ZeRO, whose memory() states the same): stage 1 shards the optimizer
+        # state, 2 the gradients too, 3 the weights too; stages 2 and 3 hold on top the root's
+        # (embeddings, final norm, head: reduced last) and one block's full gradients, and
+        # stage 3 the root's and one block's gathered weights. Plain DP: DataParallel's flat
+        # buckets keep a second copy of every gradient (for the all-reduce). The step counters
+        # are one per tensor on every rank. (ZeRO's row padding is left out: a few rows.)
+        W = dp if zero_stage else 1
+        weights = P / W + 4 * (root + block) if zero_stage == 3 else P
+        grads = (P * (2 if dp > 1 else 1) if zero_stage == 0 else P if zero_stage == 1
+                 else P / W + 4 * (root + block))
+        optimizer = 2 * P / W + steps
+        # 1F1B keeps up to pp - s micro-batches in flight on stage s (stage 0: pp of them, of
+        # L/pp layers each: about one whole model's activations, as without a pipeline).
+        act = min(pp - s, n_micro) * tokens * per_layer * (hi - lo)
+        act += 2 * sum(e for e, _, mm in held.values() if mm)          # autocast's bf16 weights
+        if s == pp - 1:
+            # The head: the final norm's input, and the loss. model.py's ChunkedCrossEntropy
+            # keeps dL/dh (float32 per token) and dL/dW (a float32 head-sized matrix) from the
+            # forward, with one chunk of ~2^25 bf16 logits alive at a time; the vocabulary-
+            # parallel loss keeps h and builds its (tokens x V/tp) float32 logits and their exp.
+            V = c.padded_vocab
+            act += 8 * h * tokens
+            act += (4 * V * h + 2 * min(tokens, max(256, 2 ** 25 // V)) * V if tp == 1
+                    else 2 * 4 * tokens * V // tp)
+        out = {"weights": weights, "grads": grads, "optimizer": optimizer, "activations": act}
+        out["total"] = sum(out.values())
+        if worst is None or out["total"] > worst["total"]:
+            worst = out
+    return worst
 
 
 # -----------------------------------------------------------------------------

@@ -50,10 +50,12 @@ Run:
     torchrun --nproc_per_node=8 train.py --tp 2 --fsdp ...    # parallel.py: 4 data-parallel x 2 tensor-parallel, ZeRO-3
     torchrun --nproc_per_node=2 train.py --pp 2 ...           # two pipeline stages; --parallel_impl torch: FSDP2/DTensor
     python train.py --plot runs/x                     # loss / lr / grad-norm / throughput curves as PNG
+    python train.py --plan --preset smollm3-3b --tokens 11T --gpus 384   # memory per GPU per layout, time, disk
 """
 
 import contextlib
 import copy
+import itertools
 import json
 import math
 import os
@@ -847,7 +849,10 @@ def build_model(cfg, overrides, vocab_size):
 # -----------------------------------------------------------------------------
 # Preflight
 
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}  # dense bf16
+# NAME -> (memory GiB, dense bf16 peak FLOP/s): the datasheets' numbers without sparsity. MFU
+# finds the device's by its name (in this order: L40S before L4, A100 before A10); --plan --gpu NAME.
+GPUS = {"h100": (80, 989e12), "h200": (141, 989e12), "a100": (80, 312e12), "a100-40gb": (40, 312e12),
+        "l40s": (48, 362e12), "l4": (24, 121e12), "a10": (24, 125e12)}
 
 
 def peak_flops(cfg, device):
@@ -855,7 +860,7 @@ def peak_flops(cfg, device):
         return cfg.peak_flops
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        return next((v for k, v in PEAK_FLOPS.items() if k in name), 0.0)
+        return next((peak for k, (_, peak) in GPUS.items() if k.split("-")[0].upper() in name.upper()), 0.0)
     return 0.0
 
 
@@ -1330,6 +1335,30 @@ class Trainer:
                     out[k] = eval.accuracy(v) if isinstance(v[0], bool) else eval.ratio(v, [1.0] * len(v))
         return out
 
+    def start_evaluation(self):
+        """The model as it came, on this stage's evaluation: its chat questions and held-out
+        pairs (every later evaluation's win rate is against these outcomes); for mid-training,
+        the model as it was trained (its own rope_theta, before this stage's ABF or YaRN) on
+        this stage's validation batches at the new context length: what mid-training must beat."""
+        cfg = self.cfg
+        if cfg.stage != "midtrain":
+            out = self.evaluate(cfg.eval_batches, self.tasks)
+            self.start_correct = self.last_correct
+            return out
+        # read from the --init checkpoint itself: the same whole model on every rank, whatever the layout
+        if os.path.exists(os.path.join(cfg.init, "trainer.json")):
+            trained = load_frozen(cfg.init, "cpu", "--init ")
+        else:
+            trained = M.Model.from_pretrained(cfg.init)
+        if trained.config.max_seq_len < cfg.seq_len:   # a longer position table; nothing else changes
+            longer = M.Model(M.ModelConfig(**{**asdict(trained.config), "max_seq_len": cfg.seq_len}))
+            longer.load_state_dict(trained.state_dict())
+            trained = longer
+        group = self.layout.group("dp") if self.world_size > 1 else None
+        with torch.no_grad(), self.autocast:
+            return eval.validation(trained.to(self.device).eval(), self.stage.val_batches(self.device, cfg.eval_batches),
+                                   self.tok_bytes, self.stage.names, group)
+
     def eval_model(self):
         """What evaluation calls as model(input_ids, labels=..., position_ids=...): the model, or
         under pipeline parallelism a forward through the stages whose per-row losses the last
@@ -1403,12 +1432,9 @@ class Trainer:
             if failed and not cfg.ignore_preflight:
                 raise SystemExit(f"preflight FAILED: {', '.join(failed)} (fix it, or --ignore_preflight to run anyway)")
         if not checkpoints(cfg.out_dir):
-            before = cfg.stage in ("sft", "dpo", "rl") and cfg.init
+            before = cfg.stage in ("midtrain", "sft", "dpo", "rl") and cfg.init
             if before:
-                # the model as it came, on this stage's evaluation (its chat questions, held-out
-                # pairs); every later evaluation's win rate is against these outcomes
-                self.last_eval = self.evaluate(cfg.eval_batches, self.tasks)
-                self.start_correct = self.last_correct
+                self.last_eval = self.start_evaluation()
             self.save(0)      # something to return to if the first steps go non-finite
             if before and self.rank == 0:
                 self.report_card(0, stage=f"{cfg.stage} (start)")
@@ -1587,6 +1613,434 @@ def plot(run_dir):
     return out
 
 
+def run(cfg, overrides):
+    """One run of one stage: the trainer, preflight and the loop, then a sample and the curves.
+    Returns the last step done (short of max_steps: stopped by a signal, resumable)."""
+    t = Trainer(cfg, overrides)
+    step = t.train()
+    if step >= cfg.max_steps and cfg.sample_tokens:
+        if cfg.pp > 1:
+            t.log("sample: skipped (generation across pipeline stages is not written here)")
+        elif t.rank == 0 or t.layout.sharded:
+            text = sample(t, n_tokens=cfg.sample_tokens)
+            t.log(f"sample: {text!r}")
+    if t.rank == 0 and step >= cfg.max_steps:
+        plot(cfg.out_dir)
+    return step
+
+
+# -----------------------------------------------------------------------------
+# The default pipeline: `python train.py`
+
+# The playbook's recap run end to end: each stage starts from the previous one's last
+# checkpoint, in OUT/<n>-<stage>/, and is evaluated at its start and its end. What the pipeline
+# sets beyond each stage's STAGE_DEFAULTS, and why:
+PIPELINE = (
+    # evaluations at steps 40, 80 and 120: the validation bits per byte must fall at each
+    ("pretrain", ["--eval_every", "40", "--ckpt_every", "40"]),
+    # (pipeline() adds twice pretraining's context and 10x its rope_theta: ABF, as SmolLM3 raised
+    # rope_theta for long context) a new warmup and a short WSD run at a third of pretraining's
+    # peak, on the mid-training mixture
+    ("midtrain", ["--max_steps", "30", "--lr", "1e-3", "--warmup_steps", "5", "--eval_every", "30",
+                  "--ckpt_every", "30", "--eval_tasks", ""]),
+    ("sft", []),
+    ("dpo", []),      # APO-zero: dpo.py's default loss
+    ("rl", []),       # GRPO with DAPO's aggregation, clip-higher and dynamic sampling
+)
+
+
+def _split_pipeline_args(argv):
+    """The pipeline's command line -> (out_dir, [args for every stage], {stage: [its args]}):
+    --key value goes to every stage, --STAGE.key value to that stage only (--sft.max_steps 40)."""
+    out, common, own, i = "runs/playbook", [], {name: [] for name, _ in PIPELINE}, 0
+    while i < len(argv):
+        flag = argv[i]
+        if not flag.startswith("--"):
+            raise SystemExit(f"unexpected argument {flag!r}: options are --key value or --STAGE.key value")
+        j = i + 1
+        while j < len(argv) and not argv[j].startswith("--"):
+            j += 1
+        group, key = argv[i:j], flag[2:].partition("=")[0]
+        if key == "out_dir":
+            out = flag.partition("=")[2] or (argv[i + 1] if j > i + 1 else "")
+        elif "." in key:
+            stage = key.partition(".")[0]
+            if stage not in own:
+                raise SystemExit(f"--{key}: no stage {stage!r} in the pipeline ({', '.join(own)})")
+            own[stage] += ["--" + flag[2:].partition(".")[2]] + group[1:]
+        elif key in ("stage", "init", "resume"):
+            raise SystemExit(f"--{key}: the pipeline sets it for each stage (run one stage with --stage)")
+        else:
+            common += group
+        i = j
+    return out, common, own
+
+
+def pipeline(argv):
+    """Every stage of PIPELINE in turn (the tokenizer and the built-in corpus are prepared by
+    the first), skipping those already finished and resuming the one a crash or a signal
+    interrupted, then OUT/REPORT.md: the report card, one row per stage, each with the check
+    that says whether the stage did its job on held-out data."""
+    out, common, own = _split_pipeline_args(argv)
+    times_path = os.path.join(out, "pipeline.json")
+    os.makedirs(out, exist_ok=True)
+    times = json.load(open(times_path)) if os.path.exists(times_path) else {}
+    dirs, init = {}, ""
+    try:
+        for n, (name, args) in enumerate(PIPELINE, 1):
+            run_dir = dirs[name] = os.path.join(out, f"{n}-{name}")
+            if name == "midtrain":      # (flags given for the stage still win)
+                with open(os.path.join(init, "trainer.json")) as f:
+                    trained = json.load(f)
+                context = 2 * trained["config"]["seq_len"]
+                args = args + ["--seq_len", str(context), "--rope_theta", str(10 * trained["model_config"]["rope_theta"]),
+                               "--max_seq_len", str(max(context, trained["model_config"]["max_seq_len"]))]
+            cfg, overrides = parse_config(["--stage", name, *args, *common, *own[name], "--out_dir", run_dir,
+                                           *(["--init", init] if init else [])])
+            done = checkpoints(run_dir)
+            if done and int(os.path.basename(done[-1])[5:]) >= cfg.max_steps:
+                print(f"pipeline: {name} is done ({done[-1]})", flush=True)
+            else:
+                print(f"\n=== pipeline: {name}{' (resumed)' if done else ''} -> {run_dir}", flush=True)
+                cfg.resume = bool(done)
+                t0 = time.time()
+                step = run(cfg, overrides)
+                times[name] = times.get(name, 0.0) + time.time() - t0
+                if int(os.environ.get("RANK", 0)) == 0:
+                    eval.write_json(times_path, times)
+                if step < cfg.max_steps:
+                    raise SystemExit(f"pipeline: {name} stopped at step {step}; run the same command again to resume")
+            init = checkpoints(run_dir)[-1]
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", 0)) == 0:
+        report = pipeline_report(out, dirs, times)
+        print(report)
+        with open(os.path.join(out, "REPORT.md"), "w") as f:
+            f.write(report)
+
+
+def _machine():
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+
+
+def _card(run_dir):
+    """{stage: {metric: {value, low, high, n}}} of the rows this run wrote on its report card."""
+    with open(os.path.join(run_dir, "report_card.json")) as f:
+        rows = json.load(f)
+    return {r["stage"]: r["metrics"] for r in rows if r.get("run") == os.path.abspath(run_dir)}
+
+
+def pipeline_checks(dirs):
+    """[(stage, what it must show, the evidence, passed)]: every stage did its job on held-out data."""
+    checks = []
+    # pretraining: validation bits per byte at each evaluation, falling every time
+    by_step = {}
+    with open(os.path.join(dirs["pretrain"], "metrics.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            if r.get("val_bpb") is not None:
+                by_step[r["step"]] = r["val_bpb"]
+    bpb = [by_step[k] for k in sorted(by_step)]
+    checks.append(("pretrain", "validation bits per byte falls at every evaluation",
+                   " -> ".join(f"{v:.3f}" for v in bpb) + f" (steps {', '.join(map(str, sorted(by_step)))})",
+                   len(bpb) >= 2 and all(b < a for a, b in zip(bpb, bpb[1:]))))
+    card = _card(dirs["midtrain"])
+    before, after = card["midtrain (start)"]["val_loss"]["value"], card["midtrain"]["val_loss"]["value"]
+    checks.append(("midtrain", "validation loss at twice the pretraining context, below the pretrained model's",
+                   f"{before:.3f} -> {after:.3f}", after < before))
+    card = _card(dirs["sft"])["sft"]
+    template = {k: m["value"] for k, m in card.items() if k.endswith("/template")}
+    checks.append(("sft", "template adherence on held-out chat questions at least 95%",
+                   ", ".join(f"{k} {v:.3f}" for k, v in template.items()), bool(template) and min(template.values()) >= 0.95))
+    card = _card(dirs["dpo"])
+    before, after = card["dpo (start)"]["pref/accuracy"]["value"], card["dpo"]["pref/accuracy"]["value"]
+    checks.append(("dpo", "held-out preference accuracy above the SFT model's", f"{before:.3f} -> {after:.3f}",
+                   after > before))
+    # RL: the level of arithmetic this model can learn in a CPU minute (rl.py's easy problems:
+    # two-digit sums and differences); the harder levels are on the card
+    card = _card(dirs["rl"])
+    before, after = card["rl (start)"]["rl_easy/exact_match"]["value"], card["rl"]["rl_easy/exact_match"]["value"]
+    checks.append(("rl", "held-out arithmetic (rl_easy) at least 10 points above the SFT model's",
+                   f"{before:.3f} -> {after:.3f} ({100 * (after - before):+.1f} points)", after - before >= 0.10 - 1e-9))
+    return checks
+
+
+def pipeline_report(out, dirs, times):
+    """OUT/REPORT.md: the checks, then the whole report card (every stage's evaluations)."""
+    lines = [f"# Report card: `python train.py` into {out}", "",
+             f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {_machine()}; "
+             f"{sum(times.values()) / 60:.1f} minutes in all.", "",
+             "| stage | minutes | must show, on held-out data | measured | verdict |", "|---|---|---|---|---|"]
+    for stage, what, evidence, ok in pipeline_checks(dirs):
+        lines.append(f"| {stage} | {times.get(stage, 0) / 60:.1f} | {what} | {evidence} | {'PASS' if ok else 'FAIL'} |")
+    with open(os.path.join(dirs["rl"], "report_card.json")) as f:
+        rows = json.load(f)
+    lines += ["", "Every evaluation, each stage's start and end (value and 95% interval; every metric in each "
+              "run's report_card.md, every step in its metrics.jsonl, curves in its curves.png):", "",
+              eval.card_table(rows, eval.HEADLINE), ""]
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# The plan: what a run needs, before renting the GPUs
+
+def plan(argv):
+    """`python train.py --plan --preset NAME --tokens N [--gpus 1] [--gpu h100] [--mfu 0.2]` and
+    any config key: the playbook's "spec what you need, choose the right GPUs" as numbers,
+    without training or even allocating a weight (the model is built on the "meta" device:
+    shapes only). Prints the parameters and FLOPs, the wall time at a stated MFU, the
+    checkpoint size, and the memory per GPU of every layout of the GPUs (parallel.memory_plan)."""
+    opts, rest, args, i = {"tokens": None, "gpus": "1", "gpu": "h100", "mfu": ""}, [], argv, 0
+    while i < len(args):
+        key, eq, val = args[i][2:].partition("=")
+        key = key.replace("-", "_") if args[i].startswith("--") else None
+        if key == "plan":
+            i += 1
+        elif key in opts:
+            if not eq:
+                val = args[i + 1] if i + 1 < len(args) and not args[i + 1].startswith("--") else None
+            if val is None:
+                raise SystemExit(f"--{key} needs a value")
+            opts[key], i = val, i + (1 if eq else 2)
+        else:
+            rest.append(args[i])
+            i += 1
+    text = opts["tokens"]
+    if text is None:
+        raise SystemExit("--plan needs --tokens N: the tokens to train on (2e9, 500M, 2B, 11T)")
+    unit = {"K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}.get(text[-1:].upper())
+    try:
+        tokens = float((text[:-1] if unit else text).replace("_", "").replace(",", "")) * (unit or 1)
+    except ValueError:
+        tokens = -1.0
+    if not (math.isfinite(tokens) and tokens >= 1):
+        raise SystemExit(f"--tokens {text!r}: a positive count of tokens, such as 2e9, 500M, 2B or 11T")
+    if not opts["gpus"].isdigit() or int(opts["gpus"]) < 1:
+        raise SystemExit(f"--gpus {opts['gpus']!r}: a whole number of GPUs, at least 1")
+    gpus, gpu = int(opts["gpus"]), opts["gpu"].lower()
+    if gpu not in GPUS:
+        raise SystemExit(f"--gpu {opts['gpu']!r}: known GPUs are {', '.join(GPUS)}")
+    # the default MFU is the one measured here: smollm2-135m on one H100, bf16 autocast, the
+    # Triton kernels on, no torch.compile, 16 x 2048 tokens (BENCHMARKS.md, 2026-11-24)
+    source = "given" if opts["mfu"] else "measured: smollm2-135m on one H100, BENCHMARKS.md; the preflight measures yours"
+    try:
+        mfu = float(opts["mfu"] or 0.20)
+    except ValueError:
+        mfu = -1.0
+    if not 0 < mfu <= 1:
+        raise SystemExit(f"--mfu {opts['mfu']!r}: the share of the peak a run reaches, in (0, 1] (0.2: 20%)")
+    cfg, overrides = parse_config(rest)
+    given = {a[2:].partition("=")[0].replace("-", "_") for a in rest if a.startswith("--")}
+    if cfg.init:
+        raise SystemExit("--plan plans a fresh model from --preset and model fields; --init is not read")
+    if cfg.preset not in M.PRESETS:
+        raise SystemExit(f"--preset {cfg.preset!r}: presets are {', '.join(M.PRESETS)}")
+    # the vocabulary: the preset's (a real run takes its tokenizer's), or --vocab_size when given
+    vocab = {"vocab_size": cfg.vocab_size} if "vocab_size" in given else {}
+    try:
+        with torch.device("meta"):
+            model = M.Model(M.preset(cfg.preset, **{**vocab, **overrides}))
+    except (ValueError, TypeError) as e:
+        raise SystemExit(str(e))
+    c = model.config
+    if cfg.seq_len > c.max_seq_len:
+        raise SystemExit(f"--seq_len {cfg.seq_len} exceeds the model's max_seq_len {c.max_seq_len}")
+    mem, peak = GPUS[gpu][0] * 2 ** 30, cfg.peak_flops or GPUS[gpu][1]
+    total, non_emb = model.num_params()
+    fpt = model.flops_per_token(cfg.seq_len)
+    seconds = tokens * fpt / (gpus * peak * mfu)
+    n_tensors = len(list(model.parameters()))
+    ckpt_w, ckpt_o = 4 * total, 8 * total + 4 * n_tensors    # save_checkpoint: fp32 weights, AdamW's moments
+    G = 2 ** 30
+    count = next((f"{tokens / v:.4g}{u}" for u, v in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)) if tokens >= v),
+                 f"{tokens:.0f}")
+    print(f"plan: {cfg.preset} (vocab {c.padded_vocab:,}) on {gpus} x {gpu} ({GPUS[gpu][0]} GiB, "
+          f"{peak / 1e12:,.0f} TFLOP/s dense bf16 each), {count} tokens at seq_len {cfg.seq_len}")
+    print(f"model: {total:,} parameters ({non_emb:,} non-embedding); {tokens / total:,.0f} tokens per "
+          "parameter (Chinchilla-optimal: ~20)")
+    print(f"compute: {fpt / 1e6:,.1f} MFLOPs/token (6 per matmul weight + attention) x {count} tokens = "
+          f"{tokens * fpt:.3g} FLOPs")
+    print(f"time: at {100 * mfu:.0f}% MFU ({source}), {seconds / 3600:,.1f} hours = "
+          f"{seconds / 86400:,.1f} days on {gpus} GPUs; {peak * mfu / fpt:,.0f} tokens/s per GPU, "
+          f"{gpus * peak * mfu / fpt:,.0f} in all")
+    print(f"checkpoint: {(ckpt_w + ckpt_o) / G:,.2f} GiB per save (fp32 weights {ckpt_w / G:,.2f} + AdamW's fp32 "
+          f"moments {ckpt_o / G:,.2f}); {cfg.keep_last + 1} on disk at once (--keep_last {cfg.keep_last} + the one "
+          f"being written): {(cfg.keep_last + 1) * (ckpt_w + ckpt_o) / G:,.1f} GiB")
+    # Every layout of the GPUs: tp up to 8 (a node's NVLink domain: TP all-reduces inside every
+    # layer), pp 1, 2, 4 or 8, the data-parallel degree what remains; ZeRO only where dp > 1 and
+    # not with pp (train.py refuses --pp with --fsdp). --tp, --pp or --fsdp on the command line
+    # pin them (any --pp that divides the GPUs).
+    if ("tp" in given or "pp" in given) and gpus % (cfg.tp * cfg.pp):
+        raise SystemExit(f"--gpus {gpus} is not divisible by --tp {cfg.tp} x --pp {cfg.pp} (the data-parallel "
+                         "degree is what remains)")
+    tps = [cfg.tp] if "tp" in given else [t for t in range(1, min(gpus, 8) + 1) if gpus % t == 0]
+    stages = ([cfg.zero_stage] if cfg.fsdp else [0]) if "fsdp" in given else [0, 1, 2, 3]
+    rows, skipped = [], []
+    for tp in tps:
+        pps = [cfg.pp] if "pp" in given else [p for p in (1, 2, 4, 8) if gpus // tp % p == 0]
+        for pp in pps:
+            dp = gpus // (tp * pp)
+            per_step = cfg.batch_size * cfg.seq_len * dp
+            accum = cfg.total_batch_tokens // per_step if cfg.total_batch_tokens % per_step == 0 else 0
+            for zero in (stages if dp > 1 and pp == 1 else [0]):
+                try:   # a pipeline with too few micro-batches keeps fewer in flight; unknown: assume full
+                    m = parallel.memory_plan(model, cfg.seq_len, cfg.batch_size, tp, pp, dp, zero, accum or pp)
+                except ValueError as e:   # a split this code refuses (the reason, once)
+                    skipped += [str(e)] if str(e) not in skipped else []
+                    break
+                rows.append((dp, tp, pp, zero, accum, m))
+    print(f"memory per GPU (GiB; weights fp32 under bf16 autocast, AdamW), micro-batch {cfg.batch_size} x "
+          f"{cfg.seq_len} tokens (--batch_size x --seq_len):")
+    print(f"| dp x tp x pp | sharding | accum | weights | grads | optimizer | activations | total | "
+          f"fits in 90% of {GPUS[gpu][0]} GiB |\n|---|---|---|---|---|---|---|---|---|")
+    for dp, tp, pp, zero, accum, m in rows:
+        shard = f"ZeRO-{zero}" if zero else "DDP" if dp > 1 else "-"
+        print(f"| {dp} x {tp} x {pp} | {shard} | {accum or '-'} | " +
+              " | ".join(f"{m[k] / G:,.2f}" for k in ("weights", "grads", "optimizer", "activations", "total")) +
+              f" | {'yes' if m['total'] < 0.9 * mem else 'NO'} |")
+    print("activations: what the backward keeps, with autocast's bf16 weight copies (an estimate, "
+          "parallel.memory_plan says which terms); accum: micro-batches per step, --total_batch_tokens "
+          f"{cfg.total_batch_tokens:,} / (batch_size x seq_len x dp), '-' where not a whole number (a run refuses it)")
+    for line in skipped:
+        print(f"skipped: {line}")
+    # the simplest layout that fits: the fewest GPUs splitting the model (TP and PP cost
+    # communication inside every step), then the lowest ZeRO stage (3 all-gathers the weights twice)
+    fits = sorted((r for r in rows if r[5]["total"] < 0.9 * mem), key=lambda r: (r[1] * r[2], r[3], r[1]))
+    if fits:
+        dp, tp, pp, zero, _, m = fits[0]
+        print(f"pick: dp {dp} x tp {tp} x pp {pp}{f', ZeRO-{zero}' if zero else ''} ({m['total'] / G:,.1f} GiB per "
+              "GPU): the fewest GPUs splitting the model, then the lowest ZeRO stage, that fits")
+    else:
+        print(f"pick: nothing fits in 90% of {GPUS[gpu][0]} GiB: a smaller --batch_size (more accumulation), "
+              "more GPUs, or a larger --gpu")
+
+
+# -----------------------------------------------------------------------------
+# Ablations: `python train.py --ablate KEY=V1,V2,... [--ablate KEY2=...] [--key value ...]`
+#
+# The playbook's method: change one thing, keep everything else (seed, data, budget), and
+# compare on the evaluations you trust, with their noise. Every variant is a full run of the
+# same base config in OUT/<key=value,...>/, skipped when done and resumed when interrupted;
+# OUT/ABLATION.md compares them.
+
+def _values(text):
+    """"1,2,4" -> ["1", "2", "4"]; commas inside brackets stay ("[3],[]" -> ["[3]", "[]"])."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch in "[{") - (ch in "]}")
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [v.strip() for v in out + [cur]]
+
+
+def _split_ablate_args(argv):
+    """-> (out_dir, [(key, [values])], the base config's args)."""
+    out, grid, base, i = "runs/ablate", [], [], 0
+    while i < len(argv):
+        if argv[i] == "--ablate":
+            if i + 1 == len(argv) or "=" not in argv[i + 1]:
+                raise SystemExit("--ablate KEY=V1,V2,...: a config key and the values to compare")
+            key, _, vals = argv[i + 1].partition("=")
+            key = key.strip().lstrip("-").replace("-", "_")
+            _check_key(key, where="--ablate")
+            if key in ("out_dir", "resume", "init", "stage") or key in (k for k, _ in grid):
+                raise SystemExit(f"--ablate {key}: not a variable to compare (or given twice)")
+            grid.append((key, _values(vals)))
+            i += 2
+        elif argv[i] == "--out_dir" and i + 1 < len(argv):
+            out, i = argv[i + 1], i + 2
+        else:
+            base.append(argv[i])
+            i += 1
+    if not grid or len(list(itertools.product(*(v for _, v in grid)))) < 2:
+        raise SystemExit("--ablate KEY=V1,V2,...: at least two variants to compare")
+    return out, grid, base
+
+
+def ablate(argv):
+    """Every combination of the --ablate values on the base config, one after the other (the
+    first is the baseline the others are compared with), then OUT/ABLATION.md."""
+    out, grid, base = _split_ablate_args(argv)
+    os.makedirs(out, exist_ok=True)
+    times_path = os.path.join(out, "ablation.json")
+    times = json.load(open(times_path)) if os.path.exists(times_path) else {}
+    variants = []
+    try:
+        for combo in itertools.product(*(values for _, values in grid)):
+            name = ",".join(f"{k}={v}" for (k, _), v in zip(grid, combo))
+            run_dir = os.path.join(out, name.replace("/", "_").replace(" ", ""))
+            cfg, overrides = parse_config(base + [a for (k, _), v in zip(grid, combo) for a in (f"--{k}", v)]
+                                          + ["--out_dir", run_dir])
+            variants.append((name, run_dir, cfg))
+            done = checkpoints(run_dir)
+            if done and int(os.path.basename(done[-1])[5:]) >= cfg.max_steps:
+                print(f"ablation: {name} is done", flush=True)
+                continue
+            print(f"\n=== ablation: {name}{' (resumed)' if done else ''} -> {run_dir}", flush=True)
+            cfg.resume = bool(done)
+            t0 = time.time()
+            step = run(cfg, overrides)
+            times[name] = times.get(name, 0.0) + time.time() - t0
+            if int(os.environ.get("RANK", 0)) == 0:
+                eval.write_json(times_path, times)
+            if step < cfg.max_steps:
+                raise SystemExit(f"ablation: {name} stopped at step {step}; run the same command again to resume")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", 0)) == 0:
+        report = ablation_report(out, grid, variants, times, base)
+        print(report)
+        with open(os.path.join(out, "ABLATION.md"), "w") as f:
+            f.write(report)
+
+
+def ablation_report(out, grid, variants, times, base):
+    """The comparison: per variant its parameters, the final evaluation (value and 95%
+    interval), its median tokens/s and wall time; then each variant against the baseline,
+    metric by metric, saying whether the intervals even separate."""
+    rows = []
+    for name, run_dir, cfg in variants:
+        with open(os.path.join(run_dir, "report_card.json")) as f:
+            card = [r for r in json.load(f) if r.get("run") == os.path.abspath(run_dir) and r["step"] == cfg.max_steps]
+        with open(os.path.join(run_dir, "config.json")) as f:
+            mc = json.load(f)["model"]
+        with torch.device("meta"):    # a count, no memory
+            n_params = M.Model(M.ModelConfig(**mc)).num_params()[0]
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            speeds = [json.loads(line)["tokens_per_s"] for line in f if line.strip()]
+        rows.append((name, n_params, card[-1]["metrics"] if card else {}, statistics.median(speeds[len(speeds) // 5:])))
+    names = [k for k in rows[0][2] if k.endswith(eval.HEADLINE)]
+    title = "; ".join(f"{k} = {' / '.join(v)}" for k, v in grid)
+    lines = [f"# Ablation: {title}", "",
+             f"Base config: `python train.py {' '.join(base)}` (seed, data and steps shared). Final evaluation, "
+             f"value (95% interval); tokens/s is the median step's. {time.strftime('%Y-%m-%d')}, torch "
+             f"{torch.__version__}, {_machine()}.",
+             "", "| variant | params | " + " | ".join(names) + " | tokens/s | minutes |",
+             "|---|---|" + "---|" * (len(names) + 2)]
+    for name, n_params, metrics, speed in rows:
+        cells = [eval.fmt(metrics[n]) if n in metrics else "" for n in names]
+        lines.append(f"| {name} | {n_params / 1e6:.2f}M | " + " | ".join(cells) + f" | {speed:,.0f} | "
+                     f"{times.get(name, 0) / 60:.1f} |")
+    lines += ["", f"Against the baseline ({rows[0][0]}):", ""]
+    first = rows[0]
+    for name, n_params, metrics, speed in rows[1:]:
+        parts = []
+        for n in names:
+            if n in metrics and n in first[2]:
+                a, b = first[2][n], metrics[n]
+                apart = b["low"] > a["high"] or b["high"] < a["low"]
+                parts.append(f"{n} {b['value'] - a['value']:+.4g} ({'the intervals separate' if apart else 'within the noise'})")
+        parts.append(f"tokens/s x{speed / first[3]:.2f}")
+        lines.append(f"- {name}: " + "; ".join(parts))
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--plot"]:
@@ -1594,18 +2048,18 @@ def main(argv=None):
             raise SystemExit("usage: python train.py --plot RUN_DIR")
         plot(argv[1])
         return
+    if "--plan" in argv:
+        plan(argv)
+        return
+    if "--ablate" in argv:
+        ablate(argv)
+        return
+    if not argv or argv[0] == "--pipeline":
+        pipeline(argv[1:])
+        return
     cfg, overrides = parse_config(argv)
-    t = Trainer(cfg, overrides)
     try:
-        step = t.train()
-        if step >= cfg.max_steps and cfg.sample_tokens:
-            if cfg.pp > 1:
-                t.log("sample: skipped (generation across pipeline stages is not written here)")
-            elif t.rank == 0 or t.layout.sharded:
-                text = sample(t, n_tokens=cfg.sample_tokens)
-                t.log(f"sample: {text!r}")
-        if t.rank == 0 and step >= cfg.max_steps:
-            plot(cfg.out_dir)
+        run(cfg, overrides)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
