@@ -1,7 +1,7 @@
 """The default pipeline (`python train.py`): every stage from the previous one's checkpoint,
 skipped when done, resumed when interrupted, and the report card's checks."""
-import json
 from dataclasses import asdict
+import json
 import os
 
 import pytest
@@ -154,8 +154,10 @@ def test_pipeline_runs_every_stage_then_skips_then_resumes(chat_data_dir, tmp_pa
         abf = M.Model(M.ModelConfig(**{**asdict(pre.config), "rope_theta": 100000.0}))
         abf.load_state_dict(pre.state_dict())
         moved = eval.validation(abf.eval(), stage.val_batches("cpu", 1), tok_bytes, stage.names)["val_loss"]["value"]
-    assert card["midtrain (start)"]["val_loss"]["value"] == pytest.approx(want, rel=1e-5)
-    assert abs(moved - want) > 1e-4        # (so the check above tells the two apart)
+    got = card["midtrain (start)"]["val_loss"]["value"]
+    # an untrained 1-layer model hardly uses positions, so ABF moves its loss by ~1e-5: the
+    # card must sit ten times closer to the model as trained than to the rope_theta-moved one
+    assert moved != want and abs(got - want) < abs(got - moved) / 10
 
     # again: everything is done, nothing runs
     capsys.readouterr()

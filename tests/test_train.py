@@ -549,7 +549,8 @@ def test_preflight_fails_when_the_evaluation_loses_the_answers(data_dir, tmp_pat
 def test_report_card_grows_a_row_per_stage(data_dir, tmp_path, capsys):
     """Pretraining writes its row (val loss, bits per byte and task metrics with intervals) to
     run/report_card.json and .md, and eval.json into its last checkpoint; a mid-training run
-    from that checkpoint starts from the card and adds its own row. Task metrics reach
+    from that checkpoint starts from the card and adds its "(start)" row (the model as
+    pretrained, at the new sequence length) and its own. Task metrics reach
     metrics.jsonl at each evaluation."""
     first = tmp_path / "pre"
     assert trainer(data_dir, first, *TASKS, "--preflight", "false").train() == 6
@@ -569,7 +570,7 @@ def test_report_card_grows_a_row_per_stage(data_dir, tmp_path, capsys):
                                   "--sample_tokens", "0", "--preflight", "false", *TASKS])
     assert train.Trainer(cfg, ov).train() == 2
     card = json.loads((tmp_path / "mid" / "report_card.json").read_text())
-    assert [(r["stage"], r["step"]) for r in card] == [("pretrain", 6), ("midtrain", 2)]
+    assert [(r["stage"], r["step"]) for r in card] == [("pretrain", 6), ("midtrain (start)", 0), ("midtrain", 2)]
     out = capsys.readouterr().out
     assert "| midtrain | 2 |" in out and "| pretrain | 6 |" in out
 
