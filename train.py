@@ -37,7 +37,9 @@ Papers: Loshchilov & Hutter 2019 (AdamW); Hu et al. 2024 (MiniCPM: WSD); Hagele 
 Chowdhery et al. 2022 (PaLM: skipping spiking batches, MFU); Hugging Face 2025 (SmolLM3).
 
 Run:
-    python train.py                                   # tokenizer + built-in corpus + the tiny preset, a few CPU minutes
+    python train.py                                   # the pipeline: every stage below in turn, REPORT.md (~15 CPU minutes)
+    python train.py --pipeline --out_dir runs/p --sft.max_steps 120   # --key for every stage, --STAGE.key for one
+    python train.py --ablate n_kv_head=1,2,4 --max_steps 60   # every variant of one config, ABLATION.md compares them
     python train.py --max_steps 30 --out_dir runs/x   # any config field as --key value (model fields too: --n_layer 4)
     python train.py --config run.toml --lr 1e-3       # a TOML file, then flags on top
     python train.py --resume --out_dir runs/x         # continue from the latest checkpoint
@@ -1863,7 +1865,7 @@ def plan(argv):
     print(f"compute: {fpt / 1e6:,.1f} MFLOPs/token (6 per matmul weight + attention) x {count} tokens = "
           f"{tokens * fpt:.3g} FLOPs")
     print(f"time: at {100 * mfu:.0f}% MFU ({source}), {seconds / 3600:,.1f} hours = "
-          f"{seconds / 86400:,.1f} days on {gpus} GPUs; {peak * mfu / fpt:,.0f} tokens/s per GPU, "
+          f"{seconds / 86400:,.1f} days on {gpus} GPU{'s' if gpus > 1 else ''}; {peak * mfu / fpt:,.0f} tokens/s per GPU, "
           f"{gpus * peak * mfu / fpt:,.0f} in all")
     print(f"checkpoint: {(ckpt_w + ckpt_o) / G:,.2f} GiB per save (fp32 weights {ckpt_w / G:,.2f} + AdamW's fp32 "
           f"moments {ckpt_o / G:,.2f}); {cfg.keep_last + 1} on disk at once (--keep_last {cfg.keep_last} + the one "
