@@ -287,6 +287,19 @@ def arithmetic_pair(rng):
                                 "rejected": [sft.math_turn(wrong_steps, wrong, think)]}
 
 
+def faithful_pair(rng):
+    """(kind, key, record): a problem answered by the right worked solution (chosen) and by the
+    same working with a final answer it does not support (rejected), always in /think mode. A
+    slip takes arithmetic to catch; this takes reading one's own working, which a small model
+    can learn from a few hundred pairs: the preference the pipeline's APO-zero shows on held-out
+    problems (an answer should follow from its reasoning)."""
+    expr, steps, answer = sft.arithmetic_problem(rng)
+    q = rng.choice(["What is {}?", "Compute {}.", "Calculate {}, please.", "How much is {}?"]).format(expr)
+    wrong = answer + rng.choice([-10, -2, -1, 1, 2, 10])
+    return "faithful", expr, {"prompt": sft.opening(rng, q, True), "chosen": [sft.math_turn(steps, answer, True)],
+                              "rejected": [sft.math_turn(steps, wrong, True)]}
+
+
 def docstring_pair(rng, fn, functions):
     """(kind, key, record): "what does X do" answered by X's docstring (chosen) and by another
     function's, from the same module when it has one (rejected: fluent, and wrong)."""
@@ -300,7 +313,7 @@ def docstring_pair(rng, fn, functions):
                                "rejected": [{"role": "assistant", "content": other[1]}]}
 
 
-KINDS = ("arithmetic", "docstring")
+KINDS = ("arithmetic", "faithful", "docstring")
 
 
 def builtin_pairs(n=2000, seed=0):
@@ -310,7 +323,7 @@ def builtin_pairs(n=2000, seed=0):
     of the built-in SFT data too."""
     rng = random.Random(seed)
     functions = sft.stdlib_functions()
-    items = [arithmetic_pair(rng) for _ in range(n)]
+    items = [arithmetic_pair(rng) if i % 2 == 0 else faithful_pair(rng) for i in range(n)]
     items += [docstring_pair(rng, fn, functions) for fn in functions for _ in range(2)]
     out = {"train": [], "val": []}
     for kind, key, rec in items:

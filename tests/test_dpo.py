@@ -239,8 +239,9 @@ QUESTION = re.compile(r"^(?:What is|Compute|Calculate|How much is) (.+?)(?:\?|\.
 
 def test_builtin_pairs_are_deterministic_held_out_as_sft_and_rejected_answers_are_wrong():
     """Same seed, same pairs; the chosen answer is the expression's value and the rejected one
-    is not (its working ends on the wrong number); held out exactly where sft.py holds the
-    same question (expression or function name) out; both kinds in both splits."""
+    is not (its working ends on the wrong number, or, for "faithful", the right working ends
+    on another answer); held out exactly where sft.py holds the same question (expression or
+    function name) out; every kind in both splits."""
     a = dpo.builtin_pairs(n=300, seed=3)
     assert a == dpo.builtin_pairs(n=300, seed=3) and a != dpo.builtin_pairs(n=300, seed=4)
     for split, items in a.items():
@@ -255,8 +256,11 @@ def test_builtin_pairs_are_deterministic_held_out_as_sft_and_rejected_answers_ar
                 chosen = int(rec["chosen"][0]["content"].split()[-1].rstrip("."))
                 wrong = int(rec["rejected"][0]["content"].split()[-1].rstrip("."))
                 assert chosen == eval(key) != wrong, rec       # noqa: S307 (digits and + - * only)
-                if "reasoning" in rec["rejected"][0]:
-                    steps = rec["rejected"][0]["reasoning"].split("\n")
+                steps = rec["rejected"][0].get("reasoning", "").split("\n")
+                if kind == "faithful":     # the same (right) working, an answer it does not support
+                    assert rec["rejected"][0]["reasoning"] == rec["chosen"][0]["reasoning"]
+                    assert steps[-1].endswith(f"= {chosen}")
+                elif "reasoning" in rec["rejected"][0]:     # a slip, carried through to the answer
                     assert steps[-1].endswith(f"= {wrong}") and steps != rec["chosen"][0]["reasoning"].split("\n")
             assert sft.is_heldout(key) == (split == "val"), (key, split)
     assert {k for k, _ in a["train"]} == set(dpo.KINDS) == {k for k, _ in a["val"]}
