@@ -300,6 +300,19 @@ def faithful_pair(rng):
                               "rejected": [sft.math_turn(steps, wrong, True)]}
 
 
+def complete_pair(rng):
+    """(kind, key, record): a problem answered by the whole worked solution (chosen) and by the
+    working cut off after its first step, with no answer (rejected: what a model that stops
+    early says), in /think mode. The rejected reply is shorter, so a model fresh from SFT
+    finds it the more likely one (summed log-probabilities): the preference a small model
+    learns first, finishing what it starts, as real preference data teaches format and
+    completeness long before correctness."""
+    expr, steps, answer = sft.arithmetic_problem(rng)
+    q = rng.choice(["What is {}?", "Compute {}.", "Calculate {}, please.", "How much is {}?"]).format(expr)
+    return "complete", expr, {"prompt": sft.opening(rng, q, True), "chosen": [sft.math_turn(steps, answer, True)],
+                              "rejected": [{"role": "assistant", "content": "", "reasoning": steps[0]}]}
+
+
 def docstring_pair(rng, fn, functions):
     """(kind, key, record): "what does X do" answered by X's docstring (chosen) and by another
     function's, from the same module when it has one (rejected: fluent, and wrong)."""
@@ -313,7 +326,7 @@ def docstring_pair(rng, fn, functions):
                                "rejected": [{"role": "assistant", "content": other[1]}]}
 
 
-KINDS = ("arithmetic", "faithful", "docstring")
+KINDS = ("arithmetic", "faithful", "complete", "docstring")
 
 
 def builtin_pairs(n=2000, seed=0):
@@ -323,7 +336,7 @@ def builtin_pairs(n=2000, seed=0):
     of the built-in SFT data too."""
     rng = random.Random(seed)
     functions = sft.stdlib_functions()
-    items = [arithmetic_pair(rng) if i % 2 == 0 else faithful_pair(rng) for i in range(n)]
+    items = [(arithmetic_pair, faithful_pair, complete_pair)[i % 3](rng) for i in range(n)]
     items += [docstring_pair(rng, fn, functions) for fn in functions for _ in range(2)]
     out = {"train": [], "val": []}
     for kind, key, rec in items:

@@ -1645,9 +1645,11 @@ PIPELINE = (
     # peak, on the mid-training mixture
     ("midtrain", ["--max_steps", "30", "--lr", "1e-3", "--warmup_steps", "5", "--eval_every", "30",
                   "--ckpt_every", "30", "--eval_tasks", ""]),
-    ("sft", []),
-    ("dpo", []),      # APO-zero: dpo.py's default loss
-    ("rl", []),       # GRPO with DAPO's aggregation, clip-higher and dynamic sampling
+    # one evaluation at the end of each post-training stage (and the one at its start): each
+    # costs tens of seconds of generation, and the 15-minute budget has no room for the middle ones
+    ("sft", ["--eval_every", "80"]),
+    ("dpo", ["--eval_every", "60"]),      # APO-zero: dpo.py's default loss
+    ("rl", ["--eval_every", "60"]),       # GRPO with DAPO's aggregation, clip-higher and dynamic sampling
 )
 
 

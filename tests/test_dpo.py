@@ -240,7 +240,7 @@ QUESTION = re.compile(r"^(?:What is|Compute|Calculate|How much is) (.+?)(?:\?|\.
 def test_builtin_pairs_are_deterministic_held_out_as_sft_and_rejected_answers_are_wrong():
     """Same seed, same pairs; the chosen answer is the expression's value and the rejected one
     is not (its working ends on the wrong number, or, for "faithful", the right working ends
-    on another answer); held out exactly where sft.py holds the same question (expression or
+    on another answer; for "complete", the working stops after its first step); held out exactly where sft.py holds the same question (expression or
     function name) out; every kind in both splits."""
     a = dpo.builtin_pairs(n=300, seed=3)
     assert a == dpo.builtin_pairs(n=300, seed=3) and a != dpo.builtin_pairs(n=300, seed=4)
@@ -254,13 +254,18 @@ def test_builtin_pairs_are_deterministic_held_out_as_sft_and_rejected_answers_ar
                 key = QUESTION.match(question).group(1)
                 assert re.fullmatch(r"[\d ()+*-]+", key)
                 chosen = int(rec["chosen"][0]["content"].split()[-1].rstrip("."))
-                wrong = int(rec["rejected"][0]["content"].split()[-1].rstrip("."))
-                assert chosen == eval(key) != wrong, rec       # noqa: S307 (digits and + - * only)
+                assert chosen == eval(key), rec       # noqa: S307 (digits and + - * only)
                 steps = rec["rejected"][0].get("reasoning", "").split("\n")
+                if kind == "complete":     # the first step of the working, then nothing
+                    assert rec["rejected"][0]["content"] == "" and len(steps) == 1
+                    assert steps[0] == rec["chosen"][0]["reasoning"].split("\n")[0]
+                else:
+                    wrong = int(rec["rejected"][0]["content"].split()[-1].rstrip("."))
+                    assert wrong != chosen, rec
                 if kind == "faithful":     # the same (right) working, an answer it does not support
                     assert rec["rejected"][0]["reasoning"] == rec["chosen"][0]["reasoning"]
                     assert steps[-1].endswith(f"= {chosen}")
-                elif "reasoning" in rec["rejected"][0]:     # a slip, carried through to the answer
+                elif kind == "arithmetic" and "reasoning" in rec["rejected"][0]:     # a slip, carried through to the answer
                     assert steps[-1].endswith(f"= {wrong}") and steps != rec["chosen"][0]["reasoning"].split("\n")
             assert sft.is_heldout(key) == (split == "val"), (key, split)
     assert {k for k, _ in a["train"]} == set(dpo.KINDS) == {k for k, _ in a["val"]}
@@ -277,8 +282,8 @@ def tiny(tok, seed=0):
 
 @pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory):
-    """60 built-in pairs (both kinds) as a jsonl in TRL's conversational shape."""
-    items = dpo.builtin_pairs(n=40, seed=1)["train"]
+    """60 built-in pairs (40 arithmetic, 20 docstring) as a jsonl in TRL's conversational shape."""
+    items = dpo.builtin_pairs(n=120, seed=1)["train"]
     items = [x for x in items if x[0] == "arithmetic"][:40] + [x for x in items if x[0] == "docstring"][:20]
     path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
     path.write_text("".join(json.dumps(rec) + "\n" for _, rec in items))
@@ -331,6 +336,8 @@ def test_cached_reference_equals_the_frozen_copy(small_tokenizer, pairs_file):
         for ga, gb in zip(grads[0][1], grads[1][1]):
             torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-7)
         for k in grads[0][2]:
+            if step == 0 and k == "accuracies":     # margins are 0 up to rounding: ties either way
+                continue
             assert grads[0][2][k].item() == pytest.approx(grads[1][2][k].item(), rel=1e-5, abs=1e-6)
         opt.step()
 

@@ -449,9 +449,9 @@ def test_reward_model_stage_learns_the_builtin_pairs(small_tokenizer):
     stage = rl.RewardModelStage(small_tokenizer, 256, 8, model, log=logs.append)
     assert "reward-model data" in logs[0] and "Bradley-Terry" in logs[0]
     batch = stage.next_batch()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)     # (3e-3 overshoots on this batch)
     first = stage.loss(model, batch)[0].item()
-    for _ in range(10):
+    for _ in range(16):
         loss, aux = stage.loss(model, batch)
         opt.zero_grad()
         loss.backward()
