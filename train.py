@@ -1682,6 +1682,26 @@ def _split_pipeline_args(argv):
     return out, common, own
 
 
+def run_unless_done(what, name, cfg, overrides, times, times_path):
+    """One run of a pipeline or an ablation: skipped when its directory holds the final
+    checkpoint, resumed from the latest one when it holds some, its wall time added to
+    times[name] (saved to times_path). A run a signal stopped ends the process: the same
+    command again resumes it."""
+    done = checkpoints(cfg.out_dir)
+    if done and int(os.path.basename(done[-1])[5:]) >= cfg.max_steps:
+        print(f"{what}: {name} is done ({done[-1]})", flush=True)
+        return
+    print(f"\n=== {what}: {name}{' (resumed)' if done else ''} -> {cfg.out_dir}", flush=True)
+    cfg.resume = bool(done)
+    t0 = time.time()
+    step = run(cfg, overrides)
+    times[name] = times.get(name, 0.0) + time.time() - t0
+    if int(os.environ.get("RANK", 0)) == 0:
+        eval.write_json(times_path, times)
+    if step < cfg.max_steps:
+        raise SystemExit(f"{what}: {name} stopped at step {step}; run the same command again to resume")
+
+
 def pipeline(argv):
     """Every stage of PIPELINE in turn (the tokenizer and the built-in corpus are prepared by
     the first), skipping those already finished and resuming the one a crash or a signal
@@ -1703,19 +1723,7 @@ def pipeline(argv):
                                "--max_seq_len", str(max(context, trained["model_config"]["max_seq_len"]))]
             cfg, overrides = parse_config(["--stage", name, *args, *common, *own[name], "--out_dir", run_dir,
                                            *(["--init", init] if init else [])])
-            done = checkpoints(run_dir)
-            if done and int(os.path.basename(done[-1])[5:]) >= cfg.max_steps:
-                print(f"pipeline: {name} is done ({done[-1]})", flush=True)
-            else:
-                print(f"\n=== pipeline: {name}{' (resumed)' if done else ''} -> {run_dir}", flush=True)
-                cfg.resume = bool(done)
-                t0 = time.time()
-                step = run(cfg, overrides)
-                times[name] = times.get(name, 0.0) + time.time() - t0
-                if int(os.environ.get("RANK", 0)) == 0:
-                    eval.write_json(times_path, times)
-                if step < cfg.max_steps:
-                    raise SystemExit(f"pipeline: {name} stopped at step {step}; run the same command again to resume")
+            run_unless_done("pipeline", name, cfg, overrides, times, times_path)
             init = checkpoints(run_dir)[-1]
     finally:
         if dist.is_initialized():
@@ -1983,19 +1991,7 @@ def ablate(argv):
             cfg, overrides = parse_config(base + [a for (k, _), v in zip(grid, combo) for a in (f"--{k}", v)]
                                           + ["--out_dir", run_dir])
             variants.append((name, run_dir, cfg))
-            done = checkpoints(run_dir)
-            if done and int(os.path.basename(done[-1])[5:]) >= cfg.max_steps:
-                print(f"ablation: {name} is done", flush=True)
-                continue
-            print(f"\n=== ablation: {name}{' (resumed)' if done else ''} -> {run_dir}", flush=True)
-            cfg.resume = bool(done)
-            t0 = time.time()
-            step = run(cfg, overrides)
-            times[name] = times.get(name, 0.0) + time.time() - t0
-            if int(os.environ.get("RANK", 0)) == 0:
-                eval.write_json(times_path, times)
-            if step < cfg.max_steps:
-                raise SystemExit(f"ablation: {name} stopped at step {step}; run the same command again to resume")
+            run_unless_done("ablation", name, cfg, overrides, times, times_path)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
