@@ -472,6 +472,9 @@ class DPOStage:
         if len(self.train) < batch_size * world_size:
             raise ValueError(f"{data}: {len(self.train)} training examples, fewer than one batch of {batch_size} "
                              f"on each of {world_size} ranks")
+        if len(self.val) < world_size:      # (evaluation gives every rank a share)
+            raise ValueError(f"{data}: {len(self.val)} held-out examples (2% of the rows, by a hash of each), "
+                             f"fewer than the {world_size} rank(s) that evaluate them: a file with more rows")
         self.needs_ref = loss_type not in REFERENCE_FREE
         self.ref_mode = ref if self.needs_ref else "none"
         self.ref_model = None

@@ -282,8 +282,8 @@ def tiny(tok, seed=0):
 
 @pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory):
-    """60 built-in pairs (40 arithmetic, 20 docstring) as a jsonl in TRL's conversational shape."""
-    items = dpo.builtin_pairs(n=120, seed=1)["train"]
+    """60 built-in pairs (40 arithmetic, 20 docstring; 2 held out) as a jsonl in TRL's conversational shape."""
+    items = dpo.builtin_pairs(n=180, seed=1)["train"]
     items = [x for x in items if x[0] == "arithmetic"][:40] + [x for x in items if x[0] == "docstring"][:20]
     path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
     path.write_text("".join(json.dumps(rec) + "\n" for _, rec in items))
@@ -310,6 +310,17 @@ def test_a_rows_summed_log_prob_is_the_completions_given_the_prompt(small_tokeni
         want = sum(lp[len(prompt) + j - 1, t].item() for j, (t, m) in enumerate(zip(ids, mask)) if m)
         assert logps[row].item() == pytest.approx(want, rel=1e-5)
         assert sum(mask) == (batch["labels"][row] != -100).sum().item()
+
+
+def test_a_file_with_no_held_out_pair_is_refused_by_name(small_tokenizer, tmp_path):
+    """Evaluation needs held-out pairs (2% of a file's rows, by hash): a file that leaves none
+    is refused at the start, naming the file, not with an empty batch in the first evaluation."""
+    items = dpo.builtin_pairs(n=80, seed=2)["train"][:80]
+    assert not any(sft.is_heldout(json.dumps(r), 0.02) for _, r in items)     # (none of these is held out)
+    path = tmp_path / "few.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for _, r in items))
+    with pytest.raises(ValueError, match=r"few.jsonl: 0 held-out examples"):
+        stage(small_tokenizer, str(path))
 
 
 def test_cached_reference_equals_the_frozen_copy(small_tokenizer, pairs_file):

@@ -818,9 +818,9 @@ def test_sft_bad_data_is_a_clean_exit(sft_init, tmp_path):
 
 @pytest.fixture(scope="module")
 def dpo_pairs(tmp_path_factory):
-    """80 built-in preference pairs as a jsonl (TRL's conversational shape)."""
+    """160 built-in preference pairs as a jsonl (TRL's conversational shape): 2 of them held out."""
     path = tmp_path_factory.mktemp("dpo") / "pairs.jsonl"
-    path.write_text("".join(json.dumps(rec) + "\n" for _, rec in dpo.builtin_pairs(n=80, seed=2)["train"][:80]))
+    path.write_text("".join(json.dumps(rec) + "\n" for _, rec in dpo.builtin_pairs(n=80, seed=2)["train"][:160]))
     return str(path)
 
 
