@@ -1078,6 +1078,10 @@ def _parallel_worker(rank, world, store, spec, out):
                 "seconds": statistics.median(t[i].tolist()), "times": t[i].tolist(), "memory": memory[impl],
                 "loss": losses[impl], "counted": {k: v / spec["steps"] for k, v in counts[impl].items()}}
         torch.save(result, f"{out}.{rank}")
+        # every rank done before any tears gloo down: a rank leaving while its peer's last
+        # exchange was in flight aborted once in a CI run ("terminate called without an
+        # active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
