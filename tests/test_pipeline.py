@@ -79,7 +79,7 @@ def test_pipeline_checks_pass_when_every_stage_did_its_job(tmp_path):
     assert all(ok for *_, ok in checks)
     evidence = {stage: text for stage, _, text, _ in checks}
     assert evidence["pretrain"] == "3.000 -> 2.800 -> 2.600 (steps 40, 80, 120)"
-    assert evidence["rl"] == "0.030 -> 0.200 (+17.0 points)"
+    assert evidence["rl"] == "0.030 -> 0.200 (+17.0 points; the commonest answer: 0.158)"
 
 
 @pytest.mark.parametrize("stage, change", [
@@ -89,6 +89,7 @@ def test_pipeline_checks_pass_when_every_stage_did_its_job(tmp_path):
     ("sft", {"template": (1.0, 0.94)}),              # one task's adherence under 95%
     ("dpo", {"pref": (0.6, 0.6)}),
     ("rl", {"easy": (0.03, 0.12)}),                  # +9 points: short of 10
+    ("rl", {"easy": (0.0, 0.15)}),                   # +15 points, but "always 1" scores 3 of 19
 ])
 def test_pipeline_checks_fail_each_stage_that_did_not(tmp_path, stage, change):
     verdicts = _verdicts(_write_runs(str(tmp_path), **change))

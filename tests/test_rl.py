@@ -281,6 +281,20 @@ def test_builtin_problems_levels_answers_and_heldout():
     assert [r["kind"] for r in train[:6]] == list(rl.LEVELS) * 2
 
 
+def test_heldout_problems_each_expression_once():
+    val = rl.heldout_problems()
+    keys = [r["key"] for r in val]
+    assert len(keys) == len(set(keys)) and all(sft.is_heldout(k) for k in keys)
+    # the easy level is complete: every held-out sum or difference of two digits, enumerated here
+    easy = {f"{a} {op} {b}" for a in range(10) for b in range(10) for op in "+-" if sft.is_heldout(f"{a} {op} {b}")}
+    assert {r["key"] for r in val if r["kind"] == "easy"} == easy and len(easy) == 19
+    assert [sum(r["kind"] == level for r in val) for level in rl.LEVELS] == [19, 64, 64]
+    # three of them answer 1 (4 - 3, 8 - 7, 9 - 8), more than any other answer
+    assert rl.commonest_answer_share([r for r in val if r["kind"] == "easy"]) == 3 / 19
+    assert rl.commonest_answer_share([{"answer": "2"}, {"answer": "5"}, {"answer": "2"}, {"answer": "7"}]) == 0.5
+    assert rl.commonest_answer_share([]) == 0.0
+
+
 def test_read_problems_gsm8k_shape_and_errors(tmp_path):
     path = tmp_path / "gsm.jsonl"
     path.write_text(json.dumps({"question": "Tom has 3 apples and buys 4. How many?",
