@@ -1649,7 +1649,7 @@ PIPELINE = (
     # one evaluation at the end of each post-training stage (and the one at its start): each
     # costs tens of seconds of generation, and the 15-minute budget has no room for the middle
     # ones; 30 steps of APO-zero and of GRPO rather than 60, for the same reason (with 40 of
-    # each the whole pipeline took 14.8 minutes, and 15.9 on a day the machine ran 15% slower)
+    # each the whole pipeline took 14.8 minutes, and 15.9 at an hour the machine ran 15% slower)
     ("sft", ["--eval_every", "80"]),
     ("dpo", ["--max_steps", "30", "--eval_every", "30"]),      # APO-zero: dpo.py's default loss
     ("rl", ["--max_steps", "30", "--eval_every", "30"]),       # GRPO: DAPO's loss, clip-higher, dynamic sampling
