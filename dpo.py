@@ -276,16 +276,12 @@ def _slipped(rng, steps, answer):
     return [steps[0], f"{l2} = {int(r2) + slip}"], int(r2) + slip
 
 
-def _ask(rng, expr):
-    return rng.choice(["What is {}?", "Compute {}.", "Calculate {}, please.", "How much is {}?"]).format(expr)
-
-
 def arithmetic_pair(rng):
     """(kind, key, record): a problem answered by the right worked solution (chosen) and by one
     with a slip (rejected); a quarter in /no_think mode, answers without the working."""
     expr, steps, answer = sft.arithmetic_problem(rng)
     think = rng.random() < 0.75
-    q = _ask(rng, expr)
+    q = sft.ask(rng, expr)
     wrong_steps, wrong = _slipped(rng, steps, answer)
     return "arithmetic", expr, {"prompt": sft.opening(rng, q, think), "chosen": [sft.math_turn(steps, answer, think)],
                                 "rejected": [sft.math_turn(wrong_steps, wrong, think)]}
@@ -295,10 +291,10 @@ def faithful_pair(rng):
     """(kind, key, record): a problem answered by the right worked solution (chosen) and by the
     same working with a final answer it does not support (rejected), always in /think mode. A
     slip takes arithmetic to catch; this takes reading one's own working (an answer should
-    follow from its reasoning). The pipeline's 6M-parameter model does not learn it in 40
-    APO-zero steps (0.63 -> 0.59 held out, within the noise: README)."""
+    follow from its reasoning). The pipeline's 6M-parameter model does not learn it in 30
+    APO-zero steps (0.63 -> 0.63 held out: README)."""
     expr, steps, answer = sft.arithmetic_problem(rng)
-    q = _ask(rng, expr)
+    q = sft.ask(rng, expr)
     wrong = answer + rng.choice([-10, -2, -1, 1, 2, 10])
     return "faithful", expr, {"prompt": sft.opening(rng, q, True), "chosen": [sft.math_turn(steps, answer, True)],
                               "rejected": [sft.math_turn(steps, wrong, True)]}
@@ -312,7 +308,7 @@ def complete_pair(rng):
     learns first, finishing what it starts, as real preference data teaches format and
     completeness long before correctness."""
     expr, steps, answer = sft.arithmetic_problem(rng)
-    q = _ask(rng, expr)
+    q = sft.ask(rng, expr)
     return "complete", expr, {"prompt": sft.opening(rng, q, True), "chosen": [sft.math_turn(steps, answer, True)],
                               "rejected": [{"role": "assistant", "content": "", "reasoning": steps[0]}]}
 

@@ -159,7 +159,7 @@ def builtin_problem(rng, level):
     (/think 3 times in 4); `solution` is the assistant turn SFT would train on."""
     expr, steps, answer = problem(rng, level)
     think = rng.random() < 0.75
-    q = rng.choice(["What is {}?", "Compute {}.", "Calculate {}, please.", "How much is {}?"]).format(expr)
+    q = sft.ask(rng, expr)
     return {"kind": level, "key": expr, "messages": sft.opening(rng, q, think), "answer": str(answer),
             "solution": sft.math_turn(steps, answer, think)}
 

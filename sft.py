@@ -273,6 +273,11 @@ def opening(rng, question, think):
     return (system if where == "system" or rng.random() < 0.3 else []) + [user]
 
 
+def ask(rng, expr):
+    """The question about an expression, in one of four phrasings (SFT's, DPO's and RL's)."""
+    return rng.choice(["What is {}?", "Compute {}.", "Calculate {}, please.", "How much is {}?"]).format(expr)
+
+
 def math_turn(steps, answer, think):
     return {"role": "assistant", "content": f"The answer is {answer}.",
             **({"reasoning": "\n".join(steps)} if think else {})}
@@ -284,7 +289,7 @@ def arithmetic_conversation(rng):
     first question, so a held-out problem is held out with its follow-ups."""
     expr, steps, answer = arithmetic_problem(rng)
     think = rng.random() < 0.75
-    q = rng.choice(["What is {}?", "Compute {}.", "Calculate {}, please.", "How much is {}?"]).format(expr)
+    q = ask(rng, expr)
     messages = opening(rng, q, think) + [math_turn(steps, answer, think)]
     if rng.random() < 0.5:
         return "arithmetic", expr, messages
