@@ -588,6 +588,9 @@ class DPOStage:
         return losses, metrics, aux
 
     def loss(self, model, batch):
+        """The mean over the batch's pairs (or KTO's examples): a loss per pair, not per token,
+        as TRL's; every micro-batch holds batch_size of them, so train.py weighs micro-batches
+        equally. (ORPO's NLL term is a mean per chosen completion, as in the paper.)"""
         losses, metrics, aux = self.losses(model, batch)
         loss = losses.mean()
         if "moe_loss" in aux:               # an MoE model's balancing terms, as in pretraining

@@ -1450,12 +1450,13 @@ class PipelineStage(nn.Module):
 # -----------------------------------------------------------------------------
 # The step: forwards and backwards of all micro-batches, activations passed along
 
-def pipeline_step(stage, micro_batches, schedule="1f1b"):
+def pipeline_step(stage, micro_batches, schedule="1f1b", weights=None):
     """Forward and backward of every micro-batch (dicts of input_ids, labels, position_ids; every
     stage gets the same list, only the last stage reads labels) through the pipeline, in the
-    schedule's order. Each loss is scaled by 1/len(micro_batches), so the gradients that pile up
-    in .grad are those of the mean over micro-batches, as gradient accumulation gives; step
-    the optimizer afterwards. Gradients add up across calls too (the tied matrix's included).
+    schedule's order. Each loss is scaled by its weight, 1/len(micro_batches) by default, so the
+    gradients that pile up in .grad are those of the mean over micro-batches, as gradient
+    accumulation gives (train.py passes each micro-batch's share of the step's trained tokens
+    instead, for one token mean); step the optimizer afterwards. Gradients add up across calls too (the tied matrix's included).
 
     Returns (losses, aux): the per-micro-batch losses on every stage (float32 scalars sent from
     the last stage, for logging), and the head's aux dict of each micro-batch on the last stage
@@ -1518,7 +1519,7 @@ def pipeline_step(stage, micro_batches, schedule="1f1b"):
             if stage.is_last:
                 _, loss, auxes[i] = out
                 losses[i] = loss.detach().float()
-                outputs[i] = loss / M
+                outputs[i] = loss * (weights[i] if weights is not None else 1 / M)
             else:
                 outputs[i] = out
             in_flight += 1

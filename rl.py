@@ -417,6 +417,7 @@ class RewardModelStage:
         return self.pairs.next_batch()
 
     def loss(self, model, batch):
+        """The Bradley-Terry loss, a mean over the batch's pairs (per pair, not per token)."""
         r, aux = reward_scores(model, self.head, batch, with_aux=True)
         B = len(r) // 2
         loss = bradley_terry_loss(r[:B], r[B:], center_coef=self.center_coef).mean()
@@ -697,6 +698,11 @@ class RLStage:
     # -- the loss
 
     def loss(self, model, batch):
+        """The policy loss, aggregated as loss_type says (policy_loss): grpo per completion,
+        bnpo per micro-batch token, dr_grpo per B x max_new_tokens, dapo per completion token
+        of the whole step (tokens_per_micro_batch: the rollout's count over every micro-batch
+        and rank). Each is already the step's normalisation, so train.py weighs micro-batches
+        equally."""
         mask = (batch["labels"] != -100).float()
         if self.teacher is not None and self.distill == "gjsd":   # GKD: whole distributions, no advantages
             logits, _, aux = model(batch["input_ids"], position_ids=batch["position_ids"])

@@ -452,6 +452,8 @@ class SFTStage:
     takes rows r, r + world_size, ... so ranks never share a conversation."""
 
     mask_warn = 0.95       # preflight: prompts and padding are masked here, most of a row may be
+    token_mean = True      # the loss is a mean over assistant tokens: train.py makes the step's one over all of
+                           # the global batch's, so a long answer counts for its tokens, however rows are split
 
     def __init__(self, tokenizer, seq_len, batch_size, data="builtin", packing=True, train_on="assistant",
                  overlong="truncate", seed=0, rank=0, world_size=1, log=print):
@@ -514,6 +516,7 @@ class SFTStage:
         return collate([make_row([self.train[i] for i in row], self.seq_len, self.pad_id) for row in rows])
 
     def loss(self, model, batch):
+        """The mean cross-entropy over the batch's trained (assistant) tokens."""
         _, loss, aux = model(batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"])
         return loss, aux
 

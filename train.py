@@ -528,6 +528,7 @@ class PretrainStage:
     where the weights start."""
 
     mask_warn = 0.5        # preflight: over half the labels masked is suspicious in plain text
+    token_mean = True      # the loss is a mean over trained tokens: the step's is one over all of them
 
     def __init__(self, cfg, rank=0, world_size=1, total_tokens=0):
         self.cfg = cfg
@@ -560,6 +561,8 @@ class PretrainStage:
         return next(self.loader)
 
     def loss(self, model, batch):
+        """The mean cross-entropy over the batch's trained tokens (Trainer.loss_weights makes
+        the step's loss one mean over every token of the global batch)."""
         _, loss, aux = model(batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"])
         return loss, aux
 
@@ -911,7 +914,7 @@ def preflight(t):
     # 1. the initial loss of a fresh model is ln(vocab): it knows nothing and claims nothing
     model.zero_grad(set_to_none=True)
     t0 = time.perf_counter()
-    _, losses, _, _ = t.forward_backward(lambda: batch, 1)
+    _, losses, _, _, _ = t.forward_backward(lambda: batch, 1)
     if device.type == "cuda":
         torch.cuda.synchronize()
     step_time = time.perf_counter() - t0
@@ -1256,23 +1259,22 @@ class Trainer:
             alert(self.cfg.out_dir, self.cfg.alert_cmd, step, kind, message)
 
     def forward_backward(self, fetch, n):
-        """Forward and backward of one step's n micro-batches (fetch() gives the next, read just
-        before its forward): gradients accumulate (each loss divided by n) and are averaged over
-        the data-parallel ranks once, with the last backward. Returns (batches, losses, aux
-        dicts, this rank's forward seconds)."""
-        model, batches = self.model, []
+        """Forward and backward of one step's n micro-batches (fetch() gives the next): gradients
+        accumulate, each loss scaled by its weight (loss_weights), and are averaged over the
+        data-parallel ranks once, with the last backward. Returns (batches, losses, weights,
+        aux dicts, this rank's forward seconds)."""
+        model = self.model
+        batches = [fetch() for _ in range(n)]     # all of them first: a token mean counts them before any backward
+        weights = self.loss_weights(batches)
         if self.layout.pp > 1:   # the pipeline runs every micro-batch's forward and backward itself
-            batches = [fetch() for _ in range(n)]
             t0 = time.perf_counter()
             with model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext(), self.autocast:
-                losses, auxes = parallel.pipeline_step(self.layout.pp_stage, batches)
+                losses, auxes = parallel.pipeline_step(self.layout.pp_stage, batches, weights=weights)
             if hasattr(model, "reduce_now"):
                 model.reduce_now()    # the pipeline's many backwards ran inside no_sync: average once
-            return batches, losses, auxes or [{}] * n, time.perf_counter() - t0
+            return batches, losses, weights, auxes or [{}] * n, time.perf_counter() - t0
         losses, auxes, fwd = [], [], 0.0
-        for i in range(n):
-            batch = fetch()
-            batches.append(batch)
+        for i, (batch, w) in enumerate(zip(batches, weights)):
             # DDP all-reduces gradients in backward: only on the last micro-batch (wrappers
             # without no_sync, FSDP2 and TP alone, communicate on every micro-batch)
             sync = i == n - 1 or not hasattr(model, "no_sync")
@@ -1283,10 +1285,33 @@ class Trainer:
                 if self.world_size > 1 and self.device.type == "cuda":
                     torch.cuda.synchronize()       # the forward's own time, for the straggler check
                 fwd += time.perf_counter() - t0
-                (loss / n).backward()
+                (loss * w).backward()
             losses.append(loss.detach())
             auxes.append(aux)
-        return batches, losses, auxes, fwd
+        return batches, losses, weights, auxes, fwd
+
+    def loss_weights(self, batches):
+        """What each micro-batch's loss is multiplied by before its backward, so that the step's
+        gradient is that of the stage's loss over the whole global batch, however it is split
+        into micro-batches, accumulation steps and data-parallel ranks.
+
+        A token mean (pretraining, SFT: stage.token_mean) is one mean over every trained token
+        (labels != -100) of the global step: micro-batch i's mean times n_i / N, with N counted
+        over all data-parallel ranks before any backward, times dp because the data-parallel
+        reduction then averages the ranks. (Each micro-batch's own mean divided by the number
+        of micro-batches would weigh an SFT row of 10 assistant tokens as much as one of 1,000,
+        and change the objective with the split: the bug transformers fixed with
+        num_items_in_batch.) A loss defined per pair or per sequence (the DPO family, the
+        reward model) or normalised by the stage itself (rl.py's aggregations) is a mean over
+        equal-sized micro-batches: 1/n each."""
+        n = len(batches)
+        if not getattr(self.stage, "token_mean", False):
+            return [1.0 / n] * n
+        counts = torch.stack([(b["labels"] != -100).sum() for b in batches]).double()
+        total = counts.sum()
+        if self.dp > 1:
+            dist.all_reduce(total, group=self.layout.group("dp"))
+        return (counts * self.dp / total.clamp(min=1)).tolist()
 
     @contextlib.contextmanager
     def whole_model(self):
@@ -1459,16 +1484,16 @@ class Trainer:
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
             t0 = time.perf_counter()
-            # per-source (loss sum, tokens), then (mean-loss sum, micro-batches), then (stop, -),
+            # per-source (loss sum, tokens), then (weighted loss sum, weights), then (stop, -),
             # then the stage's own metrics (sum, micro-batches; DPO: rewards, margins): one
             # all-reduce carries them all, so every rank agrees on the loss and on stopping
             S, extra = len(self.stage.names), getattr(self.stage, "metric_names", ())
             stats = torch.zeros(S + 2 + len(extra), 2, device=self.device)
             one = torch.ones((), device=self.device)
             rollouts = getattr(self.stage, "rollouts", 0)
-            batches, losses, auxes, fwd_time = self.forward_backward(self.next_batch, self.accum)
-            for batch, loss, aux in zip(batches, losses, auxes):
-                stats[S] += torch.stack([loss.float(), one])
+            batches, losses, weights, auxes, fwd_time = self.forward_backward(self.next_batch, self.accum)
+            for batch, loss, w, aux in zip(batches, losses, weights, auxes):
+                stats[S] += torch.stack([loss.float() * w, one * w])     # the loss the step's gradient is of
                 n_tok = (batch["labels"] != -100).sum(1).float()
                 if "source" in batch and "row_ce" in aux:   # (a pipeline's last stage has the rows)
                     stats[:S, 0].index_add_(0, batch["source"], aux["row_ce"].float() * n_tok)

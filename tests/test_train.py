@@ -6,12 +6,14 @@ preflight failures, the NaN skip and rollback path, set-up errors, and plot().
 End-to-end subprocess runs (kill -9 and resume, SIGTERM, torchrun) live in test_train_runs.py."""
 
 import builtins
+import copy
 import json
 import math
 import os
 import random
 import re
 import signal
+import socket
 from dataclasses import asdict
 
 import pytest
@@ -771,6 +773,127 @@ def test_sft_lowers_the_heldout_assistant_loss(sft_init, tmp_path, capsys):
     out = capsys.readouterr().out
     assert re.search(r"PASS batch: \d+\.\d% of labels masked", out)
     assert "sft data (builtin):" in out and "packed into rows" in out
+
+
+@pytest.fixture(scope="module")
+def uneven_chats(tmp_path_factory):
+    """24 conversations whose assistant answers run from one word to a few hundred random
+    characters (truncated at 128 tokens): rows with very different numbers of trained tokens."""
+    path = tmp_path_factory.mktemp("uneven") / "chats.jsonl"
+    rng = random.Random(0)
+    lines = []
+    for i in range(24):
+        answer = "ok" if i % 3 == 0 else "".join(rng.choice("abcdefghij0123456789 ")
+                                                 for _ in range(rng.choice([20, 80, 300])))
+        lines.append(json.dumps({"messages": [{"role": "user", "content": f"question {i}?"},
+                                              {"role": "assistant", "content": answer}]}))
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def step_gradients(t):
+    """One step's forward and backward through the trainer: (the micro-batches it read, its
+    gradients by name), then the optimizer step."""
+    batches, *_ = t.forward_backward(t.next_batch, t.accum)
+    grads = {n: p.grad.clone() for n, p in t.raw_model.named_parameters()}
+    t.optimizer.step()
+    return batches, grads
+
+
+def token_mean_gradients(net, batches):
+    """The independent reference: one cross-entropy summed over every trained token of all the
+    rows, divided by their count, on a fresh copy of the model."""
+    net.zero_grad(set_to_none=True)
+    loss, count = 0.0, 0
+    for b in batches:
+        logits = net(b["input_ids"], position_ids=b["position_ids"])[0].float()
+        loss = loss + torch.nn.functional.cross_entropy(logits.flatten(0, 1), b["labels"].flatten(), reduction="sum")
+        count += (b["labels"] != -100).sum()
+    (loss / count).backward()
+    return {n: p.grad.clone() for n, p in net.named_parameters()}
+
+
+def rows_of(batches):
+    return sorted(tuple(r.tolist()) for b in batches for r in b["input_ids"])
+
+
+def assert_same_grads(got, want, what):
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-7, msg=lambda m: f"{what} {k}: {m}")
+
+
+SPLITS = [(8, 1), (2, 4), (1, 8)]       # batch_size x accumulation: the same 8 rows a step
+
+
+def test_sft_step_is_one_token_mean_whatever_the_split(sft_init, uneven_chats, tmp_path):
+    """One global batch of 8 SFT rows (one conversation each) holding from 3 to ~100 trained
+    tokens, split as 8 x 1, 2 x 4 and 1 x 8: every split reads the same rows and gives the
+    gradients of one mean over all their trained tokens (a plain model and F.cross_entropy),
+    and the same weights after the step. Each micro-batch's own mean / accumulation weighed a
+    3-token row as much as a 100-token one."""
+    ckpt, _ = sft_init
+    weights = {}
+    for b, a in SPLITS:
+        t = sft_trainer(ckpt, tmp_path / f"s{b}", "--chat_data", uneven_chats, "--packing", "false", "--seq_len", "128",
+                        "--batch_size", str(b), "--total_batch_tokens", str(8 * 128), "--preflight", "false")
+        assert t.accum == a
+        fresh = copy.deepcopy(t.raw_model)
+        batches, grads = step_gradients(t)
+        counts = [(r != -100).sum().item() for bt in batches for r in bt["labels"]]
+        assert max(counts) > 4 * min(counts)                   # really uneven rows
+        if b == 8:
+            rows = rows_of(batches)
+        assert rows_of(batches) == rows
+        assert_same_grads(grads, token_mean_gradients(fresh, batches), f"{b} x {a}")
+        weights[b] = {k: v.clone() for k, v in t.raw_model.state_dict().items()}
+    for b in (2, 1):
+        for k in weights[8]:
+            # Adam's first step is lr g / (|g| + eps): where g is near 0 a rounding moves an
+            # element by up to ~1e-6; a step the wrong way moves it by 2 lr (2e-3)
+            torch.testing.assert_close(weights[b][k], weights[8][k], rtol=1e-5, atol=1e-5)
+
+
+def test_pretrain_step_is_one_token_mean_whatever_the_split(data_dir, tmp_path):
+    """The same for pretraining (rows of the built-in corpus, 8 x 64 tokens a step)."""
+    for b, a in SPLITS:
+        t = trainer(data_dir, tmp_path / f"p{b}", "--batch_size", str(b), "--preflight", "false")
+        assert t.accum == a
+        fresh = copy.deepcopy(t.raw_model)
+        batches, grads = step_gradients(t)
+        assert_same_grads(grads, token_mean_gradients(fresh, batches), f"{b} x {a}")
+
+
+def _two_rank_gradients(rank, port, init, chats, out, result):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    found = {}
+    for b in (4, 1):              # 4 x 1 and 1 x 4 per rank: 8 rows a step over the two
+        t = sft_trainer(init, os.path.join(out, f"r{b}"), "--chat_data", chats, "--packing", "false", "--seq_len",
+                        "128", "--batch_size", str(b), "--total_batch_tokens", str(8 * 128), "--preflight", "false")
+        batches, *_ = t.forward_backward(t.next_batch, t.accum)
+        found[b] = ({n: p.grad.clone() for n, p in t.raw_model.named_parameters()}, rows_of(batches))
+    if rank == 0:
+        torch.save(found, result)
+    torch.distributed.destroy_process_group()
+
+
+def test_sft_step_over_two_ranks_is_the_one_process_token_mean(sft_init, uneven_chats, tmp_path):
+    """Data parallelism over 2 ranks (4 x 1 and 1 x 4 rows each) gives the gradients of the
+    one-process step on the same 8 rows: the token count is all-reduced before the backward,
+    and the ranks' average is undone (x dp)."""
+    from conftest import spawn
+    ckpt, _ = sft_init
+    t = sft_trainer(ckpt, tmp_path / "one", "--chat_data", uneven_chats, "--packing", "false", "--seq_len", "128",
+                    "--batch_size", "8", "--total_batch_tokens", str(8 * 128), "--preflight", "false")
+    batches, want = step_gradients(t)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spawn(_two_rank_gradients, (port, ckpt, uneven_chats, str(tmp_path), str(tmp_path / "grads.pt")), nprocs=2)
+    for b, (grads, rank0_rows) in torch.load(tmp_path / "grads.pt").items():
+        assert set(rank0_rows) < set(rows_of(batches))        # rank 0's half of the same rows
+        assert_same_grads(grads, want, f"2 ranks x {b}")
 
 
 def stop_after(t, batches):
