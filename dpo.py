@@ -495,24 +495,36 @@ class DPOStage:
     # -- the reference
 
     @torch.no_grad()
-    def cache_reference(self, model, device, batch_size=None, log=print):
+    def cache_reference(self, model, device, log=print):
         """Every example's reference log-probabilities (train and held-out), from `model` before
-        any update: each rank computes its share, then all ranks exchange them."""
-        batch_size = batch_size or self.batch_size
+        any update: each rank computes its share, then all ranks exchange them. Call it under
+        the autocast the policy trains under (train.py does).
+
+        The rows are scored in the very batches that read them first: the first epoch's
+        training batches, then the examples no full batch of that epoch holds, and the held-out
+        ones as evaluate() groups them. A row's log-probability depends, in its last bits, on
+        the length its batch is padded to (bf16 most of all), and scored in another batch the
+        policy and its cached reference would not tie at 0 before the first update, as a
+        frozen copy does."""
         self.ref_cache = {}
         was_training = model.training
         model.eval()
-        for split in ("train", "val"):
+        bs, first = self.batch_size, self.shuffled(0)
+        full = len(first) // bs * bs                # (every rank's first epoch is as long)
+        train = [first[s:s + bs] for s in range(0, full, bs)]      # as next_batch will read them
+        read = {i for r in range(self.world_size) for i in self.shuffled(0, r)[:full]}
+        rest = [i for i in range(len(self.train)) if i not in read][self.rank::self.world_size]
+        train += [rest[s:s + bs] for s in range(0, len(rest), bs)]
+        val = list(range(self.rank, len(self.val), self.world_size))
+        for split, batches in (("train", train), ("val", [val[s:s + bs] for s in range(0, len(val), bs)])):
             examples = getattr(self, split)
-            mine = list(range(self.rank, len(examples), self.world_size))
             values = torch.zeros(len(examples), 2, device=device)
-            for s in range(0, len(mine), batch_size):
-                idx = mine[s:s + batch_size]
+            for n, idx in enumerate(batches):
                 batch = {k: v.to(device) for k, v in pair_batch([examples[i] for i in idx], self.pad_id).items()}
                 logps, _ = sequence_logps(model, batch, grad=False)
                 values[idx] = logps.view(2, len(idx)).t()
-                if s // batch_size % 50 == 49:
-                    log(f"  reference log-probs ({split}): {s + len(idx)}/{len(mine)}")
+                if n % 50 == 49:
+                    log(f"  reference log-probs ({split}): batch {n + 1}/{len(batches)}")
             if self.group is not None and dist.is_initialized() and dist.get_world_size(self.group) > 1:
                 dist.all_reduce(values, group=self.group)      # each rank filled its own rows, zeros elsewhere
             self.ref_cache[split] = values.cpu()
@@ -536,12 +548,13 @@ class DPOStage:
 
     # -- batches and the loss
 
-    def shuffled(self, epoch):
-        """This rank's examples of an epoch (indices into self.train), as many on every rank."""
+    def shuffled(self, epoch, rank=None):
+        """This rank's (or `rank`'s) examples of an epoch (indices into self.train), as many on
+        every rank."""
         order = list(range(len(self.train)))
         random.Random(f"{self.seed}/{epoch}").shuffle(order)
         order = order[:len(order) // self.world_size * self.world_size]
-        return order[self.rank::self.world_size]
+        return order[self.rank if rank is None else rank::self.world_size]
 
     def next_batch(self):
         if self.cursor + self.batch_size > len(self.order):

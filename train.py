@@ -155,6 +155,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     compile: bool = False
     device: str = "auto"                # auto | cpu | cuda
+    precision: str = "auto"             # auto (bf16 autocast on CUDA, float32 on CPU) | bf16 | fp32 (weights stay fp32)
     # parallelism under torchrun (parallel.py): the data-parallel degree is what tp x pp leave
     parallel_impl: str = "scratch"      # scratch (parallel.py's own, from the collectives) | torch (FSDP2, DTensor)
     tp: int = 1                         # tensor-parallel degree (ranks that split every matmul)
@@ -281,6 +282,8 @@ def parse_config(argv):
     overrides = {k: v for k, v in values.items() if k in MODEL_FIELDS and k not in TRAIN_FIELDS}
     if cfg.stage not in STAGES:
         raise SystemExit(f"--stage {cfg.stage!r}: must be one of {', '.join(STAGES)}")
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        raise SystemExit(f"--precision {cfg.precision!r}: auto, bf16 or fp32")
     if cfg.schedule not in ("wsd", "cosine"):
         raise SystemExit(f"--schedule {cfg.schedule!r}: must be wsd or cosine")
     if cfg.train_on not in ("assistant", "all") or cfg.overlong not in ("truncate", "skip"):
@@ -1076,9 +1079,16 @@ class Trainer:
         if cfg.stage == "rm" and not hasattr(self.raw_model, "score"):
             rl.add_score_head(self.raw_model)     # (before the optimizer and the wrapper see the parameters)
         self.stage = self.make_stage()
+        # every forward of the run (training, evaluation, the reference's) runs under this: bf16
+        # matmuls where the hardware has them, weights and optimizer in float32 (mixed precision)
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        self.autocast = torch.autocast(self.device.type, torch.bfloat16) if bf16 else contextlib.nullcontext()
         resuming = cfg.resume and checkpoints(cfg.out_dir)
         if getattr(self.stage, "ref_mode", None) == "cache" and not resuming:   # (resumed: in the checkpoint)
-            self.stage.cache_reference(self.raw_model, self.device, log=self.log)
+            # under the policy's autocast: scored in another precision, every log-ratio would be
+            # off zero at step 0 (bf16 rounding), and DPO's start would not tie
+            with self.autocast:
+                self.stage.cache_reference(self.raw_model, self.device, log=self.log)
         self.tok_bytes = eval.token_bytes(self.tok, self.raw_model.config.padded_vocab)
         names = [n.strip() for n in cfg.eval_tasks.split(",") if n.strip() not in ("", "none")]
         # the same examples at every evaluation; "chat" is the stage's own held-out questions
@@ -1099,8 +1109,6 @@ class Trainer:
                                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
         if cfg.compile:
             self.model = torch.compile(self.model)
-        self.autocast = (torch.autocast("cuda", torch.bfloat16) if self.device.type == "cuda"
-                         else contextlib.nullcontext())
         self.monitor = Monitor(cfg.spike_sigma, stall_steps=cfg.stall_steps)
         self.start_step, self.nan_streak, self.rollbacks, self.stop_signal = 0, 0, 0, None
         self.slow_streak = {}

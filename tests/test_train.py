@@ -1001,6 +1001,27 @@ def test_dpo_run_with_a_cached_reference_resumes_exactly(sft_init, dpo_pairs, tm
     assert all("pref/accuracy" in r["metrics"] for r in rows[-2:])
 
 
+@pytest.mark.parametrize("ref", ["cache", "copy"])
+def test_dpo_reference_ties_the_policy_at_step_0_under_bf16_autocast(sft_init, dpo_pairs, tmp_path, ref):
+    """Under bf16 autocast (--precision bf16, on the CPU here) every policy-minus-reference
+    log-ratio is exactly 0 before the first update, on training batches and on the held-out
+    pairs, with a frozen copy and with cached log-probabilities alike: the cache is computed
+    under the policy's autocast, in the batches that read it. (Computed in float32, the cache
+    was off by up to 1e-2 nats a row.)"""
+    ckpt, _ = sft_init
+    t = dpo_trainer(ckpt, tmp_path / ref, dpo_pairs, "--ref", ref, "--precision", "bf16")
+    assert isinstance(t.autocast, torch.autocast)
+    for _ in range(3):
+        batch = t.next_batch()
+        with torch.no_grad(), t.autocast:
+            policy, _ = dpo.sequence_logps(t.model, batch)
+            reference = t.stage.reference_logps(batch)
+        assert torch.equal(policy - reference, torch.zeros_like(policy)), (policy - reference).abs().max()
+    with torch.no_grad(), t.autocast:
+        margins = t.stage.evaluate(t.model, t.device)["pref/margin"]
+    assert margins and all(m == 0.0 for m in margins)
+
+
 # -----------------------------------------------------------------------------
 # 10c. On-policy training and the reward model (rl.py driven by train.py)
 
