@@ -359,10 +359,12 @@ def tokenize(records, tokenizer, max_len, overlong="truncate"):
     tokens that follow it in the whole conversation (the template makes the prompt an exact
     prefix), mask the assistant's tokens; label is None for a pair. Over max_len, the prompt
     keeps its last tokens (at least half the row, or what the longest completion leaves) and
-    completions are cut, or the example is skipped (overlong="skip"); counted either way."""
+    completions are cut, or the example is skipped (overlong="skip"); counted either way. A
+    pair whose two completions the cut makes identical (they differed only further on) is
+    skipped and counted ("identical"): nothing tells its sides apart any more."""
     if overlong not in ("truncate", "skip"):
         raise ValueError(f"overlong={overlong!r}: truncate or skip")
-    out, counts = [], {"examples": len(records), "truncated": 0, "skipped": 0}
+    out, counts = [], {"examples": len(records), "truncated": 0, "skipped": 0, "identical": 0}
     for kind, rec in records:
         prompt, _ = sft.render_chat(rec["prompt"], tokenizer, add_generation_prompt=True)
         parts = []
@@ -379,6 +381,10 @@ def tokenize(records, tokenizer, max_len, overlong="truncate"):
             parts = [(ids[:max_len - keep], mask[:max_len - keep]) for ids, mask in parts]
             if not all(any(m) for _, m in parts):
                 counts["skipped"] += 1
+                continue
+            if len(parts) == 2 and parts[0][0] == parts[1][0]:
+                counts["skipped"] += 1
+                counts["identical"] += 1
                 continue
             counts["truncated"] += 1
         out.append((prompt, parts, kind, rec.get("label")))
@@ -486,9 +492,10 @@ class DPOStage:
         self.epoch, self.cursor, self.batches = 0, 0, 0
         self.order = self.shuffled(0)
         what = "pairs" if self.paired else "completions"
+        same = f", {counts['identical']} of them made identical by the cut" if counts["identical"] else ""
         log(f"dpo data ({data}): {counts['examples']} {what}{' (unpaired for kto)' if loss_type == 'kto' else ''}, "
             f"{counts['truncated']} truncated and {counts['skipped']} skipped (over {seq_len} tokens, --overlong "
-            f"{overlong}); held out {len(self.val)} ({val_counts['truncated']} truncated, {val_counts['skipped']} "
+            f"{overlong}{same}); held out {len(self.val)} ({val_counts['truncated']} truncated, {val_counts['skipped']} "
             f"skipped); loss {loss_type}, beta {beta}, reference: "
             + {"copy": "a frozen copy", "cache": "cached log-probabilities", "none": "none (reference-free)"}[self.ref_mode])
 

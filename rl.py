@@ -400,8 +400,8 @@ class RewardModelStage:
         self.head = model.score
         said = []
         # the pairs, their split and their batches are DPO's (a reference-free loss: no copy is made)
-        self.pairs = dpo.DPOStage(tokenizer, seq_len, batch_size, None, data, "orpo", seed=seed, rank=rank,
-                                  world_size=world_size, group=group, log=said.append)
+        self.pairs = dpo.DPOStage(tokenizer, seq_len, batch_size, None, data, "orpo", overlong=overlong, seed=seed,
+                                  rank=rank, world_size=world_size, group=group, log=said.append)
         log(said[0].replace("dpo data", "reward-model data").split("; loss")[0]
             + f"; Bradley-Terry loss, center_coef {center_coef}")
         if not self.pairs.paired:

@@ -312,6 +312,29 @@ def test_a_rows_summed_log_prob_is_the_completions_given_the_prompt(small_tokeni
         assert sum(mask) == (batch["labels"][row] != -100).sum().item()
 
 
+def test_a_cut_that_makes_a_pair_identical_skips_and_counts_it(small_tokenizer):
+    """Over max_len the completions are cut; a pair whose two sides differ only past the cut
+    would become two identical rows (a reward model scores their last token alike, and no
+    preference loss can tell them apart): it is skipped and counted. A pair that still
+    differs is kept, truncated; with overlong="skip" both are skipped as too long."""
+    shared = "The working goes step by step. " * 12
+    same_after_cut = {"prompt": [{"role": "user", "content": "q1"}],
+                      "chosen": [{"role": "assistant", "content": shared + "So 41."}],
+                      "rejected": [{"role": "assistant", "content": shared + "So 14."}]}
+    differs_early = {"prompt": [{"role": "user", "content": "q2"}],
+                     "chosen": [{"role": "assistant", "content": "41. " + shared}],
+                     "rejected": [{"role": "assistant", "content": "14. " + shared}]}
+    records = [("x", same_after_cut), ("x", differs_early)]
+    out, counts = dpo.tokenize(records, small_tokenizer, 64)
+    assert counts == {"examples": 2, "truncated": 1, "skipped": 1, "identical": 1}
+    assert len(out) == 1 and out[0][1][0][0] != out[0][1][1][0]
+    assert all(len(p) + len(c) <= 64 for p, parts, _, _ in out for c, _ in parts)
+    out, counts = dpo.tokenize(records, small_tokenizer, 64, overlong="skip")
+    assert (len(out), counts["skipped"], counts["identical"]) == (0, 2, 0)
+    out, counts = dpo.tokenize(records, small_tokenizer, 512)     # room for both: nothing cut
+    assert (len(out), counts["truncated"], counts["skipped"]) == (2, 0, 0)
+
+
 def test_a_file_with_no_held_out_pair_is_refused_by_name(small_tokenizer, tmp_path):
     """Evaluation needs held-out pairs (2% of a file's rows, by hash): a file that leaves none
     is refused at the start, naming the file, not with an empty batch in the first evaluation."""

@@ -1075,6 +1075,23 @@ def test_rl_run_resumes_exactly_and_logs_its_metrics(sft_init, tmp_path):
             "train/clip_ratio/region_mean", "rollout_tokens_per_s", "train_tokens_per_s"} <= set(records[-1])
 
 
+def test_reward_model_stage_takes_overlong(sft_init, dpo_pairs, tmp_path):
+    """--stage rm --overlong skip drops the pairs over seq_len (a truncated completion would put
+    the score head on a token mid-answer) and says so; truncate keeps them, cut."""
+    ckpt, tok_file = sft_init
+    tok = data.load_tokenizer(tok_file)
+    records = [("pref", r) for r in dpo.read_preferences(dpo_pairs)]
+    kept = {}
+    for overlong in ("skip", "truncate"):
+        t = train.Trainer(*train.parse_config([
+            "--stage", "rm", "--init", ckpt, "--out_dir", str(tmp_path / overlong), "--pref_data", dpo_pairs,
+            "--seq_len", "96", "--batch_size", "4", "--total_batch_tokens", "384", "--overlong", overlong,
+            "--preflight", "false", "--eval_tasks", ""]))
+        kept[overlong] = len(t.stage.pairs.train) + len(t.stage.pairs.val)
+        assert kept[overlong] == len(dpo.tokenize(records, tok, 96, overlong)[0])
+    assert kept["skip"] < kept["truncate"]
+
+
 def test_reward_model_stage_then_rl_on_its_reward_and_distillation(sft_init, tmp_path, dpo_pairs, capsys):
     """--stage rm trains a score head on pairs and saves it; --reward rm:DIR makes it the
     reward of an RL run (and it is refused as a policy); --teacher with the student's own
