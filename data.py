@@ -716,13 +716,49 @@ def summary(manifest):
 # -----------------------------------------------------------------------------
 # The loader: packed windows, shuffled, mixed, sharded over ranks, resumable
 
+def _mix64(x):
+    """A 64-bit hash (splitmix64's finalizer): flipping any input bit flips about half the
+    output bits, which is what a Feistel round needs from its round function."""
+    x &= (1 << 64) - 1
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & (1 << 64) - 1
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB & (1 << 64) - 1
+    return x ^ (x >> 31)
+
+
+def shuffle(i, n, key, rounds=4):
+    """The i-th element of a shuffled range(n), the shuffle chosen by the integer `key`:
+    a bijection of 0..n-1 computed on the spot. Nothing is stored, whatever n; a permutation
+    from numpy holds 8 bytes per index and must be rebuilt every epoch.
+
+    A Feistel network (the construction inside DES): cut i's bits into a left and a right
+    half and, a few times over, replace (left, right) by (right, left XOR hash(right)). Each
+    round can be undone (the right half is still there to recompute the hash), so the whole
+    is a bijection of 0..4**h - 1 whatever the hash; a good keyed hash makes it look like a
+    random permutation, and four rounds suffice (Luby and Rackoff 1988). n is rarely a power
+    of 4: cycle walking applies the bijection again until the result is below n. Following
+    i's cycle of the big permutation to its next member below n maps 0..n-1 onto itself one
+    to one, and since 4**h <= 4n it takes at most 4 steps on average."""
+    if not 0 <= i < n:
+        raise IndexError(f"shuffle: index {i} is not in 0..{n - 1}")
+    h = max(1, ((n - 1).bit_length() + 1) // 2)   # bits per half: 4**h >= n
+    mask = (1 << h) - 1
+    while True:
+        left, right = i >> h, i & mask
+        for r in range(rounds):  # the round number enters the hash: each round is a different function
+            left, right = right, left ^ (_mix64(key ^ (r << 32) ^ right) & mask)
+        i = left << h | right
+        if i < n:
+            return i
+
+
 class _Stream:
-    """One source's split as a single token stream (its shards end to end, memory-mapped),
-    the starts of its documents, and its cut into windows of seq_len + 1 tokens (inputs and
-    the next-token labels; consecutive windows share one token)."""
+    """One source's split as a single token stream: its shards end to end and the offsets of
+    their documents, both memory-mapped (at a trillion tokens the offsets alone are
+    gigabytes), cut into windows of seq_len + 1 tokens (inputs and the next-token labels;
+    consecutive windows share one token)."""
 
     def __init__(self, d, name, split, units, dtype, seq_len):
-        self.name, self.shards, starts, docs = name, [], [0], [np.zeros(0, np.int64)]
+        self.name, self.shards, self.docs, starts = name, [], [], [0]
         for u in units:
             n = u[split]["tokens"]
             if n == 0:
@@ -732,10 +768,13 @@ class _Stream:
                 raise ValueError(f"{path} is missing or not the size manifest.json says: the directory was "
                                  "changed after prepare; run prepare again")
             self.shards.append(np.memmap(path, dtype=dtype, mode="r"))
-            docs.append(np.load(os.path.join(d, name, f"{u['unit']}-{split}.docs.npy"))[:-1] + starts[-1])
+            # The shard's document starts, relative to the shard (the last offset, its end, is
+            # left out), seen as a plain array: still the file's pages, without the memmap
+            # subclass's overhead on every slice.
+            docs = np.load(os.path.join(d, name, f"{u['unit']}-{split}.docs.npy"), mmap_mode="r")
+            self.docs.append(docs[:-1].view(np.ndarray))
             starts.append(starts[-1] + n)
         self.shard_starts = np.array(starts, dtype=np.int64)
-        self.doc_starts = np.concatenate(docs)
         self.n_tokens = int(starts[-1])
         self.n_windows = max(0, (self.n_tokens - 1) // seq_len)
 
@@ -749,6 +788,18 @@ class _Stream:
             parts.append(self.shards[i][a - lo:a - lo + take])
             a, i = a + take, i + 1
         return np.concatenate(parts).astype(np.int64) if len(parts) > 1 else parts[0].astype(np.int64)
+
+    def doc_starts(self, a, b):
+        """The offsets in a..b-1 where a document starts. A binary search in each shard's
+        memory-mapped offsets touches a few pages of the file, not all of it. (The offsets
+        are int64 and so are the keys: a key of another type would make numpy convert, so
+        copy, the whole array.)"""
+        i, out = int(np.searchsorted(self.shard_starts, a, "right")) - 1, []
+        while i < len(self.docs) and self.shard_starts[i] < b:
+            lo, docs = int(self.shard_starts[i]), self.docs[i]
+            out.append(docs[docs.searchsorted(a - lo):docs.searchsorted(b - lo)] + lo)
+            i += 1
+        return np.concatenate(out) if len(out) > 1 else out[0]
 
 
 def _check_weights(weights, names, where="weights"):
@@ -780,7 +831,14 @@ class Loader:
     are grouped: one process accumulating two micro-batches reads what two ranks read.
 
     Every rank builds the same global batch of world_size * batch_size windows and keeps
-    its own slice, so the union over ranks is exactly what one process would read."""
+    its own slice, so the union over ranks is exactly what one process would read.
+
+    The order: each source's windows in a shuffle keyed by (seed, source name, epoch), so a
+    fresh order every epoch. `shuffle` computes where the k-th window of an epoch points,
+    one window at a time, and the document offsets stay memory-mapped on disk: what a rank
+    holds does not grow with the data, where a stored permutation takes 8 bytes a window
+    (4 GB per source at a trillion tokens and seq_len 2048), on every rank, rebuilt every
+    epoch."""
 
     def __init__(self, data_dir, batch_size, seq_len, weights=None, seed=0, rank=0, world_size=1, split="train"):
         manifest_file = os.path.join(data_dir, "manifest.json")
@@ -822,19 +880,19 @@ class Loader:
         self.consumed = np.zeros(len(self.names), dtype=np.int64)      # windows read, per source, all epochs
         self.stage, self.stage_counts = 0, np.zeros(len(self.names), dtype=np.int64)
         self.log_weights = np.zeros(len(self.names))  # the adaptive mixture's nudges (adapt())
-        self._perms = {}
+        self._keys = {}  # source -> (epoch, its shuffle's key)
 
-    # -- the order: a fresh seeded permutation of each source's windows every epoch
+    # -- the order: a fresh seeded shuffle of each source's windows every epoch
     def _window(self, s, k):
         """The k-th window (counting over all epochs) that source s hands out."""
         n = self.streams[s].n_windows
         epoch, i = divmod(int(k), n)
-        if self._perms.get(s, (None,))[0] != epoch:
-            # Seeded by the source's name, not its position, so adding a source leaves the
-            # others' order unchanged.
-            rng = np.random.default_rng([self.seed, zlib.crc32(self.names[s].encode()), epoch])
-            self._perms[s] = (epoch, rng.permutation(n))
-        return int(self._perms[s][1][i])
+        if self._keys.get(s, (None,))[0] != epoch:
+            # Keyed by the source's name, not its position, so adding a source leaves the
+            # others' order unchanged. SeedSequence hashes the three numbers into one key.
+            seq = np.random.SeedSequence([self.seed, zlib.crc32(self.names[s].encode()), epoch])
+            self._keys[s] = (epoch, int(seq.generate_state(1, np.uint64)[0]))
+        return shuffle(i, n, self._keys[s][1])
 
     def weights(self):
         """The mixture in force now: the curriculum stage's weights, nudged by adapt()."""
@@ -867,17 +925,17 @@ class Loader:
     def __next__(self):
         B, T = self.batch_size, self.seq_len
         picks = self._next_sources(B * self.world_size)
-        windows = []
-        for s in picks:  # every rank advances every counter, and keeps only its own slice
-            windows.append((s, self._window(s, self.consumed[s])))
+        ks = []
+        for s in picks:  # every rank advances every counter, and finds only its own slice's windows
+            ks.append((s, int(self.consumed[s])))
             self.consumed[s] += 1
         self.batches += 1
-        mine = windows[self.rank * B:(self.rank + 1) * B]
+        mine = ks[self.rank * B:(self.rank + 1) * B]
         x = np.empty((B, T), np.int64)
         y = np.empty((B, T), np.int64)
         pos = np.empty((B, T), np.int64)
-        for row, (s, w) in enumerate(mine):
-            x[row], y[row], pos[row] = self._pack(self.streams[s], w * T)
+        for row, (s, k) in enumerate(mine):
+            x[row], y[row], pos[row] = self._pack(self.streams[s], self._window(s, k) * T)
         return {"input_ids": torch.from_numpy(x), "labels": torch.from_numpy(y), "position_ids": torch.from_numpy(pos),
                 "source": torch.tensor([s for s, _ in mine], dtype=torch.int64)}   # index into .names
 
@@ -888,8 +946,7 @@ class Loader:
         T = self.seq_len
         tokens = stream.read(a, a + T + 1)
         x, y = tokens[:-1], tokens[1:].copy()
-        ds = stream.doc_starts
-        starts = ds[np.searchsorted(ds, a, "right"):np.searchsorted(ds, a + T, "right")] - a  # in 1..T
+        starts = stream.doc_starts(a + 1, a + T + 1) - a  # in 1..T
         y[starts - 1] = IGNORE_INDEX             # never predict the first token of the next document
         restart = np.zeros(T, np.int64)
         inside = starts[starts < T]

@@ -3,6 +3,7 @@ curricula, rank sharding, exact resume, idempotent and crash-safe prepare, bad i
 
 import gzip
 import json
+import math
 import os
 import random
 import re
@@ -123,6 +124,62 @@ def test_windows_are_shuffled_every_epoch(tmp_path):
     assert [index[r[0]] for _ in range(5) for r in rows(next(again))] == order[:50]  # seeded
     other = Loader(tmp_path / "d", batch_size=10, seq_len=8, seed=4)
     assert [index[r[0]] for _ in range(5) for r in rows(next(other))] != order[:50]
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 1000, 4097])
+def test_shuffle_is_a_seeded_permutation(n):
+    """Every index exactly once, also where cycle walking does most of the work (4097 is one
+    past a power of two: the Feistel network runs over 4**7 = 16384 indices); another key is
+    another order."""
+    orders = {tuple(data.shuffle(i, n, key) for i in range(n)) for key in range(8)}
+    assert all(sorted(o) == list(range(n)) for o in orders)
+    assert len(orders) == min(8, math.factorial(n))  # n = 2: both orders; n >= 7: 8 different ones
+    with pytest.raises(IndexError):
+        data.shuffle(n, n, 0)
+    if n > 100:  # no trace of the stream's order left (rank correlation ~0, as a document-ordered loader's is 1)
+        for o in orders:
+            assert abs(np.corrcoef(o, np.arange(n))[0, 1]) < 0.1
+
+
+BIG_WINDOWS, BIG_DOCS = 10 ** 9, 10 ** 8
+
+
+def test_memory_does_not_grow_with_the_data(tmp_path):
+    """A source of a billion windows (a sparse 4 GB shard: no token is ever written) and a
+    hundred million documents (a sparse offsets file): building the loader, reading batches
+    and resuming allocate kilobytes, not the 8 GB a permutation of the windows takes nor the
+    800 MB of the document starts."""
+    import tracemalloc
+    prep(tmp_path / "d", [write_jsonl(tmp_path / "big.jsonl", ["x"])])
+    T = 4
+    n = BIG_WINDOWS * T + 1
+    shard = tmp_path / "d/big/00000-train"
+    with open(f"{shard}.bin", "r+b") as f:
+        f.truncate(2 * n)  # uint16 zeros that take no disk
+    docs = np.lib.format.open_memmap(f"{shard}.docs.npy", mode="w+", dtype=np.int64, shape=(BIG_DOCS + 1,))
+    docs[-3:] = [n - 4, n - 2, n]  # empty documents at 0, then two short ones at the very end
+    docs.flush()
+    del docs
+    manifest = json.loads((tmp_path / "d/manifest.json").read_text())
+    manifest["sources"]["big"]["units"][0]["train"]["tokens"] = n
+    (tmp_path / "d/manifest.json").write_text(json.dumps(manifest))
+
+    tracemalloc.start()
+    try:
+        loader = Loader(tmp_path / "d", batch_size=8, seq_len=T, world_size=2, rank=1)
+        assert loader.streams[0].n_windows == BIG_WINDOWS
+        for _ in range(3):
+            next(loader)
+        again = Loader(tmp_path / "d", batch_size=8, seq_len=T, world_size=2, rank=1)
+        again.load_state_dict(loader.state_dict())
+        next(again)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, f"{peak / 1e6:.1f} MB"
+    # the last window holds both short documents: their starts are found in the memory-mapped offsets
+    x, y, pos = loader._pack(loader.streams[0], n - 1 - T)
+    assert pos.tolist() == [0, 0, 1, 0] and y.tolist() == [IGNORE_INDEX, 0, IGNORE_INDEX, 0]
 
 
 # -----------------------------------------------------------------------------
