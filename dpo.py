@@ -400,10 +400,11 @@ def tokenize(records, tokenizer, max_len, overlong="truncate"):
 def rows(sequences, pad_id):
     """[(prompt_ids, completion_ids, mask)] -> a batch (input_ids, labels, position_ids),
     padded to the longest: labels are the completion's trained tokens (so a row's summed
-    log-probability is log pi(completion | prompt)), -100 elsewhere."""
+    log-probability is log pi(completion | prompt)), -100 elsewhere; lengths, each row's
+    tokens before the padding."""
     made = [(p + c, [False] * len(p) + list(m), None) for p, c, m in sequences]
     width = max(len(ids) for ids, _, _ in made)
-    return sft.collate([sft.make_row([ex], width, pad_id) for ex in made])
+    return sft.collate([sft.make_row([ex], width, pad_id) for ex in made], lengths=[len(ids) for ids, _, _ in made])
 
 
 def pair_batch(examples, pad_id):
@@ -489,6 +490,10 @@ class DPOStage:
                 raise ValueError("ref='copy' needs the model to copy")
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         self.ref_cache = None      # {"train": (N, 2), "val": (M, 2)} summed log-probs, when cached
+        # the work a batch costs, in forward passes over it (train.py's FLOPs and MFU): the
+        # policy's forward and backward (a backward is two forwards' worth), the frozen copy's
+        # forward; KTO's mismatched half is scored without a backward
+        self.forward_passes = (2 if loss_type == "kto" else 3) + (self.ref_mode == "copy")
         self.epoch, self.cursor, self.batches = 0, 0, 0
         self.order = self.shuffled(0)
         what = "pairs" if self.paired else "completions"

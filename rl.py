@@ -339,6 +339,12 @@ def token_logps(model, batch, temperature=1.0, entropy=False):
     return lp, -(logp.exp() * logp).sum(-1)
 
 
+def forward_flops(model, n_tokens, context):
+    """The FLOPs of one forward pass of `model` (model.py's) over n_tokens positions at that
+    context length: a third of flops_per_token's forward and backward."""
+    return model.flops_per_token(context) / 3 * n_tokens
+
+
 def sample_groups(model, prompts, group_size, max_new_tokens, temperature, stop_ids, generator, batch_size=64):
     """G completions of each prompt from the model (rows prompt 0 x G, prompt 1 x G, ...),
     sampled with the KV cache in batches: [(tokens, finished)], finished when a stop token
@@ -603,6 +609,7 @@ class RLStage:
         gen = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + self.rollouts * 7919 + self.rank)
         need = self.batch_size * self.accum // self.G
         kept, dropped, every, n_groups, generated = [], [], [], 0, 0
+        flops = 0.0      # the rollout's FLOPs (train.py's MFU): the sampling, the scoring forwards
         for _ in range(1 + self.resample):
             records = self.draw(need - len(kept))
             prompts = [prompt_ids(r, self.tokenizer) for r in records]
@@ -610,6 +617,11 @@ class RLStage:
             samples = sample_groups(model, [p for p, _ in prompts], self.G, self.max_new_tokens, self.temperature,
                                     self.stop_ids, gen)
             generated += sum(len(toks) for toks, _ in samples)
+            # each prompt + completion through the policy once (the KV cache's work, at its final context)
+            lengths = [len(prompts[i // self.G][0]) + len(toks) for i, (toks, _) in enumerate(samples)]
+            flops += sum(forward_flops(model, n, n) for n in lengths)
+            if self.reward_model is not None:
+                flops += sum(forward_flops(self.reward_model, n, n) for n in lengths)
             scores = torch.tensor([self.score(r, *samples[i * self.G + j], prompts[i][1])
                                    for i, r in enumerate(records) for j in range(self.G)], dtype=torch.float64)
             if self.reward_model is not None:
@@ -639,6 +651,7 @@ class RLStage:
         # shuffled once, so that a micro-batch mixes groups, then cut into accum micro-batches
         order = torch.randperm(len(completions), generator=torch.Generator().manual_seed(self.seed + self.rollouts))
         self.buffer, totals = [], torch.zeros(3, dtype=torch.float64)   # entropy, tokens, reverse KL sums
+        # then the policy's, the reference's and the teacher's forward over every training row
         for s in range(0, len(order), self.batch_size):
             idx = order[s:s + self.batch_size].tolist()
             batch = completion_rows([prompts[i] for i in idx], [completions[i] for i in idx], self.pad_id)
@@ -646,7 +659,6 @@ class RLStage:
             mask = (batch["labels"] != -100).float()
             batch["old_logps"], ent = token_logps(model, batch, self.temperature, entropy=True)
             batch["advantages"] = adv[idx].float().to(device)
-            batch["lengths"] = torch.tensor([len(prompts[i]) + len(completions[i]) for i in idx], device=device)
             if self.ref_model is not None:
                 batch["ref_logps"] = token_logps(self.ref_model, batch, self.temperature)[0]
             rkl = 0.0
@@ -656,6 +668,9 @@ class RLStage:
                 if self.distill == "reverse_kl":
                     batch["advantages"] = reverse_kl_advantages(batch["old_logps"], teacher_lp, mask)
             totals += torch.tensor([(ent * mask).sum().item(), mask.sum().item(), rkl], dtype=torch.float64)
+            T = batch["input_ids"].shape[1]
+            flops += sum(forward_flops(m, batch["input_ids"].numel(), T)
+                         for m in (model, self.ref_model, self.teacher) if m is not None)
             self.buffer.append({k: v.cpu() for k, v in batch.items()})
         model.train(was)
         every = torch.cat(every)
@@ -667,7 +682,7 @@ class RLStage:
         if self.teacher is not None:
             self.rollout_metrics["reverse_kl"] = (totals[2] / totals[1]).item()
         self.dropped_groups, self.sampled_groups = n_dropped, n_groups
-        self.generated, self.rollout_seconds = generated, time.perf_counter() - t0
+        self.generated, self.rollout_seconds, self.rollout_flops = generated, time.perf_counter() - t0, flops
         self.rollouts, self.served = self.rollouts + 1, 0
         # dapo's normaliser: the whole step's completion tokens (every rank's), as a share per
         # micro-batch and rank (train.py divides each micro-batch's loss by accum, and the

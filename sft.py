@@ -429,13 +429,16 @@ def make_row(examples, seq_len, pad_id):
     return ids + [pad_id] * pad, labels + [-100] * pad, pos + list(range(pad))
 
 
-def collate(rows, kinds=None):
+def collate(rows, kinds=None, lengths=None):
     """[(ids, labels, pos)] -> the batch dict of int64 (B, T) tensors (+ "source", (B,),
-    when each row's kind index is given)."""
+    when each row's kind index is given; + "lengths", (B,), each row's tokens before its
+    padding, when given: train.py's tokens/s counts those)."""
     batch = {k: torch.tensor([r[i] for r in rows], dtype=torch.long)
              for i, k in enumerate(("input_ids", "labels", "position_ids"))}
     if kinds is not None:
         batch["source"] = torch.tensor(kinds, dtype=torch.long)
+    if lengths is not None:
+        batch["lengths"] = torch.tensor(lengths, dtype=torch.long)
     return batch
 
 
@@ -513,7 +516,8 @@ class SFTStage:
         rows = self.rows[self.cursor:self.cursor + self.batch_size]
         self.cursor += self.batch_size
         self.batches += 1
-        return collate([make_row([self.train[i] for i in row], self.seq_len, self.pad_id) for row in rows])
+        return collate([make_row([self.train[i] for i in row], self.seq_len, self.pad_id) for row in rows],
+                       lengths=[sum(len(self.train[i][0]) for i in row) for row in rows])
 
     def loss(self, model, batch):
         """The mean cross-entropy over the batch's trained (assistant) tokens."""

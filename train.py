@@ -973,10 +973,10 @@ def preflight(t):
                f"{len(checks)} checks on {', '.join(t.tasks)}: a random model at chance, an oracle at 100%, "
                "the same answers with the choices shuffled")
     # 7. throughput and MFU, from the step above
-    tokens = batch["input_ids"].numel()
+    tokens, flops = t.step_work([batch])
     tps = tokens / step_time
     peak = peak_flops(cfg, device)
-    mfu = t.flops_per_token * tps / peak if peak else None
+    mfu = flops / step_time / peak if peak else None
     total = cfg.max_steps * t.accum * tokens * t.dp
     report("PASS", "throughput", f"~{tps * t.dp:,.0f} tokens/s (first step, cold), "
            f"{'MFU ~%.0f%%' % (100 * mfu / (t.world_size // t.dp)) if mfu else 'MFU n/a (set --peak_flops for this device)'}; "
@@ -1103,6 +1103,8 @@ class Trainer:
         self.start_correct = self.last_correct = None
         self.full_config = self.raw_model.config
         self.flops_per_token = self.raw_model.flops_per_token(cfg.seq_len)   # of the whole model, before it is split
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):    # any context length: a weightless copy
+            self.flops_at = M.Model(self.full_config).flops_per_token
         self.n_params = self.raw_model.num_params()
         self.model = self.layout.wrap(self.raw_model)     # the raw model now holds this rank's pieces
         self.optimizer = torch.optim.AdamW(param_groups(self.raw_model, cfg.weight_decay, cfg.decay_embeddings),
@@ -1321,6 +1323,21 @@ class Trainer:
             dist.all_reduce(total, group=self.layout.group("dp"))
         return (counts * self.dp / total.clamp(min=1)).tolist()
 
+    def step_work(self, batches):
+        """(tokens, FLOPs) of this rank's micro-batches. The tokens are the real ones, each row's
+        "lengths" before its padding (pretraining's rows have none), not batch_size x seq_len:
+        DPO's rows are padded to their longest pair, RL's to the longest rollout. The FLOPs are
+        those spent, padding included: stage.forward_passes forward passes' worth over every
+        position (3, a forward and a backward; DPO's frozen reference adds its forward), at
+        the batch's own width. An on-policy stage's rollout adds its own (Trainer._loop)."""
+        tokens = flops = 0.0
+        passes = getattr(self.stage, "forward_passes", 3)
+        for b in batches:
+            B, T = b["input_ids"].shape
+            tokens += b["lengths"].sum().item() if "lengths" in b else B * T
+            flops += passes * self.flops_at(T) / 3 * B * T
+        return tokens, flops
+
     @contextlib.contextmanager
     def whole_model(self):
         """The model with every weight in place, for generation and scoring outside the training
@@ -1493,10 +1510,12 @@ class Trainer:
                 g["lr"] = lr
             t0 = time.perf_counter()
             # per-source (loss sum, tokens), then (weighted loss sum, weights), then (stop, -),
-            # then the stage's own metrics (sum, micro-batches; DPO: rewards, margins): one
-            # all-reduce carries them all, so every rank agrees on the loss and on stopping
+            # then the stage's own metrics (sum, micro-batches; DPO: rewards, margins), then the
+            # work (tokens, FLOPs): one all-reduce carries them all, so every rank agrees on the
+            # loss and on stopping
             S, extra = len(self.stage.names), getattr(self.stage, "metric_names", ())
-            stats = torch.zeros(S + 2 + len(extra), 2, device=self.device)
+            W = S + 2 + len(extra)
+            stats = torch.zeros(W + 1, 2, device=self.device)
             one = torch.ones((), device=self.device)
             rollouts = getattr(self.stage, "rollouts", 0)
             batches, losses, weights, auxes, fwd_time = self.forward_backward(self.next_batch, self.accum)
@@ -1510,6 +1529,9 @@ class Trainer:
                     if name in aux.get("metrics", {}):
                         stats[S + 2 + j] += torch.stack([aux["metrics"][name].float(), one])
             stats[S + 1, 0] = float(self.stop_signal is not None)
+            stats[W] = torch.tensor(self.step_work(batches))
+            if getattr(self.stage, "rollouts", 0) > rollouts:    # sampled this step: its work too
+                stats[W, 1] += self.stage.rollout_flops
             grad_norm = self.layout.clip_grad_norm_(self.raw_model, cfg.grad_clip)
             if dist.is_initialized():
                 dist.all_reduce(stats)
@@ -1529,10 +1551,12 @@ class Trainer:
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
             step += 1
-            tps = cfg.total_batch_tokens / dt
+            # every data-parallel rank's work (tensor and pipeline ranks share theirs): the real
+            # tokens per second, and the FLOPs spent against every GPU's peak
+            shared = self.world_size // self.dp
+            tps, flops = stats[W, 0].item() / shared / dt, stats[W, 1].item() / shared
             record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": gn, "tokens_per_s": tps,
-                      # every GPU's share of the global tokens/s against one GPU's peak
-                      "mfu": self.flops_per_token * tps / (peak * self.world_size) if peak else None,
+                      "mfu": flops / (dt * peak * self.world_size) if peak else None,
                       "peak_memory_gb": peak_memory(self.device) / 2 ** 30, "tokens": step * cfg.total_batch_tokens}
             for s, name in enumerate(self.stage.names):
                 if stats[s, 1] > 0:
@@ -1550,7 +1574,8 @@ class Trainer:
                 record["moe_loss"] = aux["moe_loss"].item()
                 for layer, layer_stats in aux["moe"].items():
                     record.update({f"moe/{layer}/{k}": v.item() for k, v in layer_stats.items()})
-            for kind, message in self.monitor.update(step, loss_value, gn, tps):
+            # (the throughput watch reads the step's pace: real tokens vary with the padding)
+            for kind, message in self.monitor.update(step, loss_value, gn, cfg.total_batch_tokens / dt):
                 self.alert(step, kind, message)
             if self.world_size > 1:
                 self.check_stragglers(step, fwd_time, record)

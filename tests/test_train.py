@@ -1022,6 +1022,47 @@ def test_dpo_reference_ties_the_policy_at_step_0_under_bf16_autocast(sft_init, d
     assert margins and all(m == 0.0 for m in margins)
 
 
+def test_step_work_counts_real_tokens_and_the_flops_spent(data_dir, tmp_path):
+    """On hand-made micro-batches: the tokens are each row's length before its padding (a row
+    without "lengths", pretraining's, is all real), the FLOPs the stage's forward passes over
+    every position, padding included, at each batch's own width (flops_per_token of a real
+    copy of the model)."""
+    t = trainer(data_dir, tmp_path / "w", "--preflight", "false")
+    padded = {"input_ids": torch.zeros(2, 8, dtype=torch.long), "lengths": torch.tensor([5, 8])}
+    full = {"input_ids": torch.zeros(3, 4, dtype=torch.long)}
+    fpt = M.Model(t.full_config).flops_per_token
+    tokens, flops = t.step_work([padded, full])
+    assert tokens == 5 + 8 + 12
+    assert flops == pytest.approx(fpt(8) * 16 + fpt(4) * 12, rel=1e-12)
+    t.stage.forward_passes = 4          # a frozen reference's forward on top
+    assert t.step_work([full])[1] == pytest.approx(4 / 3 * fpt(4) * 12, rel=1e-12)
+
+
+@pytest.mark.parametrize("extra", [["--ref", "copy"], ["--ref", "cache"], ["--loss", "kto"], ["--loss", "orpo"]])
+def test_dpo_forward_passes_are_the_forwards_it_runs(sft_init, dpo_pairs, tmp_path, monkeypatch, extra):
+    """What a DPO step costs (stage.forward_passes, train.py's FLOPs) against the forwards it
+    really runs, counted at Model.forward: a forward with gradients counts 3 (its backward is
+    two forwards' worth), one without 1. The frozen copy adds one; the cache and the
+    reference-free losses none; KTO scores its mismatched half without gradients."""
+    ckpt, _ = sft_init
+    pairs = dpo_pairs
+    if "kto" in extra:
+        pairs = tmp_path / "kto.jsonl"
+        pairs.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"})
+                                 + "\n" for r in dpo.read_preferences(dpo_pairs) for side in ("chosen", "rejected")))
+    t = dpo_trainer(ckpt, tmp_path / "w", str(pairs), *extra)
+    seen = []
+    forward = M.Model.forward
+
+    def counted(self, input_ids, *a, **k):
+        seen.append(input_ids.numel() * (3 if torch.is_grad_enabled() else 1))
+        return forward(self, input_ids, *a, **k)
+    monkeypatch.setattr(M.Model, "forward", counted)
+    batches, *_ = t.forward_backward(t.next_batch, t.accum)
+    positions = sum(b["input_ids"].numel() for b in batches)
+    assert sum(seen) / positions == t.stage.forward_passes == {"copy": 4, "cache": 3, "kto": 3, "orpo": 3}[extra[1]]
+
+
 # -----------------------------------------------------------------------------
 # 10c. On-policy training and the reward model (rl.py driven by train.py)
 
@@ -1073,6 +1114,21 @@ def test_rl_run_resumes_exactly_and_logs_its_metrics(sft_init, tmp_path):
     records = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
     assert {"train/reward", "train/accuracy", "train/entropy", "train/length", "train/zero_std",
             "train/clip_ratio/region_mean", "rollout_tokens_per_s", "train_tokens_per_s"} <= set(records[-1])
+
+
+def test_rl_rollout_flops_are_the_sampling_and_the_scoring(sft_init, tmp_path):
+    """An RL step's work beyond the training micro-batches (train.py adds it to the step's
+    FLOPs): every completion sampled (its prompt and completion through the policy once), then
+    the policy's forward over every padded training row for the old log-probabilities.
+    Without resampling every sampled completion is in the buffer, so both sums are read back
+    from it."""
+    ckpt, _ = sft_init
+    t = rl_trainer(ckpt, tmp_path / "rl", "--resample", "0")
+    t.next_batch()
+    fpt = M.Model(t.full_config).flops_per_token
+    want = sum(fpt(b["input_ids"].shape[1]) / 3 * b["input_ids"].numel()
+               + sum(fpt(n) / 3 * n for n in b["lengths"].tolist()) for b in t.stage.buffer)
+    assert t.stage.rollout_flops == pytest.approx(want, rel=1e-9)
 
 
 def test_reward_model_stage_takes_overlong(sft_init, dpo_pairs, tmp_path):
