@@ -312,7 +312,8 @@ class ZeRO(nn.Module):
     units: the modules gathered one at a time in stage 3 (and the grain of the collectives in
     all stages); default: each element of module.layers. The root unit is everything else
     (embeddings, final norm, head): it stays gathered from the model's forward to the end of its
-    backward, because the head runs last in the forward and the embedding last in the backward.
+    backward, because the head runs last in the forward and the embedding last in the backward;
+    a forward under no_grad in between frees it, and the backward gathers it again.
 
     Gradients are averaged over the group's W ranks: each rank takes 1/W of the batch and its
     loss is its local mean. Every rank must run the same graph (same units, same parameters
@@ -449,8 +450,21 @@ class ZeRO(nn.Module):
             self._gather(self.root)
 
     def _after_root(self, module, args, out):
-        if self.stage == 3 and not torch.is_grad_enabled():   # no backward will come to free it
+        """Stage 3: the root stays gathered for the backward (the head runs first in it, right
+        after this forward), and the end of the backward frees it. A forward with no backward to
+        come (under no_grad) frees it at once. That forward may sit between another forward and
+        that one's backward (KTO's baseline on mismatched rows, evaluation, summon_full_params'
+        exit): so the backward does not count on the root staying gathered, and gathers it again
+        when the gradient reaches the model's outputs, as a block does before its own backward
+        (a no-op when nothing freed it: the same shards are still there)."""
+        if self.stage < 3:
+            return
+        if not torch.is_grad_enabled():
             self._free(self.root)
+            return
+        for t in _tensors(out):
+            if t.requires_grad:
+                t.register_hook(lambda grad: self._before_unit_backward(self.root))
 
     def _after_unit(self, unit, out):
         """Stage 3, after a unit's forward: free its weights, and arrange to gather them again

@@ -1,7 +1,8 @@
 """Tests for parallel.py's ZeRO stages, with two gloo processes on this CPU (torch.multiprocessing): ZeRO
 stages 1, 2 and 3 against one process on the whole batch (with and without gradient
-accumulation), stage 3 against torch's FSDP2, the bytes each rank holds, checkpoints that do not
-depend on the sharding, and the errors users hit first.
+accumulation), stage 3 against torch's FSDP2, a forward under no_grad between a forward and its
+backward (KTO's), the bytes each rank holds, checkpoints that do not depend on the sharding,
+and the errors users hit first.
 
 Starting processes (and their gloo rendezvous) costs more than the cases themselves: so one
 spawn runs every family of cases (training, memory, checkpoints) and the tests read its results
@@ -16,7 +17,7 @@ import torch.distributed as dist
 
 from conftest import spawn
 from model import Model, ModelConfig
-from parallel import ZeRO, clip_grad_norm_
+from parallel import ZeRO, clip_grad_norm_, zero_full
 
 pytestmark = pytest.mark.usefixtures("one_thread")     # tiny models (conftest.py)
 
@@ -120,6 +121,7 @@ def _worker(rank, store, inputs, out):
     _join(rank, store)
     results = {"train": _train_cases(rank, inputs["state"], inputs["moe_state"], inputs["batches"]),
                "memory": _memory_cases(rank, inputs["mem_state"], inputs["mem_batches"]),
+               "no_grad": _no_grad_between_case(rank, inputs["state"], inputs["batches"][2][0]),
                "checkpoint": _checkpoint_cases(rank, inputs["odd_state"], inputs["odd_batches"])}
     torch.save(results, f"{out}.{rank}")
     # both ranks done before either tears down: a rank that exits while the other's last gloo
@@ -195,6 +197,47 @@ def test_stage3_equals_torch_fsdp2(trained):
     for rank in range(2):
         assert got[rank]["fsdp2"]["losses"] == pytest.approx(got[rank][3, 1]["losses"], rel=1e-5, abs=1e-6)
         _close(got[rank][3, 1]["weights"], got[rank]["fsdp2"]["weights"], f"ours vs FSDP2, rank {rank}")
+
+
+# -----------------------------------------------------------------------------
+# A forward under no_grad between a forward and its backward (KTO: the mismatched rows' KL
+# baseline), which must not take away what that backward needs
+
+def _no_grad_between(net, x, y, rank=0, world=1):
+    """Sequence log-probs of this rank's rows of x with gradients, the mean log-prob of all of y
+    without (the same constant on every rank, as KTO's all-reduced KL), then the backward of
+    their product: linear in the first forward, so the ranks' average gradient is one process's."""
+    x = x.chunk(world)[rank]
+    lp = net(x[:, :-1], labels=x[:, 1:], log_probs=True)[2]["log_probs"]
+    with torch.no_grad():
+        kl = net(y[:, :-1], labels=y[:, 1:], log_probs=True)[2]["log_probs"].mean()
+    (lp.mean() * kl).backward()
+
+
+def _no_grad_between_case(rank, state, micro):
+    model = _fresh(SMALL, rank, state)
+    net = ZeRO(model, stage=3)
+    try:
+        _no_grad_between(net, *micro)   # (4, T + 1) rows split over the ranks; (4, T + 1) whole
+    except RuntimeError as e:
+        return {"error": str(e)}
+    grads = {n: zero_full(p.shard.grad, p.rows) for p in net.params for n in p.names}
+    return {"error": None, "grads": grads, "gathered": net.memory()["gathered"]}
+
+
+def test_stage3_no_grad_forward_before_backward_equals_one_process(inputs, ranks):
+    """The no_grad forward frees the root (embedding, head) at its end; the pending backward
+    gathers it again and ends with one process's gradients (it used to run on freed storage)."""
+    model = Model(ModelConfig(**SMALL))
+    model.load_state_dict(inputs["state"])
+    x, y = inputs["batches"][2][0]
+    _no_grad_between(model, x, y)
+    want = {n: p.grad for n, p in model.named_parameters(remove_duplicate=False)}
+    for rank in range(2):
+        got = ranks[rank]["no_grad"]
+        assert got["error"] is None, f"rank {rank}: {got['error']}"
+        _close(got["grads"], want, f"gradients, rank {rank}")
+        assert got["gathered"] == 0        # the backward's end frees the root as usual
 
 
 # -----------------------------------------------------------------------------
