@@ -123,7 +123,8 @@ class DataParallel(nn.Module):
         if run:
             self.buckets.append(_Bucket(run))
         self._where = {p: (b, i) for b in self.buckets for i, p in enumerate(b.params)}
-        self._hooks = [p.register_post_accumulate_grad_hook(self._grad_ready) for p in params]
+        for p in params:
+            p.register_post_accumulate_grad_hook(self._grad_ready)
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -176,12 +177,6 @@ class DataParallel(nn.Module):
                     bucket.ready.add(i)
         self._finish()
 
-    def remove_hooks(self):
-        """Detach from the module (its parameters keep no hook of ours)."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-
 
 # =============================================================================
 # ZeRO stages 1, 2 and 3 (FSDP)
@@ -212,9 +207,10 @@ class DataParallel(nn.Module):
 # The layout is FSDP2's, so checkpoints line up with torch's: every parameter is split on dim 0,
 # padded with zero rows to a multiple of W; rank r holds rows [r c, (r + 1) c), c = ceil(rows / W).
 # After wrapping, the module's registered parameters ARE these shards, under their old names:
-# an optimizer built afterwards holds (and keeps state for) 1/W of the model, state_dict() is
-# the sharded checkpoint, and full_state_dict() / full_optim_state() give one that does not
-# depend on W.
+# an optimizer built afterwards holds (and keeps state for) 1/W of the model, and state_dict()
+# is the sharded checkpoint. zero_full / zero_local turn any tensor shaped like a shard (the
+# weight, its gradient, its AdamW moments) into the whole tensor and back: a checkpoint that
+# does not depend on W (train.py writes its checkpoints that way).
 
 # -----------------------------------------------------------------------------
 # One parameter, sharded
@@ -312,7 +308,8 @@ class ZeRO(nn.Module):
     units: the modules gathered one at a time in stage 3 (and the grain of the collectives in
     all stages); default: each element of module.layers. The root unit is everything else
     (embeddings, final norm, head): it stays gathered from the model's forward to the end of its
-    backward, because the head runs last in the forward and the embedding last in the backward.
+    backward, because the head runs last in the forward and the embedding last in the backward;
+    a forward under no_grad in between frees it, and the backward gathers it again.
 
     Gradients are averaged over the group's W ranks: each rank takes 1/W of the batch and its
     loss is its local mean. Every rank must run the same graph (same units, same parameters
@@ -449,8 +446,21 @@ class ZeRO(nn.Module):
             self._gather(self.root)
 
     def _after_root(self, module, args, out):
-        if self.stage == 3 and not torch.is_grad_enabled():   # no backward will come to free it
+        """Stage 3: the root stays gathered for the backward (the head runs first in it, right
+        after this forward), and the end of the backward frees it. A forward with no backward to
+        come (under no_grad) frees it at once. That forward may sit between another forward and
+        that one's backward (KTO's baseline on mismatched rows, evaluation, summon_full_params'
+        exit): so the backward does not count on the root staying gathered, and gathers it again
+        when the gradient reaches the model's outputs, as a block does before its own backward
+        (a no-op when nothing freed it: the same shards are still there)."""
+        if self.stage < 3:
+            return
+        if not torch.is_grad_enabled():
             self._free(self.root)
+            return
+        for t in _tensors(out):
+            if t.requires_grad:
+                t.register_hook(lambda grad: self._before_unit_backward(self.root))
 
     def _after_unit(self, unit, out):
         """Stage 3, after a unit's forward: free its weights, and arrange to gather them again
@@ -593,80 +603,13 @@ class ZeRO(nn.Module):
         out["expected"] = expected
         return out
 
-    def _optimizer_params(self, optimizer):
-        """The optimizer's parameters in state_dict() order, each checked to be one of our shards."""
-        params = [q for g in optimizer.param_groups for q in g["params"]]
-        if any(id(q) not in self._by_shard for q in params):
-            raise ValueError("the optimizer holds parameters that are not this ZeRO's shards: build the optimizer "
-                             "after wrapping the model (ZeRO replaces the parameters with shards)")
-        return params
-
     def _optimizer_state(self, optimizer):
         """(param record, state tensor) for every tensor in the optimizer's state."""
-        self._optimizer_params(optimizer)
+        if any(id(q) not in self._by_shard for g in optimizer.param_groups for q in g["params"]):
+            raise ValueError("the optimizer holds parameters that are not this ZeRO's shards: build the optimizer "
+                             "after wrapping the model (ZeRO replaces the parameters with shards)")
         return [(self._by_shard[id(q)], v) for q, s in optimizer.state.items() for v in s.values()
                 if torch.is_tensor(v)]
-
-    # -- checkpoints that do not depend on the sharding
-
-    def full_state_dict(self):
-        """{name: full tensor} under the unwrapped model's names (a tied weight under both, as one
-        tensor), the same on every rank; every rank must call it (it all-gathers)."""
-        out, done = {}, {}
-        for name, t in self.module.state_dict(keep_vars=True).items():
-            p = self._by_shard.get(id(t))
-            if p is None:
-                out[name] = t.detach().clone()     # a buffer: replicated already
-            else:
-                if id(p) not in done:
-                    done[id(p)] = zero_full(p.shard, p.rows, self.group).clone()
-                out[name] = done[id(p)]
-        return out
-
-    @torch.no_grad()
-    def load_full_state_dict(self, state):
-        """The reverse: each rank copies its rows of every full tensor into its shard, then
-        refreshes the full copies it holds."""
-        for name, t in self.module.state_dict(keep_vars=True).items():
-            p = self._by_shard.get(id(t))
-            names = p.names if p is not None else [name]
-            key = next((n for n in names if n in state), None)
-            if key is None:
-                raise KeyError(f"load_full_state_dict: {name} is missing from the state dict")
-            full = state[key].to(t.device, t.dtype)
-            if p is None:
-                t.copy_(full)
-            else:
-                if full.shape != p.shape:
-                    raise ValueError(f"load_full_state_dict: {key} has shape {tuple(full.shape)}, the model "
-                                     f"{tuple(p.shape)}")
-                p.shard.copy_(zero_local(full, self.group))
-        for unit in self.units:
-            if unit.gathered:
-                self._gather(unit)     # the shards' versions moved: refills
-
-    def full_optim_state(self, optimizer):
-        """optimizer.state_dict() with every per-parameter state tensor of the shard's shape
-        (Adam's exp_avg, exp_avg_sq) all-gathered to the parameter's full shape; scalars (step)
-        as they are. Loads into any sharding, or into the unwrapped model's optimizer."""
-        params, sd = self._optimizer_params(optimizer), optimizer.state_dict()
-        state = {}
-        for i in sorted(sd["state"]):          # the same order on every rank: the gathers pair up
-            p = self._by_shard[id(params[i])]
-            state[i] = {k: zero_full(v, p.rows, self.group).clone() if torch.is_tensor(v) and v.shape == p.shard.shape
-                        else (v.clone() if torch.is_tensor(v) else v) for k, v in sd["state"][i].items()}
-        return {"state": state, "param_groups": sd["param_groups"]}
-
-    def load_full_optim_state(self, optimizer, state_dict):
-        """The reverse of full_optim_state: each full-shaped state tensor is cut to this rank's rows."""
-        params, state = self._optimizer_params(optimizer), {}
-        for i, s in state_dict["state"].items():
-            p = self._by_shard[id(params[int(i)])]
-            # clones, scalars included: load_state_dict keeps the tensors it is given (Adam's step
-            # counter would then be stepped in the caller's dict too)
-            state[i] = {k: (zero_local(v, self.group) if v.shape == p.shape else v).clone() if torch.is_tensor(v) else v
-                        for k, v in s.items()}
-        optimizer.load_state_dict({"state": state, "param_groups": state_dict["param_groups"]})
 
 
 def _tensors(out):
@@ -1142,23 +1085,6 @@ def tp_seed(seed, group=None):
 
 
 @torch.no_grad()
-def broadcast_replicas(model, group=None):
-    """Make every replicated parameter (tp_slots < tp) equal to the copy on the first rank
-    holding its block: the fix after a shard-local init that also drew replicated tensors
-    from the per-rank seed."""
-    tp, rank = _tp(group)
-    for p in model.parameters():
-        slots = getattr(p, "tp_slots", 1)
-        if slots == tp:
-            continue
-        buf = p.new_zeros(slots, *p.shape)
-        if rank % (tp // slots) == 0:           # the first of the ranks holding this block
-            buf[_slot(p, tp, rank)] = p
-        dist.all_reduce(buf, group=group)
-        p.copy_(buf[_slot(p, tp, rank)])
-
-
-@torch.no_grad()
 def check_replicas(model, group=None, atol=0.0):
     """[(parameter name, problem)], the same list on every rank, empty when healthy:
     - ranks holding the same block of a parameter (replicated ones: norms, QK-norms, replicated
@@ -1201,15 +1127,7 @@ def check_replicas(model, group=None, atol=0.0):
 # (and the QK-norm / replicated-KV hooks summed the partial ones). A sharded parameter's
 # gradient is its own block, held nowhere else. So ||grad||^2 of the full model is the sum
 # over ranks of the local squares, with each replicated block counted once: divide its square
-# by the number of ranks holding it.
-
-def tp_copies(p, group=None):
-    """How many ranks of the TP group hold parameter p's piece alike, for clip_grad_norm_: one
-    for a shard, tp for a replicated parameter, tp / n_kv_head for a replicated K/V head.
-    (Replicated gradients are whole on every rank: f's all-reduce in the backward pass hands
-    every rank the full gradient of the replicated stream.)"""
-    return _tp(group)[0] // getattr(p, "tp_slots", 1)
-
+# by the number of ranks holding it, tp // p.tp_slots (clip_grad_norm_'s `copies`).
 
 @torch.no_grad()
 def tp_full(t, p, group=None):
@@ -1233,13 +1151,6 @@ def tp_local(full, p, group=None):
         return full
     size = full.shape[p.tp_dim] // slots
     return full.narrow(p.tp_dim, _slot(p, tp, rank) * size, size)
-
-
-def full_state_dict(model, group=None):
-    """The unsharded state dict (the names and shapes of the model before tensor_parallel), on
-    every rank. For checkpoints and for tests."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    return {name: tp_full(t, params.get(name), group) for name, t in model.state_dict().items()}
 
 
 # =============================================================================

@@ -282,7 +282,9 @@ def _scratch(state, batches, stage):
             _, loss, _ = net(x[:, :-1], labels=x[:, 1:])
             (loss / len(micro)).backward()
         params = [p for p in model.parameters()]
-        norm = parallel.clip_grad_norm_(params, 1.0, None, [parallel.tp_copies(p, tp) for p in params])
+        # a piece TP replicates is held alike by tp // tp_slots ranks
+        copies = [mesh["tp"].size() // getattr(p, "tp_slots", 1) for p in params]
+        norm = parallel.clip_grad_norm_(params, 1.0, None, copies)
         opt.step()
         opt.zero_grad(set_to_none=True)
     weights = {n: parallel.tp_full(parallel.zero_full(p.detach(), before[n].shape[0], dp), before[n], tp)

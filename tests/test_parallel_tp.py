@@ -53,13 +53,25 @@ def _train(model, x, sharded=False, group=None, steps=3):
         _, loss, _ = model(x[:, :-1], labels=x[:, 1:])
         loss.backward()
         if sharded:
-            norms.append(tp.clip_grad_norm_(list(model.parameters()), CLIP, group, [tp.tp_copies(p, group) for p in model.parameters()]).item())
+            norms.append(tp.clip_grad_norm_(list(model.parameters()), CLIP, group, _copies(model, group)).item())
         else:
             norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP).item())
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
     return losses, norms
+
+
+def _copies(model, group):
+    """How many ranks hold each parameter's piece alike (clip_grad_norm_'s copies): one for a
+    shard, tp for a replicated parameter, tp / n_kv_head for a replicated K/V head."""
+    return [dist.get_world_size(group) // getattr(p, "tp_slots", 1) for p in model.parameters()]
+
+
+def _full_state_dict(model, group):
+    """The unsharded state dict (the names and shapes of the model before tensor_parallel)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return {name: tp.tp_full(t, params.get(name), group) for name, t in model.state_dict().items()}
 
 
 def _log_probs(model, x):
@@ -96,7 +108,7 @@ def _equivalence(cases, group):
                  heads=(model.layers[0].self_attn.n_head, model.layers[0].self_attn.n_kv_head),
                  problems_before=tp.check_replicas(model, group))
         r["losses"], r["norms"] = _train(model, x, True, group)
-        r["weights"] = tp.full_state_dict(model, group)
+        r["weights"] = _full_state_dict(model, group)
         r["problems_after"] = tp.check_replicas(model, group)
         out[name] = r
     return out
@@ -142,14 +154,12 @@ def _seed_bug(group):
         if dist.get_rank(group) == 1:
             model.layers[0].input_layernorm.weight[3] += 1e-3
     out["drift"] = tp.check_replicas(model, group)
-    # Replicated KV heads drawn from the per-rank seed differ: broadcast_replicas repairs them
+    # Replicated KV heads drawn from the per-rank seed differ
     torch.manual_seed(0)
     model = tp.tensor_parallel(Model(ModelConfig(**{**SMALL, "n_kv_head": 1})), group)
     torch.manual_seed(tp.tp_seed(0, group))
     model.reset_parameters()
     out["kv_tp_seed"] = tp.check_replicas(model, group)
-    tp.broadcast_replicas(model, group)
-    out["kv_broadcast"] = tp.check_replicas(model, group)
     return out
 
 
@@ -276,10 +286,9 @@ def test_replica_check_catches_the_seed_bug(ranks):
         assert got["tp_seed"] == []
         assert [name for name, _ in got["drift"]] == ["layers.0.input_layernorm.weight"]
         assert "replicated" in got["drift"][0][1]
-        # one KV head on both ranks must be identical: a per-rank init breaks it, the broadcast fixes it
+        # one KV head on both ranks must be identical: a per-rank init breaks it
         assert {name for name, _ in got["kv_tp_seed"]} == {
             f"layers.{i}.self_attn.{m}.weight" for i in range(2) for m in ("k_proj", "v_proj")}
-        assert got["kv_broadcast"] == []
     assert ranks[0]["seed_bug"] == ranks[1]["seed_bug"]    # one verdict on every rank of a group
 
 

@@ -1,10 +1,11 @@
 """Tests for parallel.py's ZeRO stages, with two gloo processes on this CPU (torch.multiprocessing): ZeRO
 stages 1, 2 and 3 against one process on the whole batch (with and without gradient
-accumulation), stage 3 against torch's FSDP2, the bytes each rank holds, checkpoints that do not
-depend on the sharding, and the errors users hit first.
+accumulation), stage 3 on MoE layers, on rows that do not split evenly, and against torch's
+FSDP2, a forward under no_grad between a forward and its backward (KTO's), the bytes each rank
+holds, and the errors users hit first.
 
 Starting processes (and their gloo rendezvous) costs more than the cases themselves: so one
-spawn runs every family of cases (training, memory, checkpoints) and the tests read its results
+spawn runs every family of cases (training, memory, no_grad) and the tests read its results
 from module-scoped fixtures."""
 
 import contextlib
@@ -16,7 +17,7 @@ import torch.distributed as dist
 
 from conftest import spawn
 from model import Model, ModelConfig
-from parallel import ZeRO, clip_grad_norm_
+from parallel import ZeRO, clip_grad_norm_, zero_full
 
 pytestmark = pytest.mark.usefixtures("one_thread")     # tiny models (conftest.py)
 
@@ -27,6 +28,7 @@ ODD = dict(SMALL, mlp_dim=67)
 # adds to the loss), not through the block's output, where stage 3 hooks its backward gather
 MOE = dict(SMALL, n_experts=4, top_k=2, d_expert=32, router_z_loss=0.01)
 MEM = dict(ODD, n_layer=4)      # the memory test's model
+OTHERS = {"moe": MOE, "odd": ODD}      # trained at stage 3 only
 STAGES = (1, 2, 3)
 
 
@@ -73,6 +75,14 @@ def _weights(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def _full(net):
+    """A ZeRO model's whole weights, as one process's state_dict() holds them: each shard's
+    rows all-gathered from every rank (so every rank must call it), buffers as they are."""
+    by_shard = {id(p.shard): p for p in net.params}
+    return {k: zero_full(v, by_shard[id(v)].rows) if id(v) in by_shard else v.detach().clone()
+            for k, v in net.module.state_dict(keep_vars=True).items()}
+
+
 def _fresh(config, rank, state):
     torch.manual_seed(rank)                 # different inits on each rank: the broadcast must fix them
     model = Model(ModelConfig(**config))
@@ -92,18 +102,19 @@ def _close(got, want, what):
 # -----------------------------------------------------------------------------
 # Stages 1, 2, 3 == one process; stage 3 == FSDP2
 
-def _train_cases(rank, state, moe_state, batches):
+def _train_cases(rank, state, other_states, batches):
     results = {}
     for stage in STAGES:
         for accum, b in batches.items():
             model = _fresh(SMALL, rank, state)
             net = ZeRO(model, stage=stage)
             losses, _ = _train(model, b, rank, 2, net, clip=clip_grad_norm_)
-            results[stage, accum] = {"losses": losses, "weights": net.full_state_dict()}
-    model = _fresh(MOE, rank, moe_state)
-    net = ZeRO(model, stage=3)
-    losses, _ = _train(model, batches[1], rank, 2, net, clip=clip_grad_norm_)
-    results["moe"] = {"losses": losses, "weights": net.full_state_dict()}
+            results[stage, accum] = {"losses": losses, "weights": _full(net)}
+    for name, config in OTHERS.items():
+        model = _fresh(config, rank, other_states[name])
+        net = ZeRO(model, stage=3)
+        losses, _ = _train(model, batches[1], rank, 2, net, clip=clip_grad_norm_)
+        results[name] = {"losses": losses, "weights": _full(net)}
     from torch.distributed.fsdp import fully_shard
     model = Model(ModelConfig(**SMALL))
     model.load_state_dict(state)
@@ -118,9 +129,9 @@ def _train_cases(rank, state, moe_state, batches):
 def _worker(rank, store, inputs, out):
     """Every case, one family after the other, in one pair of processes (each on fresh models)."""
     _join(rank, store)
-    results = {"train": _train_cases(rank, inputs["state"], inputs["moe_state"], inputs["batches"]),
+    results = {"train": _train_cases(rank, inputs["state"], inputs["other_states"], inputs["batches"]),
                "memory": _memory_cases(rank, inputs["mem_state"], inputs["mem_batches"]),
-               "checkpoint": _checkpoint_cases(rank, inputs["odd_state"], inputs["odd_batches"])}
+               "no_grad": _no_grad_between_case(rank, inputs["state"], inputs["batches"][2][0])}
     torch.save(results, f"{out}.{rank}")
     # both ranks done before either tears down: a rank that exits while the other's last gloo
     # exchange is in flight can abort it ("terminate called without an active exception")
@@ -134,9 +145,8 @@ def inputs():
     def init(config):
         torch.manual_seed(0)
         return _weights(Model(ModelConfig(**config)))
-    return dict(state=init(SMALL), moe_state=init(MOE), mem_state=init(MEM), odd_state=init(ODD),
-                batches={1: _batches(3, 1), 2: _batches(3, 2, seed=1)}, mem_batches=_batches(1, 1),
-                odd_batches=_batches(3, 1))
+    return dict(state=init(SMALL), other_states={k: init(c) for k, c in OTHERS.items()}, mem_state=init(MEM),
+                batches={1: _batches(3, 1), 2: _batches(3, 2, seed=1)}, mem_batches=_batches(1, 1))
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +159,8 @@ def ranks(inputs, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(inputs, ranks):
-    """One process on the whole batch, and the 2-rank runs, for 3 steps of 1 and of 2 micro-batches."""
+    """One process on the whole batch, and the 2-rank runs, for 3 steps of 1 and of 2 micro-batches
+    (and of 1 for the OTHERS)."""
     state, batches = inputs["state"], inputs["batches"]
     want = {}
     for accum, b in batches.items():
@@ -157,10 +168,11 @@ def trained(inputs, ranks):
         model.load_state_dict(state)
         losses, _ = _train(model, b)
         want[accum] = {"losses": losses, "weights": _weights(model)}
-    moe = Model(ModelConfig(**MOE))
-    moe.load_state_dict(inputs["moe_state"])
-    losses, _ = _train(moe, batches[1])
-    want["moe"] = {"losses": losses, "weights": _weights(moe)}
+    for name, config in OTHERS.items():
+        model = Model(ModelConfig(**config))
+        model.load_state_dict(inputs["other_states"][name])
+        losses, _ = _train(model, batches[1])
+        want[name] = {"losses": losses, "weights": _weights(model)}
     return want, [r["train"] for r in ranks]
 
 
@@ -179,13 +191,15 @@ def test_zero_equals_one_process(trained, stage, accum):
         _close(got[rank][stage, accum]["weights"], want["weights"], f"stage {stage} rank {rank}")
 
 
-def test_stage3_with_moe_layers_equals_one_process(trained):
-    """MoE blocks (router, experts, router z-loss) sharded as units: the same weights."""
+@pytest.mark.parametrize("name", OTHERS)
+def test_stage3_with_moe_layers_and_padded_rows_equals_one_process(trained, name):
+    """MoE blocks (router, experts, router z-loss) sharded as units; parameters whose rows do
+    not split evenly over the ranks (a padding row in the shards): the same weights."""
     want, got = trained
-    global_losses = [(a + b) / 2 for a, b in zip(got[0]["moe"]["losses"], got[1]["moe"]["losses"])]
-    torch.testing.assert_close(torch.tensor(global_losses), torch.tensor(want["moe"]["losses"]), rtol=1e-5, atol=1e-5)
+    global_losses = [(a + b) / 2 for a, b in zip(got[0][name]["losses"], got[1][name]["losses"])]
+    torch.testing.assert_close(torch.tensor(global_losses), torch.tensor(want[name]["losses"]), rtol=1e-5, atol=1e-5)
     for rank in range(2):
-        _close(got[rank]["moe"]["weights"], want["moe"]["weights"], f"MoE rank {rank}")
+        _close(got[rank][name]["weights"], want[name]["weights"], f"{name} rank {rank}")
 
 
 def test_stage3_equals_torch_fsdp2(trained):
@@ -195,6 +209,47 @@ def test_stage3_equals_torch_fsdp2(trained):
     for rank in range(2):
         assert got[rank]["fsdp2"]["losses"] == pytest.approx(got[rank][3, 1]["losses"], rel=1e-5, abs=1e-6)
         _close(got[rank][3, 1]["weights"], got[rank]["fsdp2"]["weights"], f"ours vs FSDP2, rank {rank}")
+
+
+# -----------------------------------------------------------------------------
+# A forward under no_grad between a forward and its backward (KTO: the mismatched rows' KL
+# baseline), which must not take away what that backward needs
+
+def _no_grad_between(net, x, y, rank=0, world=1):
+    """Sequence log-probs of this rank's rows of x with gradients, the mean log-prob of all of y
+    without (the same constant on every rank, as KTO's all-reduced KL), then the backward of
+    their product: linear in the first forward, so the ranks' average gradient is one process's."""
+    x = x.chunk(world)[rank]
+    lp = net(x[:, :-1], labels=x[:, 1:], log_probs=True)[2]["log_probs"]
+    with torch.no_grad():
+        kl = net(y[:, :-1], labels=y[:, 1:], log_probs=True)[2]["log_probs"].mean()
+    (lp.mean() * kl).backward()
+
+
+def _no_grad_between_case(rank, state, micro):
+    model = _fresh(SMALL, rank, state)
+    net = ZeRO(model, stage=3)
+    try:
+        _no_grad_between(net, *micro)   # (4, T + 1) rows split over the ranks; (4, T + 1) whole
+    except RuntimeError as e:
+        return {"error": str(e)}
+    grads = {n: zero_full(p.shard.grad, p.rows) for p in net.params for n in p.names}
+    return {"error": None, "grads": grads, "gathered": net.memory()["gathered"]}
+
+
+def test_stage3_no_grad_forward_before_backward_equals_one_process(inputs, ranks):
+    """The no_grad forward frees the root (embedding, head) at its end; the pending backward
+    gathers it again and ends with one process's gradients (it used to run on freed storage)."""
+    model = Model(ModelConfig(**SMALL))
+    model.load_state_dict(inputs["state"])
+    x, y = inputs["batches"][2][0]
+    _no_grad_between(model, x, y)
+    want = {n: p.grad for n, p in model.named_parameters(remove_duplicate=False)}
+    for rank in range(2):
+        got = ranks[rank]["no_grad"]
+        assert got["error"] is None, f"rank {rank}: {got['error']}"
+        _close(got["grads"], want, f"gradients, rank {rank}")
+        assert got["gathered"] == 0        # the backward's end frees the root as usual
 
 
 # -----------------------------------------------------------------------------
@@ -223,6 +278,14 @@ def _memory_cases(rank, state, batches):
             summoned = net.memory()["gathered"]
         results[stage] = dict(seen, between=between, after_eval=after_eval, summoned=summoned,
                               loss=loss.item(), h=h, after_summon=net.memory()["gathered"])
+    # an optimizer built before wrapping holds the old parameters, which no longer train
+    model = Model(ModelConfig(**SMALL))
+    early = torch.optim.AdamW(model.parameters())
+    net = ZeRO(model, stage=2)
+    try:
+        net.memory(early)
+    except ValueError as e:
+        results["early_optimizer"] = str(e)
     return results
 
 
@@ -269,71 +332,11 @@ def test_memory_per_rank_shrinks_as_claimed(ranks):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints that do not depend on the sharding
-
-def _checkpoint_cases(rank, state, batches):
-    # two steps at stage 3, a full checkpoint, a third step
-    model = _fresh(ODD, rank, state)
-    net = ZeRO(model, stage=3)
-    _, opt = _train(model, batches[:2], rank, 2, net, clip=clip_grad_norm_)
-    sd, osd = net.full_state_dict(), net.full_optim_state(opt)
-    _train(model, batches[2:], rank, 2, net, clip=clip_grad_norm_, opt=opt)
-    after = net.full_state_dict()
-    # the checkpoint loaded into stage 1 and stage 2 models from another init: the same third step
-    resumed = {}
-    for stage in (1, 2):
-        model2 = _fresh(ODD, 1, state)
-        net2 = ZeRO(model2, stage=stage)
-        net2.load_full_state_dict(sd)
-        opt2 = _adamw(model2.parameters())
-        net2.load_full_optim_state(opt2, osd)
-        assert net2.full_state_dict().keys() == sd.keys()
-        _train(model2, batches[2:], rank, 2, net2, clip=clip_grad_norm_, opt=opt2)
-        resumed[stage] = net2.full_state_dict()
-    # an optimizer built before wrapping holds the old parameters, which no longer train
-    model3 = Model(ModelConfig(**ODD))
-    early = torch.optim.AdamW(model3.parameters())
-    net3 = ZeRO(model3, stage=2)
-    try:
-        net3.full_optim_state(early)
-        error = None
-    except ValueError as e:
-        error = str(e)
-    return {"sd": sd, "osd": osd, "after": after, "resumed": resumed, "error": error}
-
-
-def test_full_checkpoints_round_trip(inputs, ranks):
-    state, batches = inputs["odd_state"], inputs["odd_batches"]
-    model = Model(ModelConfig(**ODD))
-    model.load_state_dict(state)
-    r0, r1 = (r["checkpoint"] for r in ranks)
-    # one checkpoint, whatever the rank: full shapes, both names of the tied weight
-    _close(r0["sd"], r1["sd"], "ranks' state dicts")
-    assert r0["sd"].keys() == state.keys() and "lm_head.weight" in r0["sd"]
-    for i, s in r0["osd"]["state"].items():
-        _close(s, r1["osd"]["state"][i], f"ranks' optimizer state {i}")
-    # ... equal to one process after the same two steps, weights and Adam's moments alike
-    _, opt = _train(model, batches[:2])
-    _close(r0["sd"], _weights(model), "checkpoint vs one process")
-    want_osd = opt.state_dict()
-    for i, s in want_osd["state"].items():
-        _close(r0["osd"]["state"][i], s, f"optimizer state {i}")
-    # resuming, whatever the stage, takes the same third step as the run that never stopped,
-    # and as one process loading the checkpoint into a plain model and a plain AdamW
-    plain = Model(ModelConfig(**ODD))
-    plain.load_state_dict(r0["sd"])
-    plain_opt = _adamw(plain.parameters())
-    plain_opt.load_state_dict(r0["osd"])
-    _train(plain, batches[2:], opt=plain_opt)
-    for r in (r0, r1):
-        _close(r["after"], _weights(plain), "stage 3 after 3 steps vs one process resumed")
-        for stage in (1, 2):
-            _close(r["resumed"][stage], r["after"], f"resumed at stage {stage}")
-    assert "build the optimizer after wrapping" in r0["error"]
-
-
-# -----------------------------------------------------------------------------
 # Errors
+
+def test_optimizer_built_before_wrapping_is_a_clear_error(ranks):
+    for rank in range(2):
+        assert "build the optimizer after wrapping" in ranks[rank]["memory"].get("early_optimizer", "no error")
 
 def test_bad_stage_units_and_missing_process_group_are_clear_errors():
     model = Model(ModelConfig(**SMALL))

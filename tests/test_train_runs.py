@@ -1,7 +1,7 @@
 """End-to-end runs of train.py as subprocesses: exact resume after `kill -9`, SIGTERM
 (preemption) saving a checkpoint, torchrun with 2 processes matching 1 process on the same
 global batch, mid-training from a checkpoint and from a Hugging Face directory, the command
-line (unknown keys, TOML configs) and --plot.
+line (unknown keys, TOML configs), --plot, and KTO under ZeRO-3 matching 1 process.
 
 Every run is tiny (byte tokenizer, 2 layers, 512 tokens per step, a few steps) and uses
 OMP_NUM_THREADS=1 so that two runs of the same flags compute the same floats."""
@@ -700,4 +700,46 @@ def test_torchrun_moe_matches_one_process(data_dir, tmp_path):
     bias = [k for k in w1 if k.endswith("e_score_correction_bias")]
     assert bias and any(w1[k].abs().max() > 0 for k in bias)      # the bias moved
     for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+
+
+# -----------------------------------------------------------------------------
+# 7. KTO under ZeRO-3: its KL baseline's forward runs under no_grad between the policy's forward
+# and backward, which must leave the backward the weights it needs
+
+@pytest.mark.slow
+def test_torchrun_kto_under_zero3_matches_one_process(tmp_path):
+    import dpo
+    import model as M
+    import tokenizer
+    import train
+    # the chat template's special tokens over plain bytes (no merges: trained in no time), and a
+    # random model that uses it
+    tokenizer.Tokenizer.train(["x"], 261, verbose=False).save(str(tmp_path / "tok"))
+    torch.manual_seed(0)
+    net = M.Model(M.ModelConfig(vocab_size=261, n_layer=2, dim=64, n_head=4, n_kv_head=2, mlp_dim=96, max_seq_len=256))
+    train.save_checkpoint(str(tmp_path / "init"), net, None, {"step": 0, "config": {"tokenizer": str(tmp_path / "tok.json")}})
+    # paired records: KTO unpairs them; 160 hold out 2 pairs, 4 examples, enough for 2 ranks
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(rec) + "\n"
+                                                  for _, rec in dpo.builtin_pairs(n=80, seed=2)["train"][:160]))
+    args = ["--stage", "dpo", "--loss", "kto", "--init", "init", "--pref_data", "pairs.jsonl", "--seq_len", "128",
+            "--total_batch_tokens", "512", "--max_steps", "2", "--ckpt_every", "2", "--lr", "1e-3",
+            "--warmup_steps", "1", "--eval_tasks", "", "--eval_batches", "1", "--sample_tokens", "0",
+            "--preflight", "false"]
+    # the same 4 examples a step: one process takes them in one micro-batch (KTO's baseline is a
+    # mean over the global batch, all-reduced across ranks, so accumulation would change it)
+    check(run_train(args + ["--batch_size", "4", "--out_dir", "one"], tmp_path))
+    rc, stdout = run_torchrun(args + ["--batch_size", "2", "--fsdp", "--out_dir", "two"], tmp_path)
+    assert rc == 0, f"torchrun exited {rc}:\n{stdout[-3000:]}"
+    m1, m2 = read_metrics(str(tmp_path / "one")), read_metrics(str(tmp_path / "two"))
+    assert [r["step"] for r in m1] == [r["step"] for r in m2] == [1, 2]
+    assert m1[-1]["train/kl"] > 0.1          # the baseline forward's output reached the loss
+    for r1, r2 in zip(m1, m2):
+        for k in ("loss", "grad_norm", "train/kl"):
+            assert r2[k] == pytest.approx(r1[k], rel=1e-5, abs=1e-6), f"step {r1['step']} {k}"
+    w0 = load_file(str(tmp_path / "init" / "model.safetensors"))
+    w1, w2 = (load_file(os.path.join(ckpt(str(tmp_path / out), 2), "model.safetensors")) for out in ("one", "two"))
+    assert set(w1) == set(w2)
+    for k in w1:
+        assert (w1[k] - w0[k]).abs().max() > 1e-3, f"{k} did not train"
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
