@@ -445,15 +445,74 @@ def save_checkpoint(path, model, optimizer, trainer_state):
         for fname in os.listdir(tmp):          # durable before the rename makes it visible
             with open(os.path.join(tmp, fname), "rb") as f:
                 os.fsync(f.fileno())
-        if os.path.exists(path):       # overwrite (a step redone after a rollback) without a gap
-            old = tempfile.mkdtemp(prefix=f".{name}.old.", dir=parent)
-            os.replace(path, os.path.join(old, name))
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
+        _fsync_dir(tmp)
+        # Overwriting (a step redone after a rollback): directories cannot be swapped in one
+        # rename, so the complete old copy steps aside under a name recover_checkpoints()
+        # knows, and comes back if we die before the new one is in place.
+        old = os.path.join(parent, f".{name}.old")
+        if os.path.exists(path):
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            _fsync_dir(parent)
+        os.replace(tmp, path)
+        _fsync_dir(parent)             # the rename itself durable: a power cut cannot undo it
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def recover_checkpoints(run_dir):
+    """Tidy run_dir/ckpt after a save that died: a step's old copy set aside for an overwrite
+    (.step_N.old) goes back in place when the new one never arrived, and is deleted when it
+    did; half-written temporaries (.step_N.XXXX) are deleted. Never deletes the only complete
+    copy of a step. Rank 0 only (the others read the result)."""
+    d = os.path.join(run_dir, "ckpt")
+    if not os.path.isdir(d):
+        return
+    for n in sorted(os.listdir(d)):
+        if n.startswith(".step_") and n.endswith(".old"):
+            step = os.path.join(d, n[1:-len(".old")])
+            if os.path.exists(step):
+                shutil.rmtree(os.path.join(d, n), ignore_errors=True)
+            else:
+                os.replace(os.path.join(d, n), step)
+                _fsync_dir(d)
+                print(f"{step}: restored the complete copy a save had set aside (the save died before the new one "
+                      "was in place)", flush=True)
+    for n in os.listdir(d):
+        if n.startswith(".step_") and not n.endswith(".old"):
+            shutil.rmtree(os.path.join(d, n), ignore_errors=True)
+
+
+def drop_records_after(path, step):
+    """Rewrite a metrics.jsonl without the records past `step` (a resumed run logs those steps
+    again; kept, each would be there twice), nor a last line a kill cut short. Written aside
+    and renamed, like a checkpoint."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line).get("step", 0) > step:
+                continue
+        except json.JSONDecodeError:
+            if not line.endswith("\n"):      # the torn last line
+                continue
+        kept.append(line)
+    if len(kept) < len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
 
 
 def _jsonable(x):
@@ -1035,6 +1094,9 @@ class Trainer:
         self.rank, self.world_size, self.device = setup_distributed(cfg)
         self.layout = Layout(cfg, self.world_size, self.device)
         self.dp, self.dp_rank = self.layout.dp, self.layout.dp_rank
+        if self.rank == 0:
+            recover_checkpoints(cfg.out_dir)      # before anyone lists the checkpoints
+        barrier()
         torch.manual_seed(cfg.seed)           # the same init on every rank (TP slices it: no seed bug)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
@@ -1116,6 +1178,8 @@ class Trainer:
         self.slow_streak = {}
         if cfg.resume and checkpoints(cfg.out_dir):
             self.restore(checkpoints(cfg.out_dir)[-1], loader=True)
+            if self.rank == 0:        # the steps after it run again: their first record goes
+                drop_records_after(os.path.join(cfg.out_dir, "metrics.jsonl"), self.start_step)
         elif cfg.resume:
             self.log(f"--resume: no checkpoint in {cfg.out_dir}/ckpt yet, starting fresh")
 
@@ -1255,13 +1319,10 @@ class Trainer:
             save_checkpoint(path, model, optimizer,
                             {"step": step, "config": asdict(self.cfg), "stage": self.stage.state_dict(),
                              "monitor": self.monitor.state_dict(), "start_correct": self.start_correct})
+            recover_checkpoints(self.cfg.out_dir)     # what a save killed half-way left behind
             if self.cfg.keep_last > 0:     # 0 keeps every checkpoint
                 for old in checkpoints(self.cfg.out_dir)[:-self.cfg.keep_last]:
                     shutil.rmtree(old, ignore_errors=True)
-            ckpt_dir = os.path.dirname(path)   # a save killed half-way left a hidden temporary
-            for name in os.listdir(ckpt_dir):
-                if name.startswith(".step_"):
-                    shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
         barrier()
 
     def alert(self, step, kind, message):

@@ -368,6 +368,45 @@ def test_failed_save_leaves_the_old_checkpoint_and_no_temporary(tmp_path):
     assert train.load_checkpoint(str(path), small_model(1))["step"] == 1
 
 
+def test_a_crash_between_the_overwrites_renames_loses_no_checkpoint(tmp_path, monkeypatch):
+    """Overwriting step_N (a step redone after a rollback) dies between setting the old copy
+    aside and renaming the new one in (os.replace raises on its second call): the next start
+    (recover_checkpoints, which Trainer runs first, and every save) puts the complete old copy
+    back; half-written temporaries go; nothing is left hidden. (The old code's next save
+    deleted every hidden directory, both copies of step_N among them.)"""
+    m = small_model()
+    path = tmp_path / "ckpt" / "step_000004"
+    train.save_checkpoint(str(path), m, None, {"step": 4, "which": "old"})
+    calls, replace = [], os.replace
+
+    def dies_second(a, b):
+        calls.append((a, b))
+        if len(calls) == 2:
+            raise OSError("killed")
+        return replace(a, b)
+    monkeypatch.setattr(os, "replace", dies_second)
+    with pytest.raises(OSError, match="killed"):
+        train.save_checkpoint(str(path), small_model(1), None, {"step": 4, "which": "new"})
+    monkeypatch.setattr(os, "replace", replace)
+    assert train.checkpoints(str(tmp_path)) == []          # the gap the crash left
+    (tmp_path / "ckpt" / ".step_000003.abc").mkdir()        # a save killed earlier, half-written
+    train.recover_checkpoints(str(tmp_path))
+    assert os.listdir(tmp_path / "ckpt") == ["step_000004"]
+    m2 = small_model(2)
+    assert train.load_checkpoint(str(path), m2)["which"] == "old"
+    for a, b in zip(m.state_dict().values(), m2.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_resume_drops_the_records_past_its_checkpoint(tmp_path):
+    """A run resumed from step 2 logs steps 3.. again: metrics.jsonl keeps steps 1-2 once,
+    and a last line a kill cut in half goes."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 5)) + '{"step": 5, "lo')
+    train.drop_records_after(str(path), 2)
+    assert [r["step"] for r in read_jsonl(path)] == [1, 2]
+
+
 def test_checkpoint_restores_rng_states(tmp_path):
     """load_checkpoint with an optimizer puts torch's and Python's RNGs back where they were."""
     m = small_model()
