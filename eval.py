@@ -329,6 +329,15 @@ def extract_answer(text):
     return numbers[-1].rstrip(",") if numbers else None
 
 
+def completion_answer(text):
+    """The answer a reasoning model's completion gives: extract_answer of what follows its last
+    </think> (the whole text when there is none: no block, or one the prompt opened), None when
+    a <think> opened there never closes. A completion cut off mid-thought answers nothing,
+    though its working may hold the right number. rl.py's reward reads answers with this too."""
+    after = text.rsplit("</think>", 1)[-1]
+    return None if "<think>" in after else extract_answer(after)
+
+
 def normalize_answer(s):
     """Lowercase, spaces collapsed, a "$", a trailing "." and thousands separators gone."""
     s = " ".join(str(s).strip().lower().replace("$", "").split()).rstrip(".")
@@ -351,8 +360,9 @@ def same_answer(predicted, reference):
 @torch.no_grad()
 def generative(model, tok, examples, max_new_tokens=192, batch_size=64):
     """Exact match on examples [{"prompt", "answer"}]: greedy generation until an end token
-    (or max_new_tokens), the completion cut where a new "Question:" starts and after a
-    reasoning model's "</think>", the answer extracted and compared. A chat example carries
+    (or max_new_tokens), the completion cut where a new "Question:" starts, its answer read
+    after a reasoning model's thinking (completion_answer: none from an unfinished thought)
+    and compared. A chat example carries
     its prompt already rendered in a chat template, "prompt_ids" (sft.py's), and is also
     scored for template adherence: the turn ends with <|im_end|> and holds no other special
     token (no forged turn, no <|eos|> in place of the end of turn). Returns (metrics,
@@ -373,8 +383,8 @@ def generative(model, tok, examples, max_new_tokens=192, batch_size=64):
         outs = model.generate(prompts, max_new_tokens=min(max_new_tokens, max_len - 1), temperature=0,
                               stop_ids=stop)
         for ex, out in zip(batch, outs):
-            text = tok.decode([t for t in out if t not in stop]).split("\nQuestion:")[0].split("</think>")[-1]
-            pred = extract_answer(text)
+            text = tok.decode([t for t in out if t not in stop]).split("\nQuestion:")[0]
+            pred = completion_answer(text)
             details.append({"completion": text, "predicted": pred, "correct": same_answer(pred, ex["answer"])})
             if "prompt_ids" in ex:
                 details[-1]["template"] = (bool(out) and out[-1] == specials.get("<|im_end|>")

@@ -376,6 +376,21 @@ def test_generative_cuts_at_the_next_question_and_truncates_prompts():
     assert metrics["exact_match"]["value"] == 0.5 and metrics["truncated"]["value"] == 1
 
 
+def test_generative_reads_no_answer_from_an_unfinished_thought():
+    """A completion whose thinking block never closes (it ran out of tokens mid-thought) has no
+    answer, though its working holds the right number; one that closes is read after the last
+    </think> (tests/test_rl.py checks rl.py's reward reads the same answers)."""
+    class Scripted:
+        config = SimpleNamespace(max_seq_len=64)
+
+        def generate(self, prompts, max_new_tokens, temperature, stop_ids=()):
+            return [list(text.encode()) for text in outs[:len(prompts)]]
+
+    outs = ["<think>\n2 + 3 = 5", "<think>\n5\n</think>\n<think>\nso 5", "<think>\n4\n</think>\nIt is 5."]
+    _, details = eval.generative(Scripted(), BYTES, [{"prompt": "2 + 3?", "answer": "5"}] * 3)
+    assert [d["predicted"] for d in details] == [None, None, "5"]
+
+
 # -----------------------------------------------------------------------------
 # Task files
 
