@@ -150,6 +150,10 @@ class ModelConfig:
             bad("attn_impl", f"must be 'triton', 'sdpa' or 'eager', not {self.attn_impl!r}")
         if self.attention not in ("gqa", "mla"):
             bad("attention", f"must be 'gqa' or 'mla', not {self.attention!r}")
+        rope_type = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type"))
+        if self.attention == "mla" and rope_type == "yarn":
+            bad("rope_scaling", "yarn with attention='mla' is not supported (DeepSeek's YaRN also rescales the "
+                                "softmax by mscale_all_dim, which MLA here does not)")
         if any(not 0 <= i < self.n_layer for i in self.nope_layers):
             bad("nope_layers", f"{self.nope_layers} holds a layer outside 0..{self.n_layer - 1}")
         if self.moe_every < 1 or self.first_dense < 0:

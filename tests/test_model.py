@@ -460,6 +460,11 @@ def test_config_errors_name_the_key():
         ModelConfig(n_layer=2, ffns=("dense",) * 3)
     with pytest.raises(ValueError, match="unknown model preset 'gpt5'.*tiny"):
         preset("gpt5")
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    for scaling in (yarn, {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}):
+        with pytest.raises(ValueError, match="ModelConfig.rope_scaling: yarn with attention='mla'"):
+            ModelConfig(attention="mla", rope_scaling=scaling)
+    ModelConfig(rope_scaling=yarn)                                      # GQA takes it
 
 
 def test_sequence_longer_than_the_model_supports():
