@@ -233,15 +233,19 @@ def _pair_ids(tok, context, continuation, max_len):
     """(token ids of context + continuation, how many are continuation, truncated?). Trailing
     whitespace moves from the context to the continuation ("Answer:" + " 42", "...\\n" +
     "    x = 1"), the way the text is tokenized when it is read as a whole. An empty context
-    becomes the <|eos|> that precedes every document in training. A pair longer than the
-    model's context loses tokens from its left."""
+    becomes a lone end-of-document token (<|eos|>, else <|endoftext|>: the one data.py ends
+    every document with), as in lm-evaluation-harness: the continuation's first token needs
+    something to be predicted from, and training never asks for a document's first token
+    (the label after each closing <|eos|> is masked). A pair longer than the model's context
+    loses tokens from its left."""
     stripped = context.rstrip()
     ctx = encode(tok, stripped)
     cont = encode(tok, context[len(stripped):] + continuation)
     if not cont:
         raise ValueError(f"an empty continuation after {context[-40:]!r}: nothing to score")
     if not ctx:
-        eos = [i for s, i in special_ids(tok).items() if s in STOP_TOKENS[:2]]
+        specials = special_ids(tok)
+        eos = [specials[s] for s in STOP_TOKENS[:2] if s in specials]   # data.py's order
         if not eos:
             raise ValueError("an empty context needs an <|eos|> or <|endoftext|> token to stand for the start")
         ctx = eos[:1]

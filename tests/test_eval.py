@@ -107,6 +107,25 @@ def test_empty_context_with_bpe_starts_with_its_eos(small_tokenizer):
     assert model.inputs[0][0, 0].item() == small_tokenizer.special_tokens["<|eos|>"]
 
 
+def test_empty_context_is_the_eos_that_ends_documents_in_training():
+    """An empty context is a lone end-of-document token at position 0, the one data.py appends
+    to every document (<|eos|> before <|endoftext|>, whatever order the tokenizer lists them
+    in), and every token of the continuation is scored after it."""
+    class Both(data.ByteTokenizer):
+        vocab_size, special_tokens = 258, {"<|endoftext|>": 257, "<|eos|>": 256}
+
+    seen = []
+
+    class Recorder:
+        def log_probs(self, input_ids, labels, position_ids=None):
+            seen.append((input_ids.tolist(), labels.tolist(), position_ids.tolist()))
+            return torch.zeros(labels.shape)
+
+    eos = data._encoder(Both())[2]
+    eval.score(Recorder(), Both(), [("", "ab")])
+    assert seen == [([[eos, ord("a")]], [[ord("a"), ord("b")]], [[0, 1]])] and eos == 256
+
+
 def test_trailing_whitespace_moves_to_the_continuation(small_tokenizer):
     """("Answer: ", "the") is scored as encode("Answer:") + encode(" the"), as the text is read whole."""
     tok = small_tokenizer
