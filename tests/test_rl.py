@@ -14,7 +14,6 @@ import pytest
 import torch
 
 import data
-import eval
 import model as M
 import rl
 import sft
@@ -254,7 +253,7 @@ def test_exact_match_and_reward_read_the_same_answer(text, answer):
         def generate(self, prompts, max_new_tokens, temperature, stop_ids=()):
             return [BYTES.encode(text) + [BYTES.special_tokens["<|eos|>"]] for _ in prompts]
 
-    _, details = eval.generative(Scripted(), BYTES, [{"prompt": "What is 2 + 3?", "answer": "5"}])
+    _, details = rl.eval.generative(Scripted(), BYTES, [{"prompt": "What is 2 + 3?", "answer": "5"}])
     assert details[0]["predicted"] == answer
     for ref in ("5", "6", "4", "-12"):
         assert rl.math_reward(text, ref) == float(answer == ref)
