@@ -887,6 +887,7 @@ def config_from_hf(hf, where="config.json"):
         step, dense = hf.get("decoder_sparse_step", 1), set(hf.get("mlp_only_layers") or [])
         # transformers 5 writes num_local_experts; earlier versions and the Hub's configs num_experts
         ffns = tuple("moe" if i not in dense and (i + 1) % step == 0 else "dense" for i in range(n_layer))
+        # router_aux_loss_coef absent: transformers' default, 0.001
         moe_cfg = dict(n_experts=hf.get("num_experts") or hf["num_local_experts"], top_k=hf["num_experts_per_tok"], d_expert=hf["moe_intermediate_size"],
                        norm_topk_prob=hf.get("norm_topk_prob", False), ffns=ffns,
                        moe_aux_loss=aux_coef_from_hf(hf.get("router_aux_loss_coef", 0.001), hf["num_experts_per_tok"],
