@@ -233,15 +233,19 @@ def _pair_ids(tok, context, continuation, max_len):
     """(token ids of context + continuation, how many are continuation, truncated?). Trailing
     whitespace moves from the context to the continuation ("Answer:" + " 42", "...\\n" +
     "    x = 1"), the way the text is tokenized when it is read as a whole. An empty context
-    becomes the <|eos|> that precedes every document in training. A pair longer than the
-    model's context loses tokens from its left."""
+    becomes a lone end-of-document token (<|eos|>, else <|endoftext|>: the one data.py ends
+    every document with), as in lm-evaluation-harness: the continuation's first token needs
+    something to be predicted from, and training never asks for a document's first token
+    (the label after each closing <|eos|> is masked). A pair longer than the model's context
+    loses tokens from its left."""
     stripped = context.rstrip()
     ctx = encode(tok, stripped)
     cont = encode(tok, context[len(stripped):] + continuation)
     if not cont:
         raise ValueError(f"an empty continuation after {context[-40:]!r}: nothing to score")
     if not ctx:
-        eos = [i for s, i in special_ids(tok).items() if s in STOP_TOKENS[:2]]
+        specials = special_ids(tok)
+        eos = [specials[s] for s in STOP_TOKENS[:2] if s in specials]   # data.py's order
         if not eos:
             raise ValueError("an empty context needs an <|eos|> or <|endoftext|> token to stand for the start")
         ctx = eos[:1]
@@ -329,6 +333,15 @@ def extract_answer(text):
     return numbers[-1].rstrip(",") if numbers else None
 
 
+def completion_answer(text):
+    """The answer a reasoning model's completion gives: extract_answer of what follows its last
+    </think> (the whole text when there is none: no block, or one the prompt opened), None when
+    a <think> opened there never closes. A completion cut off mid-thought answers nothing,
+    though its working may hold the right number. rl.py's reward reads answers with this too."""
+    after = text.rsplit("</think>", 1)[-1]
+    return None if "<think>" in after else extract_answer(after)
+
+
 def normalize_answer(s):
     """Lowercase, spaces collapsed, a "$", a trailing "." and thousands separators gone."""
     s = " ".join(str(s).strip().lower().replace("$", "").split()).rstrip(".")
@@ -351,8 +364,9 @@ def same_answer(predicted, reference):
 @torch.no_grad()
 def generative(model, tok, examples, max_new_tokens=192, batch_size=64):
     """Exact match on examples [{"prompt", "answer"}]: greedy generation until an end token
-    (or max_new_tokens), the completion cut where a new "Question:" starts and after a
-    reasoning model's "</think>", the answer extracted and compared. A chat example carries
+    (or max_new_tokens), the completion cut where a new "Question:" starts, its answer read
+    after a reasoning model's thinking (completion_answer: none from an unfinished thought)
+    and compared. A chat example carries
     its prompt already rendered in a chat template, "prompt_ids" (sft.py's), and is also
     scored for template adherence: the turn ends with <|im_end|> and holds no other special
     token (no forged turn, no <|eos|> in place of the end of turn). Returns (metrics,
@@ -373,8 +387,8 @@ def generative(model, tok, examples, max_new_tokens=192, batch_size=64):
         outs = model.generate(prompts, max_new_tokens=min(max_new_tokens, max_len - 1), temperature=0,
                               stop_ids=stop)
         for ex, out in zip(batch, outs):
-            text = tok.decode([t for t in out if t not in stop]).split("\nQuestion:")[0].split("</think>")[-1]
-            pred = extract_answer(text)
+            text = tok.decode([t for t in out if t not in stop]).split("\nQuestion:")[0]
+            pred = completion_answer(text)
             details.append({"completion": text, "predicted": pred, "correct": same_answer(pred, ex["answer"])})
             if "prompt_ids" in ex:
                 details[-1]["template"] = (bool(out) and out[-1] == specials.get("<|im_end|>")

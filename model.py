@@ -114,7 +114,8 @@ class ModelConfig:
     norm_topk_prob: bool = True         # renormalise the top-k weights to sum to 1
     routed_scaling: float = 1.0         # DeepSeek's routed_scaling_factor
     capacity_factor: float | None = None  # None: dropless
-    moe_aux_loss: float = 0.0           # Switch/GShard balance loss coefficient (alpha)
+    moe_aux_loss: float = 0.0           # Switch/GShard balance loss coefficient (alpha), per MoE layer; each layer's
+                                        # loss is 1 at perfect balance (Megatron's convention, not HF's: aux_coef_from_hf)
     router_z_loss: float = 0.0
     balance_stats: str = "global"       # the balance loss's f over the "global" batch or the "micro"-batch
     bias_update_rate: float = 0.0       # gamma of DeepSeek-V3's aux-loss-free bias update (sigmoid router)
@@ -149,6 +150,10 @@ class ModelConfig:
             bad("attn_impl", f"must be 'triton', 'sdpa' or 'eager', not {self.attn_impl!r}")
         if self.attention not in ("gqa", "mla"):
             bad("attention", f"must be 'gqa' or 'mla', not {self.attention!r}")
+        rope_type = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type"))
+        if self.attention == "mla" and rope_type == "yarn":
+            bad("rope_scaling", "yarn with attention='mla' is not supported (DeepSeek's YaRN also rescales the "
+                                "softmax by mscale_all_dim, which MLA here does not)")
         if any(not 0 <= i < self.n_layer for i in self.nope_layers):
             bad("nope_layers", f"{self.nope_layers} holds a layer outside 0..{self.n_layer - 1}")
         if self.moe_every < 1 or self.first_dense < 0:
@@ -820,6 +825,17 @@ def experts_to_hf(state):
     return state
 
 
+def aux_coef_from_hf(coef, top_k, n_moe_layers):
+    """moe_aux_loss for a Hugging Face router_aux_loss_coef (Qwen3-MoE, Mixtral). transformers'
+    load_balancing_loss_func pools the router statistics of all MoE layers and is top_k at
+    perfect balance; moe.py's loss is 1 per layer at balance and the model sums the layers
+    (Megatron's convention). coef * top_k / n_moe_layers gives the same total, and each router
+    the same gradient while the layers' loads agree; exactly the same value when they route
+    alike (the pooled product of means differs from the mean of per-layer products otherwise).
+    config_to_hf inverts it."""
+    return coef * top_k / max(n_moe_layers, 1)
+
+
 def config_from_hf(hf, where="config.json"):
     """A Hugging Face config dict -> ModelConfig. Reads transformers 5's rope_parameters and the
     older rope_theta / rope_scaling."""
@@ -870,9 +886,12 @@ def config_from_hf(hf, where="config.json"):
     if arch == "Qwen3MoeForCausalLM":
         step, dense = hf.get("decoder_sparse_step", 1), set(hf.get("mlp_only_layers") or [])
         # transformers 5 writes num_local_experts; earlier versions and the Hub's configs num_experts
+        ffns = tuple("moe" if i not in dense and (i + 1) % step == 0 else "dense" for i in range(n_layer))
+        # router_aux_loss_coef absent: transformers' default, 0.001
         moe_cfg = dict(n_experts=hf.get("num_experts") or hf["num_local_experts"], top_k=hf["num_experts_per_tok"], d_expert=hf["moe_intermediate_size"],
-                       norm_topk_prob=hf.get("norm_topk_prob", False),
-                       ffns=tuple("moe" if i not in dense and (i + 1) % step == 0 else "dense" for i in range(n_layer)))
+                       norm_topk_prob=hf.get("norm_topk_prob", False), ffns=ffns,
+                       moe_aux_loss=aux_coef_from_hf(hf.get("router_aux_loss_coef", 0.001), hf["num_experts_per_tok"],
+                                                     ffns.count("moe")))
     ssm_cfg = {}
     if arch == "BambaForCausalLM":   # Mamba-2 layers except at attn_layer_indices; partial RoPE (half)
         attn = set(hf.get("attn_layer_indices") or ())
@@ -926,6 +945,7 @@ def config_to_hf(c):
     if moe_layers:
         hf.update(num_experts=c.n_experts, num_experts_per_tok=c.top_k, moe_intermediate_size=c.d_expert or c.mlp_dim,
                   norm_topk_prob=c.norm_topk_prob, decoder_sparse_step=1,
+                  router_aux_loss_coef=c.moe_aux_loss * len(moe_layers) / c.top_k,
                   mlp_only_layers=[i for i in range(c.n_layer) if i not in moe_layers])
     return hf
 

@@ -18,7 +18,8 @@ the layer has E experts' worth of parameters but spends the FLOPs of k. The knob
   get picked more). Three remedies, all here:
   * the auxiliary loss of Switch / GShard, alpha * E * sum_i f_i * P_i (f_i: the share of
     assignments expert i received; P_i: the mean probability the router gave it), which is 1
-    when the load is even and grows as it concentrates;
+    when the load is even and grows as it concentrates (Megatron's scale; Hugging Face's
+    load_balancing_loss_func counts f_i per token, so top_k at balance: model.py converts);
   * its statistics over the global batch instead of the micro-batch ("Demons in the detail",
     Qwen 2025): a micro-batch of one domain should be allowed to prefer its experts, as long
     as the whole batch balances out;

@@ -92,19 +92,11 @@ SCALES = ("group", "batch", "none")
 # -----------------------------------------------------------------------------
 # Rewards
 
-def completion_answer(text):
-    """The final answer of a completion: what follows the thinking block (an unfinished block
-    answers nothing), extracted as eval.py does (`#### n`, \\boxed{}, the last number)."""
-    if "<think>" in text:
-        if "</think>" not in text:
-            return None
-        text = text.rsplit("</think>", 1)[1]
-    return eval.extract_answer(text)
-
-
 def math_reward(text, answer):
-    """1.0 when the completion's final answer equals the reference (as numbers: 3.0 == 3)."""
-    return float(eval.same_answer(completion_answer(text), answer))
+    """1.0 when the completion's final answer equals the reference (as numbers: 3.0 == 3). The
+    answer is read as eval.py's exact match reads it (after the thinking block; an unfinished
+    block answers nothing), so that the reward and the benchmark agree."""
+    return float(eval.same_answer(eval.completion_answer(text), answer))
 
 
 _THOUGHT = re.compile(r"<think>\n(.*?)\n?</think>\n(.*)", re.S)

@@ -107,6 +107,25 @@ def test_empty_context_with_bpe_starts_with_its_eos(small_tokenizer):
     assert model.inputs[0][0, 0].item() == small_tokenizer.special_tokens["<|eos|>"]
 
 
+def test_empty_context_is_the_eos_that_ends_documents_in_training():
+    """An empty context is a lone end-of-document token at position 0, the one data.py appends
+    to every document (<|eos|> before <|endoftext|>, whatever order the tokenizer lists them
+    in), and every token of the continuation is scored after it."""
+    class Both(data.ByteTokenizer):
+        vocab_size, special_tokens = 258, {"<|endoftext|>": 257, "<|eos|>": 256}
+
+    seen = []
+
+    class Recorder:
+        def log_probs(self, input_ids, labels, position_ids=None):
+            seen.append((input_ids.tolist(), labels.tolist(), position_ids.tolist()))
+            return torch.zeros(labels.shape)
+
+    eos = data._encoder(Both())[2]
+    eval.score(Recorder(), Both(), [("", "ab")])
+    assert seen == [([[eos, ord("a")]], [[ord("a"), ord("b")]], [[0, 1]])] and eos == 256
+
+
 def test_trailing_whitespace_moves_to_the_continuation(small_tokenizer):
     """("Answer: ", "the") is scored as encode("Answer:") + encode(" the"), as the text is read whole."""
     tok = small_tokenizer
@@ -374,6 +393,21 @@ def test_generative_cuts_at_the_next_question_and_truncates_prompts():
     assert seen[0] == list(b"Question: 1+2?\nAnswer:") and seen[1] == list(b"Q" * 24)
     assert [d["predicted"] for d in details] == ["3", "3"] and [d["correct"] for d in details] == [True, False]
     assert metrics["exact_match"]["value"] == 0.5 and metrics["truncated"]["value"] == 1
+
+
+def test_generative_reads_no_answer_from_an_unfinished_thought():
+    """A completion whose thinking block never closes (it ran out of tokens mid-thought) has no
+    answer, though its working holds the right number; one that closes is read after the last
+    </think> (tests/test_rl.py checks rl.py's reward reads the same answers)."""
+    class Scripted:
+        config = SimpleNamespace(max_seq_len=64)
+
+        def generate(self, prompts, max_new_tokens, temperature, stop_ids=()):
+            return [list(text.encode()) for text in outs[:len(prompts)]]
+
+    outs = ["<think>\n2 + 3 = 5", "<think>\n5\n</think>\n<think>\nso 5", "<think>\n4\n</think>\nIt is 5."]
+    _, details = eval.generative(Scripted(), BYTES, [{"prompt": "2 + 3?", "answer": "5"}] * 3)
+    assert [d["predicted"] for d in details] == [None, None, "5"]
 
 
 # -----------------------------------------------------------------------------

@@ -188,6 +188,41 @@ def test_from_pretrained_and_save_pretrained_match_transformers(case, tmp_path):
         HF_CASES[case]["architectures"]
 
 
+@pytest.mark.parametrize("moe_layers", [[2], [0, 2]])
+def test_balance_loss_times_the_converted_coefficient_equals_transformers(moe_layers):
+    """A Qwen3-MoE config's router_aux_loss_coef times transformers' load_balancing_loss_func
+    (top_k at perfect balance, the router statistics averaged over the MoE layers' tokens
+    together) equals our balance loss (1 at balance, summed over layers) times the coefficient
+    config_from_hf converts it to, on the same router logits; and it writes back unchanged.
+    Two layers give the same value only when they route alike (transformers multiplies the
+    layer-averaged loads and probabilities, we average per-layer products), so every layer
+    here sees the embedding: o_proj and down_proj are zero, the routers equal."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+    hf = transformers.Qwen3MoeConfig(vocab_size=256, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                                     num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                     num_experts=6, num_experts_per_tok=2, router_aux_loss_coef=0.02,
+                                     mlp_only_layers=[i for i in range(3) if i not in moe_layers]).to_dict()
+    hf["architectures"] = ["Qwen3MoeForCausalLM"]
+    c = M.config_from_hf(hf)
+    assert [i for i, f in enumerate(c.ffns) if f == "moe"] == moe_layers
+    torch.manual_seed(0)
+    ours = Model(c).eval()
+    logits = []
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
+                p.zero_()
+        for m in ours.moe_layers:
+            m.gate.weight.copy_(ours.moe_layers[0].gate.weight)
+            m.gate.register_forward_hook(lambda mod, args, out: logits.append(out[0]))
+        x = torch.randint(0, 256, (2, 16))
+        _, _, aux = ours(x[:, :-1], labels=x[:, 1:])
+    assert len(logits) == len(moe_layers)
+    theirs = hf["router_aux_loss_coef"] * load_balancing_loss_func(tuple(logits), 6, 2)
+    torch.testing.assert_close(aux["moe_loss"], theirs, rtol=1e-5, atol=0)
+    assert M.config_to_hf(c)["router_aux_loss_coef"] == pytest.approx(0.02, rel=1e-12)
+
+
 def test_our_sharded_checkpoint_loads_in_transformers_and_back(tmp_path):
     ours = randomize(Model(ModelConfig(**SMALL)).eval(), 0.1)
     ours.save_pretrained(tmp_path, max_shard_bytes=30_000)
@@ -425,6 +460,11 @@ def test_config_errors_name_the_key():
         ModelConfig(n_layer=2, ffns=("dense",) * 3)
     with pytest.raises(ValueError, match="unknown model preset 'gpt5'.*tiny"):
         preset("gpt5")
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    for scaling in (yarn, {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}):
+        with pytest.raises(ValueError, match="ModelConfig.rope_scaling: yarn with attention='mla'"):
+            ModelConfig(attention="mla", rope_scaling=scaling)
+    ModelConfig(rope_scaling=yarn)                                      # GQA takes it
 
 
 def test_sequence_longer_than_the_model_supports():

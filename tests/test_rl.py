@@ -19,6 +19,7 @@ import rl
 import sft
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BYTES = data.ByteTokenizer()
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")     # tiny models (conftest.py)
@@ -228,17 +229,34 @@ def test_generalized_jsd_equals_trls_numbers():
 # -----------------------------------------------------------------------------
 # Answers and rewards
 
-@pytest.mark.parametrize("text,answer", [
-    ("<think>\n2 + 3 = 5\n</think>\nThe answer is 5.", "5"),
+# The thinking-block cases: (completion, the answer it gives). eval.py's exact match and rl.py's
+# reward must read the same answer from each: one rule, eval.completion_answer.
+THINKING = [
     ("<think>\n2 + 3 = 5\n</think>\nThe answer is 6.", "6"),          # the answer, not the working
     ("<think>\n2 + 3 = 5\nso 5", None),                              # an unfinished thought answers nothing
-    ("The answer is -12.", "-12"),
-    ("She pays 3 + 4 = 7 dollars.\n#### 1,234", "1,234"),             # GSM8K's marker wins
-    ("so \\boxed{42} and 7", "42"),
-    ("no number here", None),
-])
-def test_completion_answer(text, answer):
-    assert rl.completion_answer(text) == answer
+    ("The answer is -12.", "-12"),                                  # no block at all
+    ("<think>\n1\n</think>\n2 <think>\n3\n</think>\nThe answer is 4.", "4"),   # several blocks: after the last
+    ("<think>\n1\n</think>\n2 <think>\n3 so 5", None),             # the last block never closes
+    ("<think>\n2 + 3 = 5\n</think>\n", None),                        # nothing after the block
+    ("2 + 3 = 5\n</think>\nThe answer is 6.", "6"),                  # the prompt opened the block
+    ("2 + 3 = 5\n</think>\nI do not know.", None),
+]
+
+
+@pytest.mark.parametrize("text,answer", THINKING)
+def test_exact_match_and_reward_read_the_same_answer(text, answer):
+    """eval.generative's prediction and rl.math_reward agree on every thinking-block case: an
+    opened block that never closes has no answer, whichever of the two reads it."""
+    class Scripted:
+        config = type("C", (), {"max_seq_len": 256})
+
+        def generate(self, prompts, max_new_tokens, temperature, stop_ids=()):
+            return [BYTES.encode(text) + [BYTES.special_tokens["<|eos|>"]] for _ in prompts]
+
+    _, details = rl.eval.generative(Scripted(), BYTES, [{"prompt": "What is 2 + 3?", "answer": "5"}])
+    assert details[0]["predicted"] == answer
+    for ref in ("5", "6", "4", "-12"):
+        assert rl.math_reward(text, ref) == float(answer == ref)
 
 
 def test_math_reward_compares_numbers():
