@@ -669,15 +669,18 @@ def test_stop_flag_saves_and_returns(data_dir, tmp_path):
 
 
 def instrument(t, nan_batches, snap_at):
-    """Make the loss NaN while the loader's batch counter is in nan_batches; record the counter
-    after every training batch and the weights when it reaches a batch in snap_at."""
-    seen, snaps = [], {}
+    """Make the loss NaN on the batches the loader numbered in nan_batches (a step fetches all
+    its micro-batches before the first forward, so a batch is known by what the loader's
+    counter read when it was fetched); record the counter after every training batch and the
+    weights when it reaches a batch in snap_at."""
+    seen, snaps, number = [], {}, {}
     next_batch, loss = t.stage.next_batch, t.stage.loss
 
     def patched_next():
         b = next_batch()
         n = t.stage.loader.batches
         seen.append(n)
+        number[id(b["input_ids"])] = n       # the same tensor reaches the loss (.to(cpu) is a no-op)
         if len(seen) > 60:                   # a rollback that replays the bad batches would loop forever
             raise RuntimeError(f"runaway run: batches read {seen}")
         if n in snap_at:
@@ -686,7 +689,7 @@ def instrument(t, nan_batches, snap_at):
 
     def patched_loss(model, batch):
         value, aux = loss(model, batch)
-        return (value * float("nan") if t.stage.loader.batches in nan_batches else value), aux
+        return (value * float("nan") if number[id(batch["input_ids"])] in nan_batches else value), aux
 
     t.stage.next_batch, t.stage.loss = patched_next, patched_loss
     return seen, snaps

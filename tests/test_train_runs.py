@@ -278,10 +278,11 @@ def test_resume_after_kill9_is_bitwise_exact(base_run, killed_and_resumed):
         assert mb[s]["loss"] == ma[s]["loss"], f"step {s}: loss {mb[s]['loss']} (resumed) != {ma[s]['loss']}"
         assert mb[s]["grad_norm"] == ma[s]["grad_norm"], f"step {s}: grad norm differs"
         assert mb[s]["lr"] == ma[s]["lr"]
-    # the steps lost with the kill were logged twice: once by the killed run, once redone
+    # the steps lost with the kill (logged by the killed run past its last checkpoint) were
+    # dropped from metrics.jsonl on resume and logged once more when redone: each step once
     rows = read_metrics(b)
-    for s in killed_and_resumed["lost"]:
-        assert [r["step"] for r in rows].count(s) == 2
+    assert killed_and_resumed["lost"], "the kill came right after a checkpoint: nothing was redone"
+    assert [r["step"] for r in rows] == list(range(1, 13))
 
 
 @pytest.mark.slow
