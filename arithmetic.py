@@ -53,6 +53,7 @@ WIDTH = 6                       # operands up to 5 digits, results up to 6: ever
 LEVELS = (1, 2, 3, 4, 5)        # the operands' number of digits
 OPS = ("+", "-")
 FORMATS = ("words", "msd", "lsd")
+FORMAT, DIGITS = "lsd", 3       # the defaults: the layout, and the levels SFT demonstrates (1 to 3 digits)
 SPLITS = ("train", "rl", "heldout")
 HELDOUT, RL = 0.15, 0.25        # fractions of every level's problems, by hash
 PREFIXES = ("", "Compute:\n", "Work this out:\n", "Add or subtract:\n")

@@ -55,6 +55,7 @@ import ast
 import glob
 import gzip
 import hashlib
+import itertools
 import json
 import math
 import multiprocessing
@@ -71,7 +72,7 @@ import torch
 BUILTIN_SOURCES = ("code", "prose", "math")
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
 FORMAT = 1             # bumped whenever the on-disk layout changes
-CORPUS_VERSION = 1     # bumped whenever the built-in corpus's text changes
+CORPUS_VERSION = 2     # bumped whenever the built-in corpus's text changes
 IGNORE_INDEX = -100    # the label of a position where no loss is taken
 UNIT_BYTES = 4 << 20   # input files are grouped into units of work of about this size
 MATH_UNIT = 4000       # math documents per unit of work
@@ -260,110 +261,37 @@ def pydoc_topics():
     return [topics[k] for k in sorted(topics)]
 
 
-# Math: arithmetic and word problems with worked solutions, generated from a seed. Every
-# solution works digit by digit or one small step at a time, the form a small model can
-# learn (the tokenizer already cuts numbers into single digits), and ends with the answer
-# after "####" so that a verifier can read it (GSM8K's convention).
+# Math: arithmetic laid out so that a small model can learn it (arithmetic.py: every digit it
+# reads at a fixed offset from where it writes), in the layout every post-training stage uses.
+# The corpus holds only arithmetic.py's training problems of the demonstrated levels: the level
+# above is RL's to verify, and the held-out problems are no stage's training data.
 
-def _digits(n, width):
-    return [int(c) for c in str(n).rjust(width, "0")][::-1]  # least significant first
-
-
-def _add(rng):
-    a, b = rng.randrange(10, 10 ** rng.randint(2, 6)), rng.randrange(1, 10 ** rng.randint(1, 5))
-    width, carry, steps = len(str(max(a, b))), 0, ["Add digit by digit from the right."]
-    for x, y in zip(_digits(a, width), _digits(b, width)):
-        s = x + y + carry
-        steps.append(f"{x} + {y} + {carry} = {s}, write {s % 10} carry {s // 10}.")
-        carry = s // 10
-    steps.append(f"So {a} + {b} = {a + b}.")
-    return f"What is {a} + {b}?", steps, a + b
+def math_layout(fmt=None, digits=None):
+    """(format, digits) of the built-in math, arithmetic.py's defaults where None. arithmetic.py
+    is the one project file data.py reads, and only for the built-in math: a copied data.py
+    works without it on your own data."""
+    import arithmetic
+    return fmt or arithmetic.FORMAT, digits or arithmetic.DIGITS
 
 
-def _sub(rng):
-    b = rng.randrange(1, 10 ** rng.randint(1, 5))
-    a = b + rng.randrange(0, 10 ** rng.randint(2, 6))
-    width, borrow, steps = len(str(a)), 0, ["Subtract digit by digit from the right."]
-    for x, y in zip(_digits(a, width), _digits(b, width)):
-        d = x - y - borrow
-        if d < 0:
-            steps.append(f"{x} + 10 - {y} - {borrow} = {d + 10}, write {d + 10} borrow 1.")
-            borrow = 1
-        else:
-            steps.append(f"{x} - {y} - {borrow} = {d}, write {d} borrow 0.")
-            borrow = 0
-    steps.append(f"So {a} - {b} = {a - b}.")
-    return f"What is {a} - {b}?", steps, a - b
+def math_text(problem, fmt, rng=None):
+    """A math document: `Question: <the problem>\nAnswer: <its working>\n#### <result>\n`."""
+    import arithmetic
+    a, op, b = problem
+    return (f"Question: {arithmetic.question(a, op, b, fmt, rng)}\nAnswer: {arithmetic.working(a, op, b, fmt)}\n"
+            f"#### {arithmetic.result(a, op, b)}\n")
 
 
-def _mul(rng):
-    a, b = rng.randrange(2, 10 ** rng.randint(1, 4)), rng.randrange(2, 10 ** rng.randint(1, 3))
-    parts, steps = [], ["Multiply by each digit of the second number."]
-    for i, d in enumerate(_digits(b, len(str(b)))):
-        if d:
-            parts.append(a * d * 10 ** i)
-            steps.append(f"{a} * {d * 10 ** i} = {parts[-1]}")
-    if len(parts) > 1:
-        steps.append(" + ".join(map(str, parts)) + f" = {a * b}")
-    steps.append(f"So {a} * {b} = {a * b}.")
-    return f"What is {a} * {b}?", steps, a * b
-
-
-def _div(rng):
-    b = rng.randint(2, 9)
-    a = rng.randrange(b, 10 ** rng.randint(2, 5))
-    q, r = divmod(a, b)
-    steps = [f"{b} * {q} = {b * q}", f"{a} - {b * q} = {r}",
-             f"So {a} divided by {b} is {q} with remainder {r}."]
-    return f"What is {a} divided by {b}, with remainder?", steps, f"{q} remainder {r}"
-
-
-_NAMES = ["Ada", "Ben", "Chloe", "Dev", "Elif", "Femi", "Grace", "Hugo", "Ines", "Jun", "Kofi", "Lena"]
-_ITEMS = ["apples", "marbles", "stickers", "books", "pencils", "cards", "stamps", "shells"]
-
-
-def _word(rng):
-    name, items = rng.choice(_NAMES), rng.choice(_ITEMS)
-    kind = rng.randrange(4)
-    if kind == 0:
-        a, b, c = rng.randint(1, 60), rng.randint(2, 9), rng.randint(2, 12)
-        q = f"{name} has {a} {items} and buys {b} packs of {c} {items}. How many {items} does {name} have now?"
-        return q, [f"{b} * {c} = {b * c}", f"{a} + {b * c} = {a + b * c}"], a + b * c
-    if kind == 1:
-        b, c = rng.randint(2, 9), rng.randint(2, 9)
-        a = b * c + rng.randint(0, 40)
-        q = f"{name} had {a} {items} and gave {b} to each of {c} friends. How many {items} are left?"
-        return q, [f"{b} * {c} = {b * c}", f"{a} - {b * c} = {a - b * c}"], a - b * c
-    if kind == 2:
-        per, n = rng.randint(2, 12), rng.randint(5, 200)
-        q, r = divmod(n, per)
-        boxes = q + (r > 0)
-        steps = [f"{per} * {q} = {per * q}", f"{n} - {per * q} = {r}",
-                 f"{r} {items} are left over, so one more box is needed." if r else "Nothing is left over.",
-                 f"{q} + {int(r > 0)} = {boxes}"]
-        return f"A box holds {per} {items}. How many boxes are needed for {n} {items}?", steps, boxes
-    a, d, b, e = rng.randint(5, 40), rng.randint(2, 9), rng.randint(5, 40), rng.randint(2, 9)
-    q = (f"{name} reads {a} pages a day for {d} days, then {b} pages a day for {e} days. "
-         "How many pages is that?")
-    return q, [f"{a} * {d} = {a * d}", f"{b} * {e} = {b * e}", f"{a * d} + {b * e} = {a * d + b * e}"], a * d + b * e
-
-
-def _equation(rng):
-    a, x, b = rng.randint(2, 12), rng.randint(0, 30), rng.randint(1, 50)
-    c = a * x + b
-    steps = [f"Take {b} from both sides: {a}x = {c} - {b} = {c - b}.",
-             f"Divide both sides by {a}: x = {c - b} / {a} = {x}."]
-    return f"Solve for x: {a}x + {b} = {c}.", steps, x
-
-
-_MATH_KINDS = [_add, _sub, _mul, _div, _word, _equation]
-
-
-def math_document(i, seed=0):
-    """The i-th math document for `seed`: a question, a worked solution, `#### answer`."""
+def math_document(i, seed=0, fmt=None, digits=None):
+    """The i-th math document for `seed`: a training problem of 1 to `digits` digits (the level
+    drawn evenly), in the format."""
+    import arithmetic
+    fmt, digits = math_layout(fmt, digits)
     rng = random.Random(f"math/{seed}/{i}")  # string seeds are hashed the same on every run
-    question, steps, answer = rng.choice(_MATH_KINDS)(rng)
-    return f"Question: {question}\nAnswer: " + "\n".join(steps) + f"\n#### {answer}\n"
+    while True:
+        p = arithmetic.draw(rng, rng.randint(1, digits))
+        if arithmetic.split(*p) == "train":
+            return math_text(p, fmt, rng)
 
 
 def heldout_code(val_fraction=VAL_FRACTION):
@@ -379,24 +307,14 @@ def heldout_code(val_fraction=VAL_FRACTION):
     return out
 
 
-def heldout_math(n, val_fraction=VAL_FRACTION, seed=0):
-    """n math documents no model trained on the built-in corpus has seen: its validation split,
-    then problems generated past its end, leaving out any whose question is also one of the
-    training problems (small sums repeat)."""
-    train, held = set(), []
-    for i in range(MATH_DOCUMENTS):
-        doc = math_document(i, seed)
-        if _is_val(doc.encode("utf-8"), val_fraction):
-            held.append(doc)
-        else:
-            train.add(doc.split("\n", 1)[0])
-    i = MATH_DOCUMENTS
-    while len(held) < n:
-        doc = math_document(i, seed)
-        if doc.split("\n", 1)[0] not in train:
-            held.append(doc)
-        i += 1
-    return held[:n]
+def heldout_math(n, fmt=None):
+    """n math documents no stage trains on: arithmetic.py's held-out problems, every level in
+    turn (the levels a model was shown and the ones above), in the format."""
+    import arithmetic
+    fmt, _ = math_layout(fmt)
+    levels = [arithmetic.heldout(d, n) for d in arithmetic.LEVELS]
+    problems = [p for group in itertools.zip_longest(*levels) for p in group if p is not None]
+    return [math_text(p, fmt) for p in problems[:n]]
 
 
 # -----------------------------------------------------------------------------
@@ -484,12 +402,13 @@ def _encoder(tokenizer, vocab_size=None, eos_id=None):
 # -----------------------------------------------------------------------------
 # prepare: documents -> token shards, in parallel, idempotent, crash-safe
 
-def _units(source, max_docs, seed):
+def _units(source, max_docs, seed, math=None):
     """Cut a source into units of work: (kind, items, fingerprint). A unit becomes one shard
-    per split; its fingerprint says when a shard on disk was made from the same inputs."""
+    per split; its fingerprint says when a shard on disk was made from the same inputs (the
+    math's layout, (format, digits), among them)."""
     if source.kind == "math":
         n = max_docs or MATH_DOCUMENTS
-        return [("math", (start, min(MATH_UNIT, n - start), seed), ["math", CORPUS_VERSION, seed, start, n])
+        return [("math", (start, min(MATH_UNIT, n - start), seed, *math), ["math", CORPUS_VERSION, seed, start, n, *math])
                 for start in range(0, n, MATH_UNIT)]
     paths = stdlib_files()[:max_docs] if source.kind in ("code", "prose") else source.paths
     stat = lambda p: [os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns]
@@ -509,8 +428,8 @@ def _units(source, max_docs, seed):
 
 def _documents(kind, items, counts, text_field, skip_bad_lines):
     if kind == "math":
-        start, n, seed = items
-        yield from (math_document(i, seed) for i in range(start, start + n))
+        start, n, seed, fmt, digits = items
+        yield from (math_document(i, seed, fmt, digits) for i in range(start, start + n))
     elif kind == "topics":
         yield from pydoc_topics()[:items]
     else:
@@ -605,7 +524,7 @@ def _unit_is_done(d, unit, fingerprint, itemsize):
 
 def prepare(sources=BUILTIN_SOURCES, out="data", tokenizer=None, vocab_size=None, eos_id=None,
             val_fraction=VAL_FRACTION, text_field="text", skip_bad_lines=False, workers=None,
-            max_docs=None, seed=0, verbose=True):
+            max_docs=None, seed=0, math_format=None, math_digits=None, verbose=True):
     """Tokenize `sources` (specs for `resolve_sources`, or Source objects) into shards under
     `out` and write `out`/manifest.json; returns the manifest. A second call with the same
     inputs does nothing; a call after a crash redoes only the unfinished units.
@@ -615,7 +534,8 @@ def prepare(sources=BUILTIN_SOURCES, out="data", tokenizer=None, vocab_size=None
     token appended when the tokenizer has one. Units of work run in `workers` processes
     (default: every core; one where fork is unavailable). max_docs caps each built-in source
     (quick runs): the first max_docs standard-library files and pydoc topics, or max_docs
-    math problems."""
+    math problems. math_format and math_digits lay out the built-in math (math_layout: the
+    defaults of arithmetic.py), and the manifest records them ("math")."""
     if tokenizer is None:
         raise ValueError("prepare needs a tokenizer (a file written by tokenizer.py, or an encode function)")
     if not 0 <= val_fraction < 1:
@@ -626,7 +546,8 @@ def prepare(sources=BUILTIN_SOURCES, out="data", tokenizer=None, vocab_size=None
     dtype = "uint16" if vocab_size <= 2 ** 16 else "uint32"
     opts = {"dtype": dtype, "eos_id": eos_id, "vocab_size": vocab_size, "val_fraction": val_fraction,
             "text_field": text_field, "skip_bad_lines": skip_bad_lines}
-    plan = {s.name: _units(s, max_docs, seed) for s in sources}
+    math = math_layout(math_format, math_digits) if any(s.kind == "math" for s in sources) else None
+    plan = {s.name: _units(s, max_docs, seed, math) for s in sources}
     fingerprint = hashlib.sha256(json.dumps(
         [FORMAT, tok_fingerprint, opts, max_docs, {k: [u[2] for u in v] for k, v in plan.items()}],
         default=str).encode()).hexdigest()
@@ -685,7 +606,8 @@ def prepare(sources=BUILTIN_SOURCES, out="data", tokenizer=None, vocab_size=None
 
     manifest = {"format": FORMAT, "fingerprint": fingerprint, "dtype": dtype,
                 "tokenizer": {"fingerprint": tok_fingerprint, "vocab_size": vocab_size, "eos_id": eos_id},
-                "val_fraction": val_fraction, "seconds": round(time.time() - t0, 2), "sources": {}}
+                "val_fraction": val_fraction, "seconds": round(time.time() - t0, 2), "sources": {},
+                **({"math": {"format": math[0], "digits": math[1]}} if math else {})}
     for s in sources:
         units = [{"unit": f"{i:05d}", **records[s.name, i]} for i in range(len(plan[s.name]))]
         entry = {"spec": s.spec, "units": units}
@@ -1062,6 +984,8 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=None, help="processes (default: every core)")
     p.add_argument("--max-docs", type=int, default=None, help="cap each built-in source (quick runs)")
     p.add_argument("--seed", type=int, default=0, help="the math generator's seed")
+    p.add_argument("--math-format", default=None, help="the built-in math's layout (arithmetic.py's FORMATS)")
+    p.add_argument("--math-digits", type=int, default=None, help="the built-in math's levels: 1 to this many digits")
     s = sub.add_parser("show", help="what a prepared directory holds, and a few decoded windows")
     s.add_argument("dir")
     s.add_argument("--tokenizer", help="decode windows with this tokenizer")
@@ -1070,7 +994,8 @@ def main(argv=None):
     try:
         if args.command == "prepare":
             prepare(args.sources, args.out, args.tokenizer, val_fraction=args.val_fraction, text_field=args.text_field,
-                    skip_bad_lines=args.skip_bad_lines, workers=args.workers, max_docs=args.max_docs, seed=args.seed)
+                    skip_bad_lines=args.skip_bad_lines, workers=args.workers, max_docs=args.max_docs, seed=args.seed,
+                    math_format=args.math_format, math_digits=args.math_digits)
         elif args.command == "show":
             loader = Loader(args.dir, batch_size=2, seq_len=args.seq_len)
             print(summary(loader.manifest))

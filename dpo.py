@@ -40,9 +40,11 @@ Ethayarajh et al. 2024 (KTO); Wortsman et al. 2022 (model soups: averaging weigh
 Hugging Face TRL's DPOTrainer, CPOTrainer, ORPOTrainer and KTOTrainer define the same losses:
 tests/test_dpo.py checks these against the numbers they give.
 
-This file takes the model and tokenizer as arguments. It imports sft.py (and nothing else of
-the project), because a preference pair must be written in exactly the chat template the SFT
-model learned: copy the two files together.
+This file takes the model and tokenizer as arguments. It imports sft.py and arithmetic.py (and
+nothing else of the project), because a preference pair must be written in exactly the chat
+template and the arithmetic layout the SFT model learned: copy the three files together. The
+built-in arithmetic pairs differ only where a careless hand would: a carry forgotten or a
+digit off by one (arithmetic.slipped), in the same layout.
 
 Run:
     python dpo.py                                              # demo: a built-in pair, its rows, every loss on it
@@ -66,6 +68,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import arithmetic
 import sft
 
 LOSSES = ("sigmoid", "ipo", "apo_zero", "apo_down", "orpo", "simpo", "kto")
@@ -261,56 +264,38 @@ def read_preferences(path):
     return records
 
 
-def _slipped(rng, steps, answer):
-    """Worked steps with one slip, carried through: a result off by a little, in the last step
-    or in the first (whose result the second step then uses). (steps, the wrong answer)."""
-    (l1, r1), (l2, r2) = (s.split(" = ") for s in steps)
-    slip = rng.choice([-10, -2, -1, 1, 2, 10])
-    if rng.random() < 0.5:
-        u, op, v = l2.split()
-        x = str(int(r1) + slip)
-        u, v = (x, v) if u == r1 else (u, x)
-        wrong = sft.OPS[op](int(u), int(v))
-        if wrong != answer:
-            return [f"{l1} = {x}", f"{u} {op} {v} = {wrong}"], wrong
-    return [steps[0], f"{l2} = {int(r2) + slip}"], int(r2) + slip
+def arithmetic_pair(problem, fmt, rng):
+    """(kind, record): a problem answered right (chosen) and with a slip carried through the
+    working to the answer (rejected: a carry forgotten or a digit off by one, arithmetic.slipped),
+    in the same format: the difference is the arithmetic, nothing else."""
+    a, op, b = problem
+    prompt, turn = sft.arithmetic_messages(problem, fmt, rng)
+    wrong = arithmetic.slipped(a, op, b, rng)
+    return "arithmetic", {"prompt": prompt, "chosen": [turn],
+                          "rejected": [sft.math_turn(arithmetic.working(a, op, b, fmt, wrong), wrong)]}
 
 
-def arithmetic_pair(rng):
-    """(kind, key, record): a problem answered by the right worked solution (chosen) and by one
-    with a slip (rejected); a quarter in /no_think mode, answers without the working."""
-    expr, steps, answer = sft.arithmetic_problem(rng)
-    think = rng.random() < 0.75
-    q = sft.ask(rng, expr)
-    wrong_steps, wrong = _slipped(rng, steps, answer)
-    return "arithmetic", expr, {"prompt": sft.opening(rng, q, think), "chosen": [sft.math_turn(steps, answer, think)],
-                                "rejected": [sft.math_turn(wrong_steps, wrong, think)]}
+def faithful_pair(problem, fmt, rng):
+    """(kind, record): the right working and answer (chosen) against the same working with an
+    answer it does not support (rejected). A slip takes arithmetic to catch; this takes reading
+    one's own working back (an answer should follow from its reasoning)."""
+    a, op, b = problem
+    prompt, turn = sft.arithmetic_messages(problem, fmt, rng)
+    wrong = arithmetic.slipped(a, op, b, rng)
+    return "faithful", {"prompt": prompt, "chosen": [turn],
+                        "rejected": [sft.math_turn(turn["reasoning"], wrong)]}
 
 
-def faithful_pair(rng):
-    """(kind, key, record): a problem answered by the right worked solution (chosen) and by the
-    same working with a final answer it does not support (rejected), always in /think mode. A
-    slip takes arithmetic to catch; this takes reading one's own working (an answer should
-    follow from its reasoning). The pipeline's 6M-parameter model does not learn it in 30
-    APO-zero steps (0.63 -> 0.63 held out: README)."""
-    expr, steps, answer = sft.arithmetic_problem(rng)
-    q = sft.ask(rng, expr)
-    wrong = answer + rng.choice([-10, -2, -1, 1, 2, 10])
-    return "faithful", expr, {"prompt": sft.opening(rng, q, True), "chosen": [sft.math_turn(steps, answer, True)],
-                              "rejected": [sft.math_turn(steps, wrong, True)]}
-
-
-def complete_pair(rng):
-    """(kind, key, record): a problem answered by the whole worked solution (chosen) and by the
-    working cut off after its first step, with no answer (rejected: what a model that stops
-    early says), in /think mode. The rejected reply is shorter, so a model fresh from SFT
-    finds it the more likely one (summed log-probabilities): the preference a small model
-    learns first, finishing what it starts, as real preference data teaches format and
-    completeness long before correctness."""
-    expr, steps, answer = sft.arithmetic_problem(rng)
-    q = sft.ask(rng, expr)
-    return "complete", expr, {"prompt": sft.opening(rng, q, True), "chosen": [sft.math_turn(steps, answer, True)],
-                              "rejected": [{"role": "assistant", "content": "", "reasoning": steps[0]}]}
+def complete_pair(problem, fmt, rng):
+    """(kind, record): the whole answer (chosen) against the working cut off halfway, with no
+    answer (rejected: what a model that stops early says). The rejected reply is shorter, so a
+    model fresh from SFT finds it the more likely one (summed log-probabilities): the preference
+    a small model learns first, finishing what it starts, as real preference data teaches format
+    and completeness long before correctness."""
+    prompt, turn = sft.arithmetic_messages(problem, fmt, rng)
+    cut = turn["reasoning"][:max(1, len(turn["reasoning"]) // 2)]
+    return "complete", {"prompt": prompt, "chosen": [turn],
+                        "rejected": [{"role": "assistant", "content": "", "reasoning": cut}]}
 
 
 def docstring_pair(rng, fn, functions):
@@ -327,19 +312,24 @@ def docstring_pair(rng, fn, functions):
 
 
 KINDS = ("arithmetic", "faithful", "complete", "docstring")
+ARITHMETIC_PAIRS = (arithmetic_pair, faithful_pair, complete_pair)
 
 
-def builtin_pairs(n=2000, seed=0):
-    """{"train": [(kind, record)], "val": [...]}: n arithmetic pairs and two pairs per standard-
-    library function, deterministic from the seed. The held-out split is sft.py's (a hash of
-    the question's expression, or of the function's name), so a held-out prompt was held out
-    of the built-in SFT data too."""
+def builtin_pairs(n=2000, seed=0, fmt=sft.MATH_FORMAT, digits=sft.MATH_DIGITS, heldout_per_level=32):
+    """{"train": [(kind, record)], "val": [...]}: n arithmetic pairs (the three kinds in turn) on
+    arithmetic.py's training problems of the demonstrated levels, in its format, and two pairs
+    per standard-library function, deterministic from the seed. Held out: pairs on arithmetic.py's
+    held-out problems (heldout_per_level of each demonstrated level, every kind) and the
+    functions sft.py holds out (a hash of the name), so a held-out prompt was held out of the
+    built-in SFT data too."""
     rng = random.Random(seed)
+    problems = arithmetic.problems("train", range(1, digits + 1), seed)
+    out = {"train": [ARITHMETIC_PAIRS[i % 3](next(problems), fmt, rng) for i in range(n)], "val": []}
+    for d in range(1, digits + 1):
+        for i, p in enumerate(arithmetic.heldout(d, heldout_per_level)):
+            out["val"].append(ARITHMETIC_PAIRS[i % 3](p, fmt, random.Random(f"{p}")))
     functions = sft.stdlib_functions()
-    items = [(arithmetic_pair, faithful_pair, complete_pair)[i % 3](rng) for i in range(n)]
-    items += [docstring_pair(rng, fn, functions) for fn in functions for _ in range(2)]
-    out = {"train": [], "val": []}
-    for kind, key, rec in items:
+    for kind, key, rec in (docstring_pair(rng, fn, functions) for fn in functions for _ in range(2)):
         out["val" if sft.is_heldout(key) else "train"].append((kind, rec))
     return out
 
@@ -448,7 +438,8 @@ class DPOStage:
 
     def __init__(self, tokenizer, seq_len, batch_size, model=None, data="builtin", loss_type="apo_zero", beta=0.1,
                  label_smoothing=0.0, gamma=0.5, ref="copy", desirable_weight=1.0, undesirable_weight=1.0,
-                 overlong="truncate", seed=0, rank=0, world_size=1, group=None, log=print):
+                 overlong="truncate", seed=0, rank=0, world_size=1, group=None, math_format=sft.MATH_FORMAT,
+                 math_digits=sft.MATH_DIGITS, log=print):
         if loss_type not in LOSSES:
             raise ValueError(f"loss {loss_type!r}: one of {', '.join(LOSSES)}")
         if ref not in ("copy", "cache"):
@@ -456,11 +447,11 @@ class DPOStage:
         self.loss_type, self.beta, self.label_smoothing, self.gamma = loss_type, beta, label_smoothing, gamma
         self.weights = (desirable_weight, undesirable_weight)
         self.batch_size, self.seed, self.rank, self.world_size, self.group = batch_size, seed, rank, world_size, group
-        self.tokenizer, self.seq_len = tokenizer, seq_len
+        self.tokenizer, self.seq_len, self.math_format = tokenizer, seq_len, math_format
         self.pad_id = next((sft.special_id(tokenizer, s) for s in ("<|pad|>", "<|eos|>", "<|im_end|>")
                             if sft.has_special(tokenizer, s)), 0)
-        if data == "builtin":
-            split, self.names = builtin_pairs(seed=0), KINDS     # the held-out split does not move with --seed
+        if data == "builtin":     # (the held-out split does not move with --seed)
+            split, self.names = builtin_pairs(seed=0, fmt=math_format, digits=math_digits), KINDS
         else:
             split, self.names = {"train": [], "val": []}, ("pref",)
             for rec in read_preferences(data):
@@ -685,7 +676,7 @@ class DPOStage:
     def chat_tasks(self):
         """The held-out built-in math questions in the chat template (sft.chat_tasks): what
         the arithmetic pairs should improve, judged before and after."""
-        return sft.chat_tasks(self.tokenizer, self.seq_len)
+        return sft.chat_tasks(self.tokenizer, self.math_format)
 
     # -- state
 

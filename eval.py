@@ -409,6 +409,15 @@ def task_example(row, where):
     has choices, else "generative" {prompt, answer}. Raises ValueError naming `where`."""
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if {"a", "op", "b"} <= set(row):       # a neutral arithmetic problem: rendered later, in the model's layout
+        a, op, b = row["a"], row["op"], row["b"]
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (a, b)):
+            raise ValueError(f"{where}: a and b must be integers >= 0, got {a!r} and {b!r}")
+        if op not in ("+", "-"):
+            raise ValueError(f"{where}: op {op!r}: the built-in arithmetic is + and -")
+        if op == "-" and b > a or max(a, b) >= 10 ** 5:
+            raise ValueError(f"{where}: {a} {op} {b}: the built-in arithmetic has a >= b and at most 5 digits")
+        return "generative", {"problem": (a, op, b), "answer": str(a + b if op == "+" else a - b)}
     labels = None
     if isinstance(row.get("choices"), dict):                 # ARC: {"text": [...], "label": ["A", ...]}
         choices, labels = row["choices"].get("text"), row["choices"].get("label")
@@ -818,19 +827,20 @@ def open_checkpoint(ckpt, tokenizer):
     return net, tok, cfg
 
 
-def builtin(n_math=400):
-    """The built-in tasks, from data.py's held-out text."""
+def builtin(n_math=400, math_format=None):
+    """The built-in tasks, from data.py's held-out text (its math in `math_format`: the layout
+    the model trained on; None is data.py's default)."""
     import data
-    return builtin_tasks(data.heldout_code(), data.heldout_math(n_math))
+    return builtin_tasks(data.heldout_code(), data.heldout_math(n_math, math_format))
 
 
-def resolve_tasks(names, examples, seed=0):
+def resolve_tasks(names, examples, seed=0, math_format=None):
     """Task names (arithmetic, docstring, next_line, or builtin for the three) and jsonl paths
     -> tasks, at most `examples` of each ("val" is not a task: it is skipped here)."""
     names = [x for n in names for x in (BUILTIN if n == "builtin" else (n,))]
     tasks = {}
     if set(names) & set(BUILTIN):
-        built = builtin()
+        built = builtin(math_format=math_format)
         tasks.update({n: built[n] for n in names if n in BUILTIN})
     for n in names:
         if n.endswith(".jsonl"):
@@ -841,6 +851,26 @@ def resolve_tasks(names, examples, seed=0):
         elif n not in BUILTIN and n != "val":
             raise SystemExit(f"task {n!r}: builtin, {', '.join(BUILTIN)}, val, or a .jsonl file")
     return subset(tasks, examples, seed)
+
+
+def render_problems(tasks, tok, math_format=None):
+    """Neutral arithmetic rows ({"a", "op", "b"}: task_example's "problem") asked as the model
+    was taught: in the chat template when the tokenizer has one (sft.problem_example, the
+    pipeline's own held-out evaluation), else as a pretraining document's question
+    (data.math_text), in the layout the checkpoint trained on (its config's math_format)."""
+    out = {}
+    for name, (kind, examples) in tasks.items():
+        if examples and "problem" in examples[0]:
+            import data
+            import sft
+            fmt, _ = data.math_layout(math_format)
+            if sft.has_special(tok, "<|im_start|>"):
+                examples = [sft.problem_example(ex["problem"], tok, fmt) for ex in examples]
+            else:
+                examples = [{"prompt": data.math_text(ex["problem"], fmt).split("\nAnswer:")[0] + "\nAnswer:",
+                             "answer": ex["answer"]} for ex in examples]
+        out[name] = (kind, examples)
+    return out
 
 
 def _demo():
@@ -898,7 +928,8 @@ def main(argv=None):
             metrics.update(validation(net, batches, token_bytes(tok, net.config.padded_vocab), loader.names))
         else:
             print(f"val: skipped, no prepared data at {d!r} (--data_dir)", file=sys.stderr)
-    tasks = resolve_tasks(args.tasks, args.examples)
+    tasks = render_problems(resolve_tasks(args.tasks, args.examples, math_format=cfg.get("math_format")), tok,
+                            cfg.get("math_format"))
     if args.validate:
         torch.manual_seed(0)
         fresh = type(net)(net.config).to(device).eval()

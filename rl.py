@@ -58,9 +58,16 @@ per-token reverse KL). Hugging Face TRL's GRPOTrainer and GKDTrainer define the 
 tests/test_rl.py checks these against the numbers they give.
 
 This file takes the model, its tokenizer, a reference, a teacher and a reward model as
-arguments. It imports sft.py (the chat template the policy answers in, its arithmetic and the
-held-out hash), dpo.py (preference pairs for the reward model) and eval.py (the answer
-extraction, so the reward and the benchmark agree): copy them together.
+arguments. It imports sft.py (the chat template the policy answers in), arithmetic.py (the
+built-in problems: the level above the ones SFT demonstrates, from the split no other stage
+trains on), dpo.py (preference pairs for the reward model) and eval.py (the answer extraction,
+so the reward and the benchmark agree): copy them together.
+
+SFT where you can demonstrate, RL where you can only verify: the built-in prompts are the
+level above SFT's (4-digit sums when SFT showed 1 to 3), with a verifier and no worked
+solution. RL grows what sampling already finds sometimes, so the SFT model must solve a few of
+them (pass@k above 0); the held-out evaluation covers every level, to see the gain on RL's and
+that the demonstrated ones are not forgotten.
 
 Run:
     python rl.py                                                 # demo: rewards, advantages, the clip, in numbers
@@ -81,6 +88,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import arithmetic
 import dpo
 import eval
 import sft
@@ -124,63 +132,30 @@ def overlong_penalty(length, max_length, cache):
 
 
 # -----------------------------------------------------------------------------
-# Prompts: built-in arithmetic at three difficulties, or GSM8K-shaped files
+# Prompts: built-in arithmetic at the level above SFT's (a verifier, no solution), or GSM8K-shaped files
 
-LEVELS = ("easy", "medium", "hard")
-
-
-def problem(rng, level):
-    """(expression, worked steps, answer): easy = a sum or difference of two digits, medium =
-    one operation on numbers up to 99 (products up to 12 x 12), hard = sft.py's two-operation
-    problems (the ones SFT trained on)."""
-    if level == "hard":
-        return sft.arithmetic_problem(rng)
-    op = rng.choice("+-" if level == "easy" else "+-*")
-    if level == "easy":
-        a, b = rng.randint(0, 9), rng.randint(0, 9)
-    elif op == "*":
-        a, b = rng.randint(2, 12), rng.randint(2, 12)
-    else:
-        a, b = rng.randint(10, 99), rng.randint(10, 99)
-    c = sft.OPS[op](a, b)
-    return f"{a} {op} {b}", [f"{a} {op} {b} = {c}"], c
+def builtin_problem(problem, fmt=sft.MATH_FORMAT):
+    """A record {kind, key, messages, answer, solution} of arithmetic.py's problem (a, op, b):
+    the question as sft.py asks it; `solution` is the turn SFT would train on (RL never does:
+    it only reads the answer, and the validation loss the solution)."""
+    a, op, b = problem
+    prompt, turn = sft.arithmetic_messages(problem, fmt)
+    return {"kind": f"d{arithmetic.level(a, b)}", "key": f"{a} {op} {b}", "messages": prompt,
+            "answer": str(arithmetic.result(a, op, b)), "solution": turn}
 
 
-def builtin_problem(rng, level):
-    """A record {kind, key, messages, answer, solution}: the question in sft.py's openings
-    (/think 3 times in 4); `solution` is the assistant turn SFT would train on."""
-    expr, steps, answer = problem(rng, level)
-    think = rng.random() < 0.75
-    q = sft.ask(rng, expr)
-    return {"kind": level, "key": expr, "messages": sft.opening(rng, q, think), "answer": str(answer),
-            "solution": sft.math_turn(steps, answer, think)}
+def builtin_stream(seed, levels, fmt=sft.MATH_FORMAT):
+    """An endless stream of RL's built-in prompts: arithmetic.py's "rl" problems of `levels`,
+    from the seed; no stage trains on their solutions and none is held out for evaluation."""
+    return (builtin_problem(p, fmt) for p in arithmetic.problems("rl", levels, seed))
 
 
-def builtin_stream(seed, heldout):
-    """An endless stream of built-in problems, the levels in turn, from `seed`: the training
-    ones (heldout=False) never share an expression with the held-out ones, nor with sft.py's
-    held-out conversations (the same hash)."""
-    rng = random.Random(seed)
-    for level in itertools.cycle(LEVELS):
-        while True:
-            rec = builtin_problem(rng, level)
-            if sft.is_heldout(rec["key"]) == heldout:
-                yield rec
-                break
-
-
-def heldout_problems(per_level=64):
-    """The held-out built-in problems the evaluation answers: each expression once (the first
-    time the stream draws it), at most per_level of each level. The easy level has only 19
-    (a tenth of its 200 expressions): drawn with repeats, "4 - 3", "9 - 8" and "8 - 7" made 17
-    of 64 problems, and a policy that always answered 1 scored 27% (once each: 3 of 19)."""
-    out, count = {}, dict.fromkeys(LEVELS, 0)
-    # (every easy one is drawn by the 223rd draw; the test checks all 19 are here)
-    for rec in itertools.islice(builtin_stream(0, heldout=True), 4 * per_level * len(LEVELS)):
-        if rec["key"] not in out and count[rec["kind"]] < per_level:
-            out[rec["key"]] = rec
-            count[rec["kind"]] += 1
-    return list(out.values())
+def heldout_problems(per_level=300, levels=arithmetic.LEVELS, fmt=sft.MATH_FORMAT):
+    """arithmetic.py's held-out problems as records, per_level of each level (every one where a
+    level has fewer: one digit has about 23), each problem once: a problem asked many times
+    weighs its answer that much more (three of 64 easy problems asked "9 - 8" once made a
+    policy that always answered 1 score 27%)."""
+    return [builtin_problem(p, fmt) for d in levels for p in arithmetic.heldout(d, per_level)]
 
 
 def commonest_answer_share(records):
@@ -394,12 +369,14 @@ class RewardModelStage:
     metric_names = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
 
     def __init__(self, tokenizer, seq_len, batch_size, model, data="builtin", center_coef=0.01, overlong="truncate",
-                 seed=0, rank=0, world_size=1, group=None, log=print):
+                 seed=0, rank=0, world_size=1, group=None, math_format=sft.MATH_FORMAT, math_digits=sft.MATH_DIGITS,
+                 log=print):
         self.head = model.score
         said = []
         # the pairs, their split and their batches are DPO's (a reference-free loss: no copy is made)
         self.pairs = dpo.DPOStage(tokenizer, seq_len, batch_size, None, data, "orpo", overlong=overlong, seed=seed,
-                                  rank=rank, world_size=world_size, group=group, log=said.append)
+                                  rank=rank, world_size=world_size, group=group, math_format=math_format,
+                                  math_digits=math_digits, log=said.append)
         log(said[0].replace("dpo data", "reward-model data").split("; loss")[0]
             + f"; Bradley-Terry loss, center_coef {center_coef}")
         if not self.pairs.paired:
@@ -502,7 +479,7 @@ class RLStage:
                  temperature=1.0, loss_type="dapo", scale="group", beta=0.0, eps_low=0.2, eps_high=0.28,
                  iterations=1, format_weight=0.1, overlong_cache=0, resample=2, ref_model=None, reward_model=None,
                  teacher=None, distill="reverse_kl", jsd_beta=0.5, seed=0, rank=0, world_size=1, group=None,
-                 log=print):
+                 math_format=sft.MATH_FORMAT, math_digits=sft.MATH_DIGITS, log=print):
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type {loss_type!r}: one of {', '.join(LOSS_TYPES)}")
         if scale not in SCALES:
@@ -529,9 +506,10 @@ class RLStage:
         self.stop_ids = [i for s, i in eval.special_ids(tokenizer).items() if s in eval.STOP_TOKENS]
         if not self.stop_ids:
             raise ValueError("the tokenizer has no end-of-turn token (<|im_end|>): a completion could never end")
+        self.math_format, self.levels = math_format, (math_digits + 1,)   # RL's level: the one above SFT's
         if data == "builtin":
-            self.kinds, self.problems = LEVELS, None
-            val = heldout_problems()
+            self.kinds, self.problems = tuple(f"d{d}" for d in self.levels), None
+            val = heldout_problems(64, self.levels, math_format)
         else:
             problems = read_problems(data)
             self.kinds = ("problem",)
@@ -567,7 +545,7 @@ class RLStage:
         """This rank's endless stream of training problems, from the seed, `skip` of them
         already drawn: a resumed run draws the same prompts an uninterrupted one would."""
         if self.problems is None:
-            stream = builtin_stream(self.seed * 1000 + self.rank, heldout=False)
+            stream = builtin_stream(self.seed * 1000 + self.rank, self.levels, self.math_format)
         else:
             order = random.Random(self.seed).sample(self.problems, len(self.problems))
             stream = itertools.cycle(order[self.rank::self.world_size] or order)
@@ -752,8 +730,12 @@ class RLStage:
             yield {k: v.to(device) for k, v in batch.items()}
 
     def chat_tasks(self):
-        """eval.py generative tasks, one per level ("rl_easy", ...): the held-out problems in
-        the template, answered greedily, scored by exact match and template adherence."""
+        """eval.py generative tasks: with the built-in prompts sft.chat_tasks (every level's
+        held-out problems, as SFT and DPO are judged: the RL level and the demonstrated ones,
+        to see both the gain and any forgetting); with a file its held-out problems ("rl_problem")
+        in the template, answered greedily, scored by exact match and template adherence."""
+        if self.problems is None:
+            return sft.chat_tasks(self.tokenizer, self.math_format)
         tasks = {}
         for kind in self.kinds:
             examples = []
@@ -785,11 +767,11 @@ def _demo():
 
     import tokenizer as T
     tok = T.Tokenizer.load(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "builtin", "tok.json"))
-    print("Built-in problems, one per level (the held-out split is sft.py's hash):")
-    stream = builtin_stream(0, heldout=False)
-    for _ in LEVELS:
+    print("Built-in prompts, one per level (arithmetic.py's \"rl\" split: never demonstrated, never held out):")
+    stream = builtin_stream(0, arithmetic.LEVELS)
+    for _ in arithmetic.LEVELS:
         rec = next(stream)
-        print(f"  {rec['kind']:6s} {rec['messages'][-1]['content']!r} -> {rec['answer']}")
+        print(f"  {rec['kind']:3s} {rec['messages'][-1]['content']!r} -> {rec['answer']}")
     ids, think = prompt_ids(rec, tok)
     print(f"the last as the policy reads it ({len(ids)} tokens, {'/think' if think else '/no_think'} mode):\n"
           + tok.decode(ids))

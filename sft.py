@@ -46,7 +46,14 @@ Papers: Ouyang et al. 2022 (InstructGPT: SFT before preference tuning); Zhou et 
 (LIMA: a little high-quality data goes far); Hugging Face 2025 (SmolLM3, SmolTalk2: dual
 reasoning modes); Krell et al. 2021 (packing without cross-contamination).
 
-This file takes the model and tokenizer as arguments and imports nothing from the project;
+The built-in arithmetic (arithmetic.py) is laid out for a small model: the question ends with
+the numbers, zero-padded and least significant digit first, and the thinking block holds the
+result in the same order, so that every digit the model reads sits at a fixed distance from
+where it writes; the answer after the block reads normally. SFT demonstrates 1 to 3 digits;
+rl.py verifies the level above.
+
+This file takes the model and tokenizer as arguments and imports only arithmetic.py (the
+built-in arithmetic's layout, standard library only) from the project;
 only its command line opens checkpoints (through eval.py and model.py, lazily). A tokenizer
 needs encode/decode and the special tokens <|im_start|> and <|im_end|> (tokenizer.py's have
 them; data.ByteTokenizer does not).
@@ -70,6 +77,8 @@ import re
 import sys
 
 import torch
+
+import arithmetic
 
 ROLES = ("system", "user", "assistant")
 THINK, NO_THINK = "/think", "/no_think"
@@ -245,22 +254,7 @@ def is_heldout(key, fraction=0.1):
 
 SYSTEM_PROMPTS = ("You are a helpful assistant.", "You are a careful math and Python tutor.",
                   "Answer briefly and correctly.")
-OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
-
-
-def arithmetic_problem(rng):
-    """(question, worked steps, answer) of a two-operation problem, brackets included."""
-    a, b, c = rng.randint(2, 99), rng.randint(2, 30), rng.randint(2, 30)
-    op1, op2 = rng.choice("+-*"), rng.choice("+-*")
-    if rng.random() < 0.3:                        # (a op1 b) op2 c
-        x = OPS[op1](a, b)
-        expr, steps = f"({a} {op1} {b}) {op2} {c}", [f"{a} {op1} {b} = {x}", f"{x} {op2} {c} = {OPS[op2](x, c)}"]
-        return expr, steps, OPS[op2](x, c)
-    if op2 == "*" and op1 != "*":                # a op1 b * c: the product first
-        x = b * c
-        return f"{a} {op1} {b} * {c}", [f"{b} * {c} = {x}", f"{a} {op1} {x} = {OPS[op1](a, x)}"], OPS[op1](a, x)
-    x = OPS[op1](a, b)
-    return f"{a} {op1} {b} {op2} {c}", [f"{a} {op1} {b} = {x}", f"{x} {op2} {c} = {OPS[op2](x, c)}"], OPS[op2](x, c)
+MATH_FORMAT, MATH_DIGITS = arithmetic.FORMAT, arithmetic.DIGITS    # the built-in arithmetic's layout and levels
 
 
 def opening(rng, question, think):
@@ -273,31 +267,27 @@ def opening(rng, question, think):
     return (system if where == "system" or rng.random() < 0.3 else []) + [user]
 
 
-def ask(rng, expr):
-    """The question about an expression, in one of four phrasings (SFT's, DPO's and RL's)."""
-    return rng.choice(["What is {}?", "Compute {}.", "Calculate {}, please.", "How much is {}?"]).format(expr)
+def math_opening(rng, question):
+    """The first messages of an arithmetic question: /think mode (the working is the skill), its
+    flag in the system prompt or nowhere, so that the user's message ends with the numbers and
+    every digit sits at the same distance from where the assistant writes (arithmetic.py)."""
+    system = rng.choice([None, "flag"] + list(SYSTEM_PROMPTS))
+    if system == "flag":
+        system = f"{rng.choice(SYSTEM_PROMPTS)} {THINK}"
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
 
 
-def math_turn(steps, answer, think):
-    return {"role": "assistant", "content": f"The answer is {answer}.",
-            **({"reasoning": "\n".join(steps)} if think else {})}
+def math_turn(working, answer):
+    """The assistant's turn: the working in the thinking block, then the answer as a person reads it."""
+    return {"role": "assistant", "content": f"The answer is {answer}.", "reasoning": working}
 
 
-def arithmetic_conversation(rng):
-    """(kind, key, messages): a problem worked in the thinking block (3 in 4) or answered
-    directly (/no_think); half of them get a follow-up question on the answer. The key is the
-    first question, so a held-out problem is held out with its follow-ups."""
-    expr, steps, answer = arithmetic_problem(rng)
-    think = rng.random() < 0.75
-    q = ask(rng, expr)
-    messages = opening(rng, q, think) + [math_turn(steps, answer, think)]
-    if rng.random() < 0.5:
-        return "arithmetic", expr, messages
-    op, k = rng.choice("+-*"), rng.randint(2, 12)
-    follow = {"+": "Now add {} to that.", "-": "And if we subtract {}?", "*": "Multiply that by {}."}[op].format(k)
-    messages += [{"role": "user", "content": follow},
-                 math_turn([f"{answer} {op} {k} = {OPS[op](answer, k)}"], OPS[op](answer, k), think)]
-    return "followup", expr, messages
+def arithmetic_messages(problem, fmt=MATH_FORMAT, rng=None):
+    """(prompt messages, the turn SFT trains on) of one problem (a, op, b) in the format."""
+    a, op, b = problem
+    rng = rng or random.Random(f"{a} {op} {b}")
+    return (math_opening(rng, arithmetic.question(a, op, b, fmt, rng)),
+            math_turn(arithmetic.working(a, op, b, fmt), arithmetic.result(a, op, b)))
 
 
 DOC_MODULES = ("math", "os.path", "textwrap", "string", "json", "statistics", "itertools", "functools",
@@ -348,25 +338,35 @@ def docstring_conversation(rng, fn):
     return "docstring", name, messages
 
 
-KINDS = ("arithmetic", "followup", "docstring")
+KINDS = ("arithmetic", "docstring")
 
 
-def builtin_conversations(n=6000, seed=0):
+def builtin_conversations(n=6000, seed=0, fmt=MATH_FORMAT, digits=MATH_DIGITS, heldout_per_level=64):
     """{"train": [(kind, messages)], "val": [...]}: the built-in chat data, deterministic from
-    the seed: n arithmetic problems (half with a follow-up turn, a quarter without thinking)
-    and three conversations about each standard-library function. A tenth of the questions
-    (by hash of the question) are held out and never trained on; the held-out split keeps
-    each distinct conversation once."""
+    the seed: n arithmetic problems of the demonstrated levels (1 to `digits` digits) from
+    arithmetic.py's training split, in its format, and three conversations about each
+    standard-library function. Held out, never trained on: arithmetic.py's held-out problems
+    (heldout_per_level of each demonstrated level) and a tenth of the functions (by a hash of
+    the name), each distinct conversation once."""
     rng = random.Random(seed)
-    out, seen = {"train": [], "val": []}, set()
-    items = [arithmetic_conversation(rng) for _ in range(n)]
-    items += [docstring_conversation(rng, fn) for fn in stdlib_functions() for _ in range(3)]
-    for kind, key, messages in items:
-        if not is_heldout(key):
-            out["train"].append((kind, messages))
-        elif json.dumps(messages) not in seen:
-            seen.add(json.dumps(messages))
-            out["val"].append((kind, messages))
+    out = {"train": [], "val": []}
+    problems = arithmetic.problems("train", range(1, digits + 1), seed)
+    for _ in range(n):
+        prompt, turn = arithmetic_messages(next(problems), fmt, rng)
+        out["train"].append(("arithmetic", prompt + [turn]))
+    for d in range(1, digits + 1):
+        for p in arithmetic.heldout(d, heldout_per_level):
+            prompt, turn = arithmetic_messages(p, fmt)
+            out["val"].append(("arithmetic", prompt + [turn]))
+    seen = set()
+    for fn in stdlib_functions():
+        for _ in range(3):
+            kind, key, messages = docstring_conversation(rng, fn)
+            if not is_heldout(key):
+                out["train"].append((kind, messages))
+            elif json.dumps(messages) not in seen:
+                seen.add(json.dumps(messages))
+                out["val"].append((kind, messages))
     return out
 
 
@@ -459,13 +459,16 @@ class SFTStage:
                            # the global batch's, so a long answer counts for its tokens, however rows are split
 
     def __init__(self, tokenizer, seq_len, batch_size, data="builtin", packing=True, train_on="assistant",
-                 overlong="truncate", seed=0, rank=0, world_size=1, log=print):
+                 overlong="truncate", seed=0, rank=0, world_size=1, math_format=MATH_FORMAT, math_digits=MATH_DIGITS,
+                 log=print):
         self.seq_len, self.batch_size, self.packing, self.seed = seq_len, batch_size, packing, seed
+        self.math_format = math_format
         self.rank, self.world_size = rank, world_size
         self.pad_id = next((special_id(tokenizer, s) for s in ("<|pad|>", "<|eos|>", "<|im_end|>")
                             if has_special(tokenizer, s)), 0)
         if data == "builtin":
-            split = builtin_conversations(seed=0)       # the held-out split does not move with --seed
+            # (the held-out split does not move with --seed: arithmetic.py's hash decides it)
+            split = builtin_conversations(seed=0, fmt=math_format, digits=math_digits)
             self.names = KINDS
         else:
             convs = read_conversations(data)
@@ -473,7 +476,6 @@ class SFTStage:
             for messages in convs:
                 split["val" if is_heldout(json.dumps(messages), 0.02) else "train"].append(("chat", messages))
             self.names = ("chat",)
-        self.heldout = split["val"]
         self.train, counts = tokenize(split["train"], tokenizer, seq_len, overlong, train_on)
         self.val, val_counts = tokenize(split["val"], tokenizer, seq_len, overlong)   # assistant tokens: comparable
         by_kind = [[ex for ex in self.val if ex[2] == k] for k in self.names]
@@ -536,8 +538,8 @@ class SFTStage:
             yield {k: v.to(device) for k, v in batch.items()}
 
     def chat_tasks(self):
-        """Held-out math questions in the template, for eval.py (see chat_tasks)."""
-        return chat_tasks(self.tokenizer, self.seq_len, self.heldout if self.names == KINDS else None)
+        """Held-out arithmetic of every level in the template, for eval.py (see chat_tasks)."""
+        return chat_tasks(self.tokenizer, self.math_format)
 
     def state_dict(self):
         return {"epoch": self.epoch, "cursor": self.cursor, "batches": self.batches}
@@ -547,25 +549,21 @@ class SFTStage:
         self.rows = self.group(self.epoch)
 
 
-def chat_tasks(tokenizer, seq_len, heldout=None):
-    """eval.py generative tasks from the held-out built-in math conversations (or `heldout`,
-    [(kind, messages)]): the prompt is the conversation up to its last answer, in the template
-    (ids, with the generation prompt; those under half of seq_len, leaving room for the
-    reply), the answer that turn's number. eval.py scores exact match and template adherence
-    (the turn ends with <|im_end|>, no other special token inside)."""
-    split = builtin_conversations(seed=0)["val"] if heldout is None else heldout
-    tasks = {}
-    for kind in ("arithmetic", "followup"):
-        examples = []
-        for k, messages in split:
-            if k != kind:
-                continue
-            ids, _ = render_chat(messages[:-1], tokenizer, add_generation_prompt=True)
-            if len(ids) < seq_len // 2:
-                examples.append({"prompt": tokenizer.decode(ids), "prompt_ids": ids,
-                                 "answer": re.findall(r"-?\d+", messages[-1]["content"])[-1]})
-        tasks[f"chat_{kind}"] = ("generative", examples)
-    return tasks
+def chat_tasks(tokenizer, fmt=MATH_FORMAT, per_level=300, levels=arithmetic.LEVELS):
+    """eval.py generative tasks `chat_d1` ... `chat_d5`: arithmetic.py's held-out problems of
+    each level (per_level of them; one digit has only about 23), asked in the template in
+    `fmt` (ids, with the generation prompt), the answer their result. eval.py scores exact
+    match and template adherence (the turn ends with <|im_end|>, no other special token inside)."""
+    return {f"chat_d{d}": ("generative", [problem_example(p, tokenizer, fmt) for p in arithmetic.heldout(d, per_level)])
+            for d in levels}
+
+
+def problem_example(problem, tokenizer, fmt=MATH_FORMAT):
+    """An eval.py generative example of the problem (a, op, b): asked in the template in the
+    format, with the generation prompt; its answer the result. The pipeline's held-out levels
+    and `eval.py --tasks problems.jsonl` both go through here."""
+    ids, _ = render_chat(arithmetic_messages(problem, fmt)[0], tokenizer, add_generation_prompt=True)
+    return {"prompt": tokenizer.decode(ids), "prompt_ids": ids, "answer": str(arithmetic.result(*problem))}
 
 
 def has_special(tok, name):

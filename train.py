@@ -78,6 +78,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import arithmetic
 import data
 import dpo
 import eval
@@ -105,6 +106,9 @@ class TrainConfig:
     vocab_size: int = 4096              # of a tokenizer trained here
     mixture: str = ""                   # "" = the stage's default; "smollm3", "natural", or "code=0.5,prose=0.5"
     seq_len: int = 256
+    # the built-in arithmetic (arithmetic.py), shared by every stage's built-in data and its evaluation
+    math_format: str = arithmetic.FORMAT  # lsd | msd | words: where the digits sit (README: the format ablation)
+    math_digits: int = arithmetic.DIGITS  # pretraining, SFT and the pairs demonstrate 1 to this many digits
     # supervised fine-tuning (--stage sft, sft.py)
     chat_data: str = "builtin"          # .jsonl / .parquet of {"messages": [...]}, or the built-in conversations
     packing: bool = True                # several conversations per row (false: one per row, padded)
@@ -282,6 +286,11 @@ def parse_config(argv):
     overrides = {k: v for k, v in values.items() if k in MODEL_FIELDS and k not in TRAIN_FIELDS}
     if cfg.stage not in STAGES:
         raise SystemExit(f"--stage {cfg.stage!r}: must be one of {', '.join(STAGES)}")
+    if cfg.math_format not in arithmetic.FORMATS:
+        raise SystemExit(f"--math_format {cfg.math_format!r}: one of {', '.join(arithmetic.FORMATS)}")
+    if not 1 <= cfg.math_digits < max(arithmetic.LEVELS):
+        raise SystemExit(f"--math_digits {cfg.math_digits}: 1 to {max(arithmetic.LEVELS) - 1} (the levels above are "
+                         "RL's and the held-out evaluation's)")
     if cfg.precision not in ("auto", "bf16", "fp32"):
         raise SystemExit(f"--precision {cfg.precision!r}: auto, bf16 or fp32")
     if cfg.schedule not in ("wsd", "cosine"):
@@ -842,7 +851,7 @@ def get_tokenizer(cfg, rank):
             import tokenizer as tokenizer_py
             print(f"training a {cfg.vocab_size}-token tokenizer on the built-in corpus -> {path}", flush=True)
             texts = [tokenizer_py._read_text(p) for p in data.stdlib_files()[::4]]
-            texts += [data.math_document(i) for i in range(2000)]
+            texts += [data.math_document(i, 0, cfg.math_format, cfg.math_digits) for i in range(2000)]
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             tokenizer_py.Tokenizer.train(texts, cfg.vocab_size, verbose=False).save(path.removesuffix(".json"))
         barrier()
@@ -852,11 +861,19 @@ def get_tokenizer(cfg, rank):
 def prepare_data(cfg, tok, rank):
     """Prepare the built-in corpus into data_dir when it holds no manifest yet (the default
     run); real data is prepared beforehand with `python data.py prepare`."""
-    if not os.path.exists(os.path.join(cfg.data_dir, "manifest.json")):
+    manifest = os.path.join(cfg.data_dir, "manifest.json")
+    if not os.path.exists(manifest):
         if rank == 0:
             print(f"preparing the built-in corpus (code, prose, math) into {cfg.data_dir}", flush=True)
-            data.prepare(data.BUILTIN_SOURCES, cfg.data_dir, tok, verbose=False)
+            data.prepare(data.BUILTIN_SOURCES, cfg.data_dir, tok, math_format=cfg.math_format,
+                         math_digits=cfg.math_digits, verbose=False)
         barrier()
+    with open(manifest) as f:
+        math = json.load(f).get("math")
+    if math and (math["format"], math["digits"]) != (cfg.math_format, cfg.math_digits):
+        raise SystemExit(f"{manifest}: its math was prepared as --math_format {math['format']} --math_digits "
+                         f"{math['digits']}, not {cfg.math_format} {cfg.math_digits}: give another --data_dir (it is "
+                         "prepared there) or the same layout")
 
 
 def is_reward_model(path):
@@ -1154,7 +1171,8 @@ class Trainer:
         self.tok_bytes = eval.token_bytes(self.tok, self.raw_model.config.padded_vocab)
         names = [n.strip() for n in cfg.eval_tasks.split(",") if n.strip() not in ("", "none")]
         # the same examples at every evaluation; "chat" is the stage's own held-out questions
-        self.tasks = eval.resolve_tasks([n for n in names if n != "chat"], cfg.eval_examples)
+        self.tasks = eval.resolve_tasks([n for n in names if n != "chat"], cfg.eval_examples,
+                                        math_format=cfg.math_format)
         if "chat" in names:
             if not hasattr(self.stage, "chat_tasks"):
                 raise SystemExit(f"--eval_tasks chat: held-out chat questions come with --stage sft, dpo or rl, "
@@ -1195,7 +1213,7 @@ class Trainer:
             try:
                 return rl.RewardModelStage(self.tok, cfg.seq_len, cfg.batch_size, self.raw_model, cfg.pref_data,
                                            cfg.rm_center, cfg.overlong, cfg.seed, self.dp_rank, self.dp, group,
-                                           log=self.log)
+                                           cfg.math_format, cfg.math_digits, log=self.log)
             except (OSError, ValueError) as e:
                 raise SystemExit(f"--stage rm: {e}")
         if cfg.stage == "dpo":
@@ -1203,14 +1221,15 @@ class Trainer:
                 return dpo.DPOStage(self.tok, cfg.seq_len, cfg.batch_size, self.raw_model, cfg.pref_data, cfg.loss,
                                     cfg.beta, cfg.label_smoothing, cfg.simpo_gamma, cfg.ref, cfg.desirable_weight,
                                     cfg.undesirable_weight, cfg.overlong, cfg.seed, self.dp_rank, self.dp, group,
-                                    log=self.log)
+                                    cfg.math_format, cfg.math_digits, log=self.log)
             except (OSError, ValueError) as e:
                 raise SystemExit(f"--stage dpo: {e}")
         if cfg.stage != "sft":
             return PretrainStage(cfg, self.dp_rank, self.dp, cfg.max_steps * cfg.total_batch_tokens)
         try:
             return sft.SFTStage(self.tok, cfg.seq_len, cfg.batch_size, cfg.chat_data, cfg.packing, cfg.train_on,
-                                cfg.overlong, cfg.seed, self.dp_rank, self.dp, log=self.log)
+                                cfg.overlong, cfg.seed, self.dp_rank, self.dp, cfg.math_format, cfg.math_digits,
+                                log=self.log)
         except (OSError, ValueError) as e:     # a bad file, a tokenizer without the chat tokens
             raise SystemExit(f"--stage sft: {e}")
 
@@ -1242,7 +1261,7 @@ class Trainer:
                           cfg.max_new_tokens, cfg.rl_temperature, cfg.loss_type, cfg.scale, cfg.beta, cfg.eps_low,
                           cfg.eps_high, cfg.iterations, cfg.format_weight, cfg.overlong_cache, cfg.resample, ref,
                           reward_model, teacher, cfg.distill, cfg.jsd_beta, cfg.seed, self.dp_rank, self.dp, group,
-                          log=self.log)
+                          cfg.math_format, cfg.math_digits, log=self.log)
 
     def next_batch(self):
         """The stage's next micro-batch on this device; an on-policy stage first samples a new
@@ -1884,23 +1903,39 @@ def pipeline_checks(dirs):
     before, after = card["midtrain (start)"]["val_loss"]["value"], card["midtrain"]["val_loss"]["value"]
     checks.append(("midtrain", "validation loss at twice the pretraining context, below the pretrained model's",
                    f"{before:.3f} -> {after:.3f}", after < before))
-    card = _card(dirs["sft"])["sft"]
-    template = {k: m["value"] for k, m in card.items() if k.endswith("/template")}
-    checks.append(("sft", "template adherence on held-out chat questions at least 95%",
-                   ", ".join(f"{k} {v:.3f}" for k, v in template.items()), bool(template) and min(template.values()) >= 0.95))
+    # post-training, judged on arithmetic.py's held-out problems of every level: the levels SFT
+    # demonstrated (1 to math_digits digits) and the one above, RL's, which only a verifier covers
+    with open(os.path.join(dirs["sft"], "config.json")) as f:
+        digits = json.load(f)["train"]["math_digits"]
+    shown, above = [f"chat_d{d}" for d in range(1, digits + 1)], f"chat_d{digits + 1}"
+    sft_card = _card(dirs["sft"])["sft"]
+    template = {k: m["value"] for k, m in sft_card.items() if k.endswith("/template")}
+    exact = {t: sft_card[f"{t}/exact_match"]["value"] for t in shown}
+    checks.append(("sft", "template adherence at least 95%, and greedy accuracy at least 80% on every demonstrated "
+                   f"level (1 to {digits} digits)", f"template min {min(template.values(), default=0):.3f}; "
+                   + ", ".join(f"{t} {v:.3f}" for t, v in exact.items()),
+                   bool(template) and min(template.values()) >= 0.95 and min(exact.values()) >= 0.80))
+
+    def fell(card):       # the levels that fell below the SFT model's 95% interval: forgotten
+        return [t for t in shown + [above] if card[f"{t}/exact_match"]["value"] < sft_card[f"{t}/exact_match"]["low"]]
+
     card = _card(dirs["dpo"])
     before, after = card["dpo (start)"]["pref/accuracy"]["value"], card["dpo"]["pref/accuracy"]["value"]
-    checks.append(("dpo", "held-out preference accuracy above the SFT model's", f"{before:.3f} -> {after:.3f}",
-                   after > before))
-    # RL: rl.py's easiest level (a sum or difference of two digits; the harder ones are on the
-    # card), and above the best constant answer: GRPO can learn the answers' distribution
-    # without the arithmetic (a run whose policy answered 1 to 49 of 64 such problems scored 22%)
-    card = _card(dirs["rl"])
-    before, after = card["rl (start)"]["rl_easy/exact_match"]["value"], card["rl"]["rl_easy/exact_match"]["value"]
-    constant = rl.commonest_answer_share([r for r in rl.heldout_problems() if r["kind"] == "easy"])
-    checks.append(("rl", "held-out arithmetic (rl_easy) at least 10 points above the SFT model's, and above the "
-                   "commonest answer's share", f"{before:.3f} -> {after:.3f} ({100 * (after - before):+.1f} points; "
-                   f"the commonest answer: {constant:.3f})", after - before >= 0.10 - 1e-9 and after > constant))
+    lost = fell(card["dpo"])
+    checks.append(("dpo", "held-out preference accuracy above the SFT model's; greedy accuracy on no level below "
+                   "the SFT model's interval", f"{before:.3f} -> {after:.3f}" + (f"; fell: {', '.join(lost)}" if lost
+                                                                                 else ""), after > before and not lost))
+    # RL: the level above SFT's, against the SFT model (greedy, held out) and the best constant
+    # answer (a policy can learn the answers' distribution without the arithmetic)
+    card = _card(dirs["rl"])["rl"]
+    before, after = sft_card[f"{above}/exact_match"]["value"], card[f"{above}/exact_match"]["value"]
+    constant = rl.commonest_answer_share(rl.heldout_problems(levels=(digits + 1,)))
+    lost = fell(card)
+    checks.append(("rl", f"held-out {above} (RL's level) at least 30 points above the SFT model's and above the "
+                   "commonest answer's share; no level below the SFT model's interval",
+                   f"{before:.3f} -> {after:.3f} ({100 * (after - before):+.1f} points; the commonest answer: "
+                   f"{constant:.3f})" + (f"; fell: {', '.join(lost)}" if lost else ""),
+                   after - before >= 0.30 - 1e-9 and after > constant and not lost))
     return checks
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import arithmetic
 import data
 from data import IGNORE_INDEX, ByteTokenizer, Loader, prepare
 
@@ -513,30 +514,37 @@ def test_file_formats(tmp_path):
     assert m["sources"]["t"]["train"] == {"tokens": len("plain text file") + 1, "documents": 1}
 
 
-def test_math_is_deterministic_and_every_step_is_true():
+def test_math_is_the_layout_on_training_problems_of_the_demonstrated_levels():
+    """Seeded; each document is `Question: <problem>\nAnswer: <working>\n#### <result>` in
+    arithmetic.py's layout, a problem of its training split of 1 to DIGITS digits (never an RL
+    prompt nor a held-out problem), its working and answer right; the levels come evenly; the
+    layout and levels given are the ones written."""
     docs = [data.math_document(i, seed=0) for i in range(3000)]
     assert docs == [data.math_document(i, seed=0) for i in range(3000)]
     assert docs[:50] != [data.math_document(i, seed=1) for i in range(50)]
-    checked = 0
+    levels = []
     for doc in docs:
-        assert doc.startswith("Question: ") and "\nAnswer: " in doc
-        # every "arithmetic = number" in the worked solution is true
-        for expr, value in re.findall(r"(\d+(?: [-+*/] \d+)+) = (\d+)", doc):
-            assert eval(expr) == int(value), (expr, value, doc)
-            checked += 1
-        answer = doc.rsplit("#### ", 1)[1].strip()
-        q = re.match(r"Question: What is (\d+) ([-+*]) (\d+)\?", doc)
-        if q:
-            assert int(answer) == eval(" ".join(q.groups()))
-        q = re.match(r"Question: What is (\d+) divided by (\d+)", doc)
-        if q:
-            a, b = map(int, q.groups())
-            assert answer == f"{a // b} remainder {a % b}"
-        q = re.match(r"Question: Solve for x: (\d+)x \+ (\d+) = (\d+)\.", doc)
-        if q:
-            a, b, c = map(int, q.groups())
-            assert a * int(answer) + b == c
-    assert checked > 5000
+        m = re.fullmatch(r"Question: (?:.*\n)?(\d+) ([-+]) (\d+)\nAnswer: (\d+)\n#### (\d+)\n", doc)
+        assert m, doc
+        x, op, y, working, answer = m.groups()
+        a, b = int(x[::-1]), int(y[::-1])            # the default layout writes numbers reversed
+        c = arithmetic.result(a, op, b)
+        assert arithmetic.split(a, op, b) == "train" and int(working[::-1]) == c == int(answer)
+        levels.append(arithmetic.level(a, b))
+    assert sorted(set(levels)) == list(range(1, arithmetic.DIGITS + 1))
+    assert min(levels.count(d) for d in set(levels)) > 0.8 * len(docs) / arithmetic.DIGITS
+    msd = data.math_document(7, 0, "msd", 5)
+    assert re.search(r"(^Question: |\n)\d{6} [-+] \d{6}\nAnswer: \d{6}\n", msd)
+    assert any(arithmetic.level(*map(int, re.search(r"(\d+) [-+] (\d+)", data.math_document(i, 0, "words", 5))
+                                     .groups())) == 5 for i in range(50))
+
+
+def test_heldout_math_is_every_level_of_the_held_out_split():
+    docs = data.heldout_math(50)
+    problems = [re.search(r"(\d+) ([-+]) (\d+)\n", d).groups() for d in docs]
+    problems = [(int(a[::-1]), op, int(b[::-1])) for a, op, b in problems]
+    assert all(arithmetic.split(*p) == "heldout" for p in problems)
+    assert [arithmetic.level(a, b) for a, _, b in problems[:10]] == list(arithmetic.LEVELS) * 2
 
 
 def test_duplicates_never_straddle_the_split(tmp_path):

@@ -11,12 +11,12 @@ import json
 import math
 import os
 import random
-import re
 
 import pytest
 import torch
 
 from conftest import spawn
+import arithmetic
 import dpo
 import model as M
 import sft
@@ -234,40 +234,46 @@ def test_read_preferences_files(tmp_path):
     assert dpo.read_preferences(str(tmp_path / "p.parquet"))[0]["rejected"] == [{"role": "assistant", "content": "b"}]
 
 
-QUESTION = re.compile(r"^(?:What is|Compute|Calculate|How much is) (.+?)(?:\?|\.|, please\.)(?: /(?:no_)?think)?$")
+def problem_of(question):
+    """(a, op, b) read back from the numbers that end a built-in question (reversed in lsd)."""
+    x, op, y = question.split("\n")[-1].split(" ")
+    read = (lambda t: int(t[::-1])) if sft.MATH_FORMAT == "lsd" else int
+    return read(x), op, read(y)
 
 
 def test_builtin_pairs_are_deterministic_held_out_as_sft_and_rejected_answers_are_wrong():
-    """Same seed, same pairs; the chosen answer is the expression's value and the rejected one
-    is not (its working ends on the wrong number, or, for "faithful", the right working ends
-    on another answer; for "complete", the working stops after its first step); held out exactly where sft.py holds the same question (expression or
-    function name) out; every kind in both splits."""
+    """Same seed, same pairs; the chosen answer is the problem's result after its working; the
+    rejected one: for "arithmetic" a slip (off by a power of ten: a carry forgotten or a digit
+    off by one) carried from the working to the answer, for "faithful" the same working and
+    another answer, for "complete" half the working and no answer. Arithmetic pairs are on
+    arithmetic.py's training problems of the demonstrated levels, held-out pairs on its held-out
+    ones; functions held out as sft.py holds them out; every kind in both splits."""
     a = dpo.builtin_pairs(n=300, seed=3)
     assert a == dpo.builtin_pairs(n=300, seed=3) and a != dpo.builtin_pairs(n=300, seed=4)
     for split, items in a.items():
         for kind, rec in items:
             question = [m for m in rec["prompt"] if m["role"] == "user"][0]["content"]
             if kind == "docstring":
-                key = question.split("`")[1]
                 assert rec["chosen"] != rec["rejected"]
+                assert sft.is_heldout(question.split("`")[1]) == (split == "val")
+                continue
+            p = problem_of(question)
+            assert arithmetic.split(*p) == ("heldout" if split == "val" else "train")
+            assert arithmetic.level(p[0], p[2]) <= sft.MATH_DIGITS
+            c = arithmetic.result(*p)
+            chosen, rejected = rec["chosen"][0], rec["rejected"][0]
+            assert chosen["content"] == f"The answer is {c}." and int(chosen["reasoning"][::-1]) == c
+            if kind == "complete":
+                assert rejected["content"] == "" and chosen["reasoning"].startswith(rejected["reasoning"])
+                assert 0 < len(rejected["reasoning"]) < len(chosen["reasoning"])
+                continue
+            wrong = int(rejected["content"].split()[-1].rstrip("."))
+            d = abs(wrong - c)
+            assert d > 0 and 10 ** (len(str(d)) - 1) == d, rec
+            if kind == "faithful":
+                assert rejected["reasoning"] == chosen["reasoning"]
             else:
-                key = QUESTION.match(question).group(1)
-                assert re.fullmatch(r"[\d ()+*-]+", key)
-                chosen = int(rec["chosen"][0]["content"].split()[-1].rstrip("."))
-                assert chosen == eval(key), rec       # noqa: S307 (digits and + - * only)
-                steps = rec["rejected"][0].get("reasoning", "").split("\n")
-                if kind == "complete":     # the first step of the working, then nothing
-                    assert rec["rejected"][0]["content"] == "" and len(steps) == 1
-                    assert steps[0] == rec["chosen"][0]["reasoning"].split("\n")[0]
-                else:
-                    wrong = int(rec["rejected"][0]["content"].split()[-1].rstrip("."))
-                    assert wrong != chosen, rec
-                if kind == "faithful":     # the same (right) working, an answer it does not support
-                    assert rec["rejected"][0]["reasoning"] == rec["chosen"][0]["reasoning"]
-                    assert steps[-1].endswith(f"= {chosen}")
-                elif kind == "arithmetic" and "reasoning" in rec["rejected"][0]:     # a slip, carried through to the answer
-                    assert steps[-1].endswith(f"= {wrong}") and steps != rec["chosen"][0]["reasoning"].split("\n")
-            assert sft.is_heldout(key) == (split == "val"), (key, split)
+                assert int(rejected["reasoning"][::-1]) == wrong
     assert {k for k, _ in a["train"]} == set(dpo.KINDS) == {k for k, _ in a["val"]}
 
 
@@ -338,8 +344,9 @@ def test_a_cut_that_makes_a_pair_identical_skips_and_counts_it(small_tokenizer):
 def test_a_file_with_no_held_out_pair_is_refused_by_name(small_tokenizer, tmp_path):
     """Evaluation needs held-out pairs (2% of a file's rows, by hash): a file that leaves none
     is refused at the start, naming the file, not with an empty batch in the first evaluation."""
-    items = dpo.builtin_pairs(n=80, seed=2)["train"][:80]
-    assert not any(sft.is_heldout(json.dumps(r), 0.02) for _, r in items)     # (none of these is held out)
+    items = [(k, r) for k, r in dpo.builtin_pairs(n=120, seed=2)["train"] if not sft.is_heldout(json.dumps(r), 0.02)]
+    items = items[:80]      # (none of these is held out)
+    assert len(items) == 80
     path = tmp_path / "few.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for _, r in items))
     with pytest.raises(ValueError, match=r"few.jsonl: 0 held-out examples"):

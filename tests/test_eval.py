@@ -568,19 +568,16 @@ def test_arithmetic_examples():
     examples = eval.arithmetic_examples(docs + ["not a math document"])
     assert len(examples) == 30
     for doc, ex in zip(docs, examples):
-        assert ex["prompt"] == doc.split("\n")[0] + "\nAnswer:"
+        assert ex["prompt"] == doc.split("\nAnswer:")[0] + "\nAnswer:"
         assert ex["answer"] == doc.split("#### ")[1].strip() and "####" not in ex["prompt"]
 
 
 def test_heldout_text_is_held_out():
-    """Held-out math questions are never training questions; held-out code files all hash into the val split."""
-    train_questions = set()
-    for i in range(data.MATH_DOCUMENTS):
-        doc = data.math_document(i)
-        if not data._is_val(doc.encode(), data.VAL_FRACTION):
-            train_questions.add(doc.split("\n")[0])
+    """Held-out math problems are never the corpus's problems; held-out code files all hash into the val split."""
+    numbers = lambda doc: doc.split("\nAnswer:")[0].split("\n")[-1]     # the problem, without its words
+    train_questions = {numbers(data.math_document(i)) for i in range(data.MATH_DOCUMENTS)}
     held = data.heldout_math(50)
-    assert len(held) == 50 and not {d.split("\n")[0] for d in held} & train_questions
+    assert len(held) == 50 and not {numbers(d) for d in held} & train_questions
     code = data.heldout_code()
     assert code and all(data._is_val(t.encode("utf-8", errors="replace"), data.VAL_FRACTION) for t in code)
 
@@ -764,6 +761,46 @@ def test_cli_on_a_checkpoint(checkpoint, capsys):
     assert "docstring/acc_char" in metrics and "docstring/acc_char" in out
     tasks = eval.subset({"docstring": eval.builtin()["docstring"]}, 8)
     assert metrics == eval.run_tasks(tiny_model(), BYTES, tasks)          # the weights were really loaded
+
+
+def test_neutral_arithmetic_rows_are_asked_as_the_model_was_taught(tmp_path, small_tokenizer):
+    """Rows {"a", "op", "b"} become problems; with a chat tokenizer each is asked exactly as
+    the pipeline's held-out levels are (sft.problem_example), else as a math document's
+    question; the answer is the integer result."""
+    import sft
+    path = write_lines(tmp_path / "problems.jsonl", ['{"a": 123, "op": "+", "b": 45}', '{"a": 9, "op": "-", "b": 9}'])
+    kind, examples = eval.read_task(path)
+    assert kind == "generative" and [ex["answer"] for ex in examples] == ["168", "0"]
+    chat = eval.render_problems({"problems": (kind, examples)}, small_tokenizer, "lsd")["problems"][1]
+    assert chat == [sft.problem_example((123, "+", 45), small_tokenizer, "lsd"),
+                    sft.problem_example((9, "-", 9), small_tokenizer, "lsd")]
+    assert "321000 + 540000<|im_end|>" in chat[0]["prompt"]
+    plain = eval.render_problems({"problems": (kind, examples)}, BYTES, "msd")["problems"][1]
+    assert plain[0] == {"prompt": "Question: 000123 + 000045\nAnswer:", "answer": "168"}
+
+
+@pytest.mark.parametrize("row,message", [
+    ('{"a": 1.5, "op": "+", "b": 2}', "integers >= 0"),
+    ('{"a": 3, "op": "*", "b": 2}', "op '\\*'"),
+    ('{"a": 3, "op": "-", "b": 5}', "a >= b"),
+    ('{"a": 123456, "op": "+", "b": 5}', "at most 5 digits"),
+])
+def test_neutral_arithmetic_rows_out_of_reach_name_the_line(tmp_path, row, message):
+    path = write_lines(tmp_path / "bad.jsonl", ['{"a": 1, "op": "+", "b": 2}', row])
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2") + ".*" + message):
+        eval.read_task(path)
+
+
+def test_cli_scores_neutral_problems_into_eval_json(checkpoint, tmp_path):
+    """--tasks problems.jsonl on a checkpoint: exact match with its interval in eval.json under
+    the file's name, the same numbers as eval.generative on the rendered examples."""
+    path = write_lines(tmp_path / "sums.jsonl", ['{"a": 12, "op": "+", "b": 7}', '{"a": 40, "op": "-", "b": 2}'])
+    eval.main(["--ckpt", checkpoint, "--tasks", path])
+    with open(os.path.join(checkpoint, "eval.json")) as f:
+        metrics = json.load(f)["metrics"]
+    rendered = eval.render_problems({"sums": eval.read_task(path)}, BYTES)
+    assert metrics == eval.run_tasks(tiny_model(), BYTES, rendered)
+    assert set(metrics["sums/exact_match"]) == {"value", "low", "high", "n"} and metrics["sums/exact_match"]["n"] == 2
 
 
 def test_cli_rejects_an_unknown_task(checkpoint):

@@ -10,6 +10,7 @@ import torch
 import data
 import eval
 import model as M
+import rl
 import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,16 +40,26 @@ def test_pipeline_arguments_go_to_every_stage_or_one():
 # -----------------------------------------------------------------------------
 # The checks, on run directories written by hand
 
-def _metric(v):
-    return {"value": v, "low": v, "high": v, "n": 64}
+def _metric(v, half=0.0):
+    return {"value": v, "low": v - half, "high": v + half, "n": 300}
 
 
-def _write_runs(root, bpb=(3.0, 2.8, 2.6), mid=(4.0, 3.5), template=(1.0, 0.97), pref=(0.55, 0.6),
-                easy=(0.03, 0.2)):
+SFT_LEVELS = {"chat_d1": 1.0, "chat_d2": 0.95, "chat_d3": 0.85, "chat_d4": 0.05, "chat_d5": 0.0}
+
+
+def _write_runs(root, bpb=(3.0, 2.8, 2.6), mid=(4.0, 3.5), template=(1.0, 0.97), sft=None, pref=(0.55, 0.6), dpo=None,
+                rl=None):
+    """Run directories as the pipeline leaves them, with the metrics the checks read: SFT
+    demonstrated 1 to 3 digits (SFT_LEVELS, each with an interval of +-0.05), DPO keeps them,
+    RL takes 4 digits from 0.05 to 0.5."""
+    sft = {**SFT_LEVELS, **(sft or {})}
+    dpo, rl = {**sft, **(dpo or {})}, {**sft, "chat_d4": 0.5, **(rl or {})}
     dirs = {}
     for name in ("pretrain", "midtrain", "sft", "dpo", "rl"):
         d = dirs[name] = os.path.join(root, name)
         os.makedirs(d)
+        with open(os.path.join(d, "config.json"), "w") as f:
+            json.dump({"train": {"math_digits": 3}}, f)
     with open(os.path.join(dirs["pretrain"], "metrics.jsonl"), "w") as f:
         for i, v in enumerate(bpb):
             f.write(json.dumps({"step": 40 * i + 39, "loss": 1.0}) + "\n")    # a step without an evaluation
@@ -61,11 +72,14 @@ def _write_runs(root, bpb=(3.0, 2.8, 2.6), mid=(4.0, 3.5), template=(1.0, 0.97),
         rows.append({"stage": name, "step": 30, "run": os.path.abspath(dirs[name]), "metrics": end})
         with open(os.path.join(dirs[name], "report_card.json"), "w") as f:
             json.dump(rows, f)
+
+    def levels(values):
+        return {f"{t}/exact_match": _metric(v, 0.05) for t, v in values.items()}
     card("midtrain", {"val_loss": _metric(mid[0])}, {"val_loss": _metric(mid[1])})
-    card("sft", None, {"chat_arithmetic/template": _metric(template[0]), "chat_followup/template": _metric(template[1]),
-                       "chat_arithmetic/exact_match": _metric(0.0)})
-    card("dpo", {"pref/accuracy": _metric(pref[0])}, {"pref/accuracy": _metric(pref[1])})
-    card("rl", {"rl_easy/exact_match": _metric(easy[0])}, {"rl_easy/exact_match": _metric(easy[1])})
+    card("sft", None, {"chat_d1/template": _metric(template[0]), "chat_d2/template": _metric(template[1]),
+                       **levels(sft)})
+    card("dpo", {"pref/accuracy": _metric(pref[0])}, {"pref/accuracy": _metric(pref[1]), **levels(dpo)})
+    card("rl", levels(dpo), levels(rl))
     return dirs
 
 
@@ -79,7 +93,10 @@ def test_pipeline_checks_pass_when_every_stage_did_its_job(tmp_path):
     assert all(ok for *_, ok in checks)
     evidence = {stage: text for stage, _, text, _ in checks}
     assert evidence["pretrain"] == "3.000 -> 2.800 -> 2.600 (steps 40, 80, 120)"
-    assert evidence["rl"] == "0.030 -> 0.200 (+17.0 points; the commonest answer: 0.158)"
+    assert evidence["sft"] == "template min 0.970; chat_d1 1.000, chat_d2 0.950, chat_d3 0.850"
+    constant = rl.commonest_answer_share(rl.heldout_problems(levels=(4,)))
+    assert 0 < constant < 0.05
+    assert evidence["rl"] == f"0.050 -> 0.500 (+45.0 points; the commonest answer: {constant:.3f})"
 
 
 @pytest.mark.parametrize("stage, change", [
@@ -87,9 +104,11 @@ def test_pipeline_checks_pass_when_every_stage_did_its_job(tmp_path):
     ("pretrain", {"bpb": (3.0,)}),                   # one evaluation shows no trend
     ("midtrain", {"mid": (3.5, 3.5)}),
     ("sft", {"template": (1.0, 0.94)}),              # one task's adherence under 95%
+    ("sft", {"sft": {"chat_d3": 0.79}}),             # a demonstrated level under 80%
     ("dpo", {"pref": (0.6, 0.6)}),
-    ("rl", {"easy": (0.03, 0.12)}),                  # +9 points: short of 10
-    ("rl", {"easy": (0.0, 0.15)}),                   # +15 points, but "always 1" scores 3 of 19
+    ("dpo", {"dpo": {"chat_d2": 0.85}}),             # forgot: under SFT's interval (0.90-1.00)
+    ("rl", {"rl": {"chat_d4": 0.30}}),               # +25 points: short of 30
+    ("rl", {"rl": {"chat_d1": 0.90}}),               # forgot one digit: under SFT's 0.95-1.05
 ])
 def test_pipeline_checks_fail_each_stage_that_did_not(tmp_path, stage, change):
     verdicts = _verdicts(_write_runs(str(tmp_path), **change))

@@ -13,6 +13,7 @@ import os
 import pytest
 import torch
 
+import arithmetic
 import data
 import model as M
 import rl
@@ -285,30 +286,30 @@ def test_overlong_penalty_is_dapos_ramp():
     assert rl.overlong_penalty(120, 100, 0) == 0.0
 
 
-def test_builtin_problems_levels_answers_and_heldout():
-    rng = __import__("random").Random(0)
-    for level in rl.LEVELS:
-        for _ in range(50):
-            expr, steps, answer = rl.problem(rng, level)
-            assert eval(expr) == answer, expr         # Python's own arithmetic is the reference
-            assert steps[-1].endswith(f"= {answer}")
-    train = [next(s) for s in [rl.builtin_stream(3, heldout=False)] for _ in range(300)]
-    val = [next(s) for s in [rl.builtin_stream(0, heldout=True)] for _ in range(60)]
-    assert not {r["key"] for r in train} & {r["key"] for r in val}
-    assert all(sft.is_heldout(r["key"]) for r in val) and not any(sft.is_heldout(r["key"]) for r in train)
-    assert [r["kind"] for r in train[:6]] == list(rl.LEVELS) * 2
+def test_builtin_prompts_are_rls_split_and_answer_right():
+    """RL's prompts are arithmetic.py's "rl" problems of the levels asked, level after level,
+    asked as SFT asks them (the question's numbers read back give the problem), with the right
+    answer; none of them is a held-out or a training problem."""
+    train = [next(s) for s in [rl.builtin_stream(3, (3, 4))] for _ in range(300)]
+    assert [r["kind"] for r in train[:4]] == ["d3", "d4"] * 2
+    for r in train:
+        x, op, y = r["messages"][-1]["content"].split("\n")[-1].split(" ")
+        a, b = int(x[::-1]), int(y[::-1])           # (sft.MATH_FORMAT writes numbers reversed)
+        assert r["key"] == f"{a} {op} {b}" and arithmetic.split(a, op, b) == "rl"
+        assert r["answer"] == str(a + b if op == "+" else a - b)
+        assert r["solution"]["content"] == f"The answer is {r['answer']}."
 
 
-def test_heldout_problems_each_expression_once():
-    val = rl.heldout_problems()
+def test_heldout_problems_each_problem_once():
+    val = rl.heldout_problems(per_level=100)
     keys = [r["key"] for r in val]
-    assert len(keys) == len(set(keys)) and all(sft.is_heldout(k) for k in keys)
-    # the easy level is complete: every held-out sum or difference of two digits, enumerated here
-    easy = {f"{a} {op} {b}" for a in range(10) for b in range(10) for op in "+-" if sft.is_heldout(f"{a} {op} {b}")}
-    assert {r["key"] for r in val if r["kind"] == "easy"} == easy and len(easy) == 19
-    assert [sum(r["kind"] == level for r in val) for level in rl.LEVELS] == [19, 64, 64]
-    # three of them answer 1 (4 - 3, 8 - 7, 9 - 8), more than any other answer
-    assert rl.commonest_answer_share([r for r in val if r["kind"] == "easy"]) == 3 / 19
+    assert len(keys) == len(set(keys))
+    assert all(arithmetic.split(int(a), op, int(b)) == "heldout" for a, op, b in map(str.split, keys))
+    # one digit is complete: every held-out sum or difference of two digits, enumerated here
+    one = {f"{a} {op} {b}" for a in range(10) for b in range(10) for op in "+-"
+           if (op == "+" or a >= b) and arithmetic.split(a, op, b) == "heldout"}
+    assert {r["key"] for r in val if r["kind"] == "d1"} == one
+    assert [sum(r["kind"] == f"d{d}" for r in val) for d in arithmetic.LEVELS] == [len(one), 100, 100, 100, 100]
     assert rl.commonest_answer_share([{"answer": "2"}, {"answer": "5"}, {"answer": "2"}, {"answer": "7"}]) == 0.5
     assert rl.commonest_answer_share([]) == 0.0
 

@@ -8,7 +8,6 @@ stage train.py drives (batch contract, ranks, resuming, epochs, validation rows,
 the built-in data (deterministic, held-out split, right answers), the terminal chat and its
 streamer, and eval.py's scoring of chat examples (template adherence, the oracle)."""
 
-import builtins
 import copy
 import hashlib
 import json
@@ -23,6 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import arithmetic
 import data
 import eval
 import model as M
@@ -878,17 +878,15 @@ def test_stage_too_little_data_raises(tmp_path, small_tokenizer, chat_file):
 # -----------------------------------------------------------------------------
 # The built-in data
 
-ARITH = re.compile(r"(\(?\d+ [-+*] \d+\)? [-+*] \d+)")
-STEP = re.compile(r"^(-?\d+) ([-+*]) (\d+) = (-?\d+)$")
-FOLLOW = {"Now add (\\d+) to that\\.": "+", "And if we subtract (\\d+)\\?": "-", "Multiply that by (\\d+)\\.": "*"}
-
-
 def key_of(kind, messages):
-    """The first user question's key, re-derived: the arithmetic expression or the function name."""
+    """The first user question's key, re-derived: the function name, or the problem (a, op, b)
+    read back from the numbers that end the question (sft.MATH_FORMAT writes them reversed)."""
     q = next(m["content"] for m in messages if m["role"] == "user")
     if kind == "docstring":
         return re.search(r"`([^`]+)`", q).group(1)
-    return ARITH.search(q).group(1)
+    x, op, y = q.split("\n")[-1].split(" ")
+    read = (lambda t: int(t[::-1])) if sft.MATH_FORMAT == "lsd" else int
+    return read(x), op, read(y)
 
 
 def test_builtin_is_deterministic(builtin_split):
@@ -918,21 +916,27 @@ def test_builtin_is_the_same_in_another_process(builtin_split):
 def test_stage_builtin_split_does_not_move_with_the_seed(builtin_stage, small_tokenizer):
     """Another --seed reorders the training rows but holds out exactly the same conversations."""
     other = sft.SFTStage(small_tokenizer, seq_len=256, batch_size=4, data="builtin", seed=1, log=lambda s: None)
-    assert other.heldout == builtin_stage.heldout
+    assert [x for x, _, _ in other.val] == [x for x, _, _ in builtin_stage.val]
     assert sorted(x for x, _, _ in other.train) == sorted(x for x, _, _ in builtin_stage.train)
     assert other.group(0) != builtin_stage.group(0)
 
 
 def test_builtin_heldout_questions_never_train(builtin_split):
-    """Re-deriving each conversation's first question: is_heldout says no for every training
-    one and yes for every held-out one, so no held-out question is trained on; about a tenth
-    is held out; the held-out split has no duplicates."""
-    train_keys = {key_of(k, m) for k, m in builtin_split["train"]}
-    val_keys = {key_of(k, m) for k, m in builtin_split["val"]}
-    assert not any(sft.is_heldout(key) for key in train_keys)
-    assert all(sft.is_heldout(key) for key in val_keys)
-    assert not train_keys & val_keys
-    assert 0.05 < len(val_keys) / (len(val_keys) + len(train_keys)) < 0.15
+    """Re-deriving each conversation's question: every training problem is in arithmetic.py's
+    training split and of a demonstrated level, every held-out one in its held-out split (so
+    none is trained on, RL's prompts neither); a tenth of the functions is held out by name;
+    the held-out split has no duplicates and every demonstrated level."""
+    train = {key_of(k, m) for k, m in builtin_split["train"]}
+    val = {key_of(k, m) for k, m in builtin_split["val"]}
+    assert not train & val
+    math_train, math_val = [p for p in train if isinstance(p, tuple)], [p for p in val if isinstance(p, tuple)]
+    assert all(arithmetic.split(*p) == "train" for p in math_train)
+    assert all(arithmetic.split(*p) == "heldout" for p in math_val)
+    assert {arithmetic.level(a, b) for a, _, b in math_train} == set(range(1, sft.MATH_DIGITS + 1))
+    assert {arithmetic.level(a, b) for a, _, b in math_val} == set(range(1, sft.MATH_DIGITS + 1))
+    names_train, names_val = train - set(math_train), val - set(math_val)
+    assert not any(sft.is_heldout(k) for k in names_train) and all(sft.is_heldout(k) for k in names_val)
+    assert 0.05 < len(names_val) / (len(names_val) + len(names_train)) < 0.15
     dumps = [json.dumps(m) for _, m in builtin_split["val"]]
     assert len(dumps) == len(set(dumps))
     keys = [f"key {i}" for i in range(5000)]
@@ -941,43 +945,21 @@ def test_builtin_heldout_questions_never_train(builtin_split):
 
 
 def test_builtin_answers_are_right(builtin_split):
-    """Every arithmetic answer is Python's value of the question's expression, "The answer is
-    N."; the worked steps are right, the second uses the first's result, the last gives N;
-    every follow-up answer applies the follow-up to the previous answer."""
-    n_think = n_follow = 0
+    """Every arithmetic answer is the problem's result, "The answer is N." after a thinking
+    block that holds the result padded and least significant digit first; the question's
+    user message ends with the numbers (the flag, if any, in the system prompt)."""
+    n = 0
     for kind, messages in builtin_split["train"] + builtin_split["val"]:
         if kind == "docstring":
             continue
-        expr = key_of(kind, messages)
-        answer = eval_expr(expr)
-        turn = next(m for m in messages if m["role"] == "assistant")
-        assert turn["content"] == f"The answer is {answer}."
-        if "reasoning" in turn:
-            n_think += 1
-            steps = [STEP.match(s).groups() for s in turn["reasoning"].split("\n")]
-            assert len(steps) == 2
-            for a, op, c, r in steps:
-                assert eval_expr(f"{a} {op} {c}") == int(r)
-            assert f"{steps[0][0]} {steps[0][1]} {steps[0][2]}" in expr
-            assert steps[0][3] in (steps[1][0], steps[1][2]) and int(steps[1][3]) == answer
-        if kind == "followup":
-            n_follow += 1
-            assert len(messages) - messages.index(turn) == 3
-            follow, last = messages[-2]["content"], messages[-1]
-            (op, k), = [(op, int(m.group(1))) for pat, op in FOLLOW.items() for m in [re.fullmatch(pat, follow)] if m]
-            value = eval_expr(f"{answer} {op} {k}")
-            assert last["content"] == f"The answer is {value}."
-            assert ("reasoning" in last) == ("reasoning" in turn)
-            if "reasoning" in last:
-                assert last["reasoning"] == f"{answer} {op} {k} = {value}"
-        else:
-            assert messages[-1] is turn
-    assert n_think > 1000 and n_follow > 1000
-
-
-def eval_expr(expr):
-    assert re.fullmatch(r"[-+*() \d]+", expr)
-    return builtins.eval(expr, {"__builtins__": {}})     # digits, + - * and brackets only
+        a, op, b = key_of(kind, messages)
+        c = a + b if op == "+" else a - b
+        turn = messages[-1]
+        assert turn["role"] == "assistant" and turn["content"] == f"The answer is {c}."
+        assert int(turn["reasoning"][::-1]) == c and len(turn["reasoning"]) == arithmetic.WIDTH
+        assert sft.reasoning_mode(messages) == sft.THINK and "/think" not in messages[-2]["content"]
+        n += 1
+    assert n > 5000
 
 
 def test_builtin_conversations_are_valid_and_render(builtin_split, small_tokenizer):
@@ -1249,29 +1231,26 @@ def test_generative_scores_template_adherence_and_answers_after_think():
 
 
 def test_chat_tasks_prompts_answers_and_oracle(builtin_stage, small_tokenizer):
-    """chat_tasks(): each example's prompt_ids are render_chat(messages[:-1],
-    add_generation_prompt=True) of a held-out conversation, its prompt their text, its answer
-    the last turn's number; eval's Oracle gets them all right through eval.generative, and
+    """chat_tasks(): one task per level, arithmetic.py's held-out problems (300, or every one a
+    level has), each prompt the question in the template with the generation prompt, its answer
+    the result; eval's Oracle gets them all right through eval.generative, and
     validate_pipeline's oracle checks pass."""
     tok = small_tokenizer
     tasks = builtin_stage.chat_tasks()
-    assert set(tasks) == {"chat_arithmetic", "chat_followup"}
+    assert set(tasks) == {f"chat_d{d}" for d in arithmetic.LEVELS}
     for name, (kind, examples) in tasks.items():
-        assert kind == "generative" and len(examples) > 50
-        want = []
-        for k, messages in builtin_stage.heldout:
-            if f"chat_{k}" != name:
-                continue
-            ids, mask = sft.render_chat(messages[:-1], tok, add_generation_prompt=True)
-            if len(ids) < 128:
-                want.append((ids, re.fullmatch(r"The answer is (-?\d+)\.", messages[-1]["content"]).group(1)))
-        assert [(ex["prompt_ids"], ex["answer"]) for ex in examples] == want
+        d = int(name[-1])
+        problems = arithmetic.heldout(d, 300)
+        assert kind == "generative" and len(examples) == len(problems) and (d == 1 or len(problems) == 300)
+        for ex, p in zip(examples, problems):
+            messages = sft.arithmetic_messages(p)[0]
+            assert ex["prompt_ids"] == sft.render_chat(messages, tok, add_generation_prompt=True)[0]
+            assert ex["answer"] == str(arithmetic.result(*p)) and key_of("arithmetic", messages) == p
         assert all(ex["prompt"] == tok.decode(ex["prompt_ids"]) for ex in examples)
-        assert all(ex["prompt"].endswith(("<|im_start|>assistant\n", "<|im_start|>assistant\n<think>\n\n</think>\n"))
-                   for ex in examples)
-        got, _ = eval.generative(eval.Oracle(tok, tasks), tok, examples)
+        assert all(ex["prompt"].endswith("<|im_start|>assistant\n") for ex in examples)
+        got, _ = eval.generative(eval.Oracle(tok, tasks), tok, examples[:40])
         assert got["exact_match"]["value"] == 1.0
     small = {name: (kind, examples[:4]) for name, (kind, examples) in tasks.items()}
     results = eval.validate_pipeline(tiny_model(tok.vocab_size, max_seq_len=256), tok, small, max_new_tokens=32)
     oracle = [r for r in results if r[1].endswith(": oracle")]
-    assert len(oracle) == 2 and all(status == "PASS" for status, _, _ in oracle)
+    assert len(oracle) == len(arithmetic.LEVELS) and all(status == "PASS" for status, _, _ in oracle)
