@@ -271,7 +271,8 @@ def math_opening(rng, question):
     """The first messages of an arithmetic question: /think mode (the working is the skill), its
     flag in the system prompt or nowhere, so that the user's message ends with the numbers and
     every digit sits at the same distance from where the assistant writes (arithmetic.py)."""
-    system = rng.choice([None, "flag"] + list(SYSTEM_PROMPTS))
+    # (a system prompt in one conversation in four: its tokens cost as much as the problem's)
+    system = None if rng.random() < 0.75 else rng.choice(["flag"] + list(SYSTEM_PROMPTS))
     if system == "flag":
         system = f"{rng.choice(SYSTEM_PROMPTS)} {THINK}"
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
@@ -341,10 +342,10 @@ def docstring_conversation(rng, fn):
 KINDS = ("arithmetic", "docstring")
 
 
-def builtin_conversations(n=6000, seed=0, fmt=MATH_FORMAT, digits=MATH_DIGITS, heldout_per_level=64):
+def builtin_conversations(n=12000, seed=0, fmt=MATH_FORMAT, digits=MATH_DIGITS, heldout_per_level=64, per_function=1):
     """{"train": [(kind, messages)], "val": [...]}: the built-in chat data, deterministic from
     the seed: n arithmetic problems of the demonstrated levels (1 to `digits` digits) from
-    arithmetic.py's training split, in its format, and three conversations about each
+    arithmetic.py's training split, in its format, and per_function conversations about each
     standard-library function. Held out, never trained on: arithmetic.py's held-out problems
     (heldout_per_level of each demonstrated level) and a tenth of the functions (by a hash of
     the name), each distinct conversation once."""
@@ -360,7 +361,7 @@ def builtin_conversations(n=6000, seed=0, fmt=MATH_FORMAT, digits=MATH_DIGITS, h
             out["val"].append(("arithmetic", prompt + [turn]))
     seen = set()
     for fn in stdlib_functions():
-        for _ in range(3):
+        for _ in range(per_function):
             kind, key, messages = docstring_conversation(rng, fn)
             if not is_heldout(key):
                 out["train"].append((kind, messages))

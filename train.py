@@ -2148,6 +2148,9 @@ def ablate(argv):
             run_dir = os.path.join(out, name.replace("/", "_").replace(" ", ""))
             cfg, overrides = parse_config(base + [a for (k, _), v in zip(grid, combo) for a in (f"--{k}", v)]
                                           + ["--out_dir", run_dir])
+            if {"math_format", "math_digits"} & {k for k, _ in grid} and _builtin_data(cfg.data_dir):
+                # the built-in math is written into the shards: each layout its own corpus (and tokenizer)
+                cfg.data_dir = f"{cfg.data_dir.rstrip('/')}-{cfg.math_format}{cfg.math_digits}"
             variants.append((name, run_dir, cfg))
             run_unless_done("ablation", name, cfg, overrides, times, times_path)
     finally:
@@ -2158,6 +2161,16 @@ def ablate(argv):
         print(report)
         with open(os.path.join(out, "ABLATION.md"), "w") as f:
             f.write(report)
+
+
+def _builtin_data(data_dir):
+    """Whether data_dir holds (or will hold, being empty) the built-in corpus, whose math layout
+    its manifest records."""
+    path = os.path.join(data_dir, "manifest.json")
+    if not os.path.exists(path):
+        return True
+    with open(path) as f:
+        return "math" in json.load(f)
 
 
 def ablation_report(out, grid, variants, times, base):

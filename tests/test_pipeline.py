@@ -3,6 +3,7 @@ skipped when done, resumed when interrupted, and the report card's checks."""
 from dataclasses import asdict
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -114,6 +115,38 @@ def test_pipeline_checks_fail_each_stage_that_did_not(tmp_path, stage, change):
     verdicts = _verdicts(_write_runs(str(tmp_path), **change))
     assert verdicts.pop(stage) is False
     assert all(verdicts.values())
+
+
+# -----------------------------------------------------------------------------
+# The arithmetic's three splits across every stage's data
+
+def problems_in(texts, fmt="lsd"):
+    """Every problem `a op b` written in the texts (numbers as the layout writes them)."""
+    read = (lambda t: int(t[::-1])) if fmt == "lsd" else int
+    return {(read(a), op, read(b)) for t in texts for a, op, b in re.findall(r"(?<!\d)(\d+) ([-+]) (\d+)(?!\d)", t)}
+
+
+def test_no_stage_trains_on_a_held_out_problem_nor_demonstrates_an_rl_prompt():
+    """The held-out problems of every level occur in no stage's training data (pretraining's
+    math, SFT's conversations, the preference pairs, RL's prompts), and RL's prompts in no
+    demonstration: the split is by arithmetic.py's hash, so this holds whatever the order."""
+    import arithmetic
+    import dpo
+    import sft
+    heldout = {p for d in arithmetic.LEVELS for p in arithmetic.heldout(d, 300)}
+    assert len(heldout) > 1200
+    pretrain = problems_in(data.math_document(i) for i in range(data.MATH_DOCUMENTS))
+    chats = problems_in(json.dumps(m) for _, m in sft.builtin_conversations()["train"])
+    pairs = problems_in(json.dumps(r) for _, r in dpo.builtin_pairs()["train"])
+    stream = rl.builtin_stream(0, (sft.MATH_DIGITS + 1,))
+    prompts = problems_in(json.dumps(next(stream)["messages"]) for _ in range(3000))
+    for name, seen in [("pretraining", pretrain), ("sft", chats), ("dpo", pairs), ("rl", prompts)]:
+        assert len(seen) > 500, name
+        assert not seen & heldout, f"{name} trains on held-out problems: {sorted(seen & heldout)[:5]}"
+    demonstrated = pretrain | chats | pairs
+    assert not demonstrated & prompts
+    assert max(arithmetic.level(a, b) for a, _, b in demonstrated) == sft.MATH_DIGITS
+    assert {arithmetic.level(a, b) for a, _, b in prompts} == {sft.MATH_DIGITS + 1}
 
 
 # -----------------------------------------------------------------------------
@@ -237,6 +270,27 @@ def test_ablation_runs_each_variant_on_the_same_base_and_compares(chat_data_dir,
     capsys.readouterr()
     train.main(args)          # again: both are done
     assert capsys.readouterr().out.count("is done") == 2
+
+
+def test_a_math_layout_ablation_gives_each_variant_its_own_corpus(chat_data_dir, tmp_path, monkeypatch):
+    """--ablate math_format=...: the built-in math is written into the shards, so each layout
+    reads (and prepares) its own data_dir; an ablation of anything else shares the base's, and
+    so does one on real data (a manifest without a math layout)."""
+    seen = []
+    monkeypatch.setattr(train, "run_unless_done", lambda what, name, cfg, *a: seen.append((name, cfg.data_dir)))
+    monkeypatch.setattr(train, "ablation_report", lambda *a: "")
+    base = ["--out_dir", str(tmp_path / "a"), "--max_steps", "1"]
+    train.main(["--ablate", "math_format=msd,lsd", "--data_dir", chat_data_dir, *base])
+    assert seen == [("math_format=msd", f"{chat_data_dir}-msd3"), ("math_format=lsd", f"{chat_data_dir}-lsd3")]
+    seen.clear()
+    train.main(["--ablate", "lr=1e-3,2e-3", "--data_dir", chat_data_dir, *base])
+    assert [d for _, d in seen] == [chat_data_dir] * 2
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "manifest.json").write_text(json.dumps({"sources": {}}))
+    seen.clear()
+    train.main(["--ablate", "math_digits=2,3", "--data_dir", str(real), *base])
+    assert [d for _, d in seen] == [str(real)] * 2
 
 
 # -----------------------------------------------------------------------------
