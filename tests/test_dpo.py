@@ -288,9 +288,14 @@ def tiny(tok, seed=0):
 
 @pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory):
-    """60 built-in pairs (40 arithmetic, 20 docstring; 2 held out) as a jsonl in TRL's conversational shape."""
-    items = dpo.builtin_pairs(n=180, seed=1)["train"]
-    items = [x for x in items if x[0] == "arithmetic"][:40] + [x for x in items if x[0] == "docstring"][:20]
+    """60 built-in pairs (40 arithmetic, 20 docstring; 2 of the arithmetic held out by the file
+    split's hash, so that two ranks each evaluate one) as a jsonl in TRL's conversational shape."""
+    items = dpo.builtin_pairs(n=600, seed=1)["train"]
+    held = lambda rec: sft.is_heldout(json.dumps(rec), 0.02)
+    arith = [x for x in items if x[0] == "arithmetic"]
+    items = ([x for x in arith if held(x[1])][:2] + [x for x in arith if not held(x[1])][:38]
+             + [x for x in items if x[0] == "docstring" and not held(x[1])][:20])
+    assert len(items) == 60
     path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
     path.write_text("".join(json.dumps(rec) + "\n" for _, rec in items))
     return str(path)

@@ -808,8 +808,8 @@ def test_sft_lowers_the_heldout_assistant_loss(sft_init, tmp_path, capsys):
     card = json.loads((tmp_path / "sft" / "report_card.json").read_text())
     assert [(r["stage"], r["step"]) for r in card] == [("sft (start)", 0), ("sft", 8)]
     before, after = card[0]["metrics"], card[1]["metrics"]
-    for k in ("val_loss", "val_loss/arithmetic", "val_loss/docstring"):
-        assert after[k]["value"] < before[k]["value"] - 0.5, k
+    for k, by in (("val_loss", 0.5), ("val_loss/arithmetic", 0.5), ("val_loss/docstring", 0.1)):   # (a docstring
+        assert after[k]["value"] < before[k]["value"] - by, k                          # conversation per function)
     assert after["val_loss"]["high"] < before["val_loss"]["low"]
     assert {f"chat_d{d}/{m}" for d in arithmetic.LEVELS for m in ("exact_match", "template")} <= set(after)
     assert after["chat_d3/template"]["n"] == 4

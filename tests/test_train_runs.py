@@ -743,4 +743,6 @@ def test_torchrun_kto_under_zero3_matches_one_process(tmp_path):
     assert set(w1) == set(w2)
     for k in w1:
         assert (w1[k] - w0[k]).abs().max() > 1e-3, f"{k} did not train"
-        torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+        # (AdamW divides by |g|: an element whose gradient is float noise, summed in another order
+        # over two ranks, moves by a noise-sized fraction of lr; 1e-5 is 1% of one step's lr)
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-5, msg=lambda m: f"{k}: {m}")
