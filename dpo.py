@@ -755,7 +755,7 @@ def merge_checkpoints(out, sources):
 def _demo():
     import model as M
     import tokenizer as T
-    print("A built-in preference pair (the held-out split is sft.py's):")
+    print("A built-in preference pair (a training problem; arithmetic.py's split holds others out):")
     kind, rec = builtin_pairs(n=50)["train"][0]
     for part in ("prompt", "chosen", "rejected"):
         print(f"  {part}: {json.dumps(rec[part])}")
