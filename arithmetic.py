@@ -1,10 +1,10 @@
 """
 arithmetic.py: arithmetic laid out so that a small model can learn it. Data design decides
-what a model learns: the same model, steps and tokens learn 3-digit addition or do not,
-depending only on where the digits sit.
+what a model learns: where the digits sit decides whether a small model learns addition in a
+laptop's budget (Lee et al. 2023).
 
 The concept. A transformer reads a token at a *fixed* distance back almost for free: one
-attention head with rotary positions learns "the token 7 places back" in tens of steps. Reading
+attention head with rotary positions learns "the token 7 places back" early. Reading
 a token at a distance that changes from example to example ("the third digit of the first
 number", wherever the first number happens to start) takes an induction circuit, two heads
 working together, which forms only after far more tokens than a laptop gives. Written the
@@ -46,7 +46,9 @@ This file imports only the standard library.
 Run:
     python arithmetic.py          # demo: one problem in each format, the splits' sizes per level
 """
+import functools
 import hashlib
+import itertools
 import random
 
 WIDTH = 6                       # operands up to 5 digits, results up to 6: every padded number
@@ -195,6 +197,33 @@ def slipped(a, op, b, rng):
     place = 10 ** rng.randrange(len(str(c)))
     wrong = c + rng.choice((-1, 1)) * place
     return wrong if wrong >= 0 and wrong != c else c + place
+
+
+def document(i, seed=0, fmt=FORMAT, digits=DIGITS):
+    """The i-th pretraining math document for `seed`: a training problem of 1 to `digits` digits
+    (the level drawn evenly), `Question: <problem>\nAnswer: <working>\n#### <result>\n`."""
+    rng = random.Random(f"math/{seed}/{i}")  # string seeds are hashed the same on every run
+    while True:
+        p = draw(rng, rng.randint(1, digits))
+        if split(*p) == "train":
+            return document_text(p, fmt, rng)
+
+
+def document_text(problem, fmt=FORMAT, rng=None):
+    a, op, b = problem
+    return f"Question: {question(a, op, b, fmt, rng)}\nAnswer: {working(a, op, b, fmt)}\n#### {result(a, op, b)}\n"
+
+
+def corpus(fmt=FORMAT, digits=DIGITS):
+    """data.prepare's math=: (the document generator, its key), the key recorded in the manifest."""
+    return functools.partial(document, fmt=fmt, digits=digits), {"format": fmt, "digits": digits}
+
+
+def heldout_documents(n, fmt=FORMAT):
+    """n math documents no stage trains on: the held-out problems, every level in turn."""
+    levels = [heldout(d, n) for d in LEVELS]
+    problems = [p for group in itertools.zip_longest(*levels) for p in group if p is not None]
+    return [document_text(p, fmt) for p in problems[:n]]
 
 
 def _demo():

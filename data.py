@@ -55,12 +55,10 @@ import ast
 import glob
 import gzip
 import hashlib
-import itertools
 import json
 import math
 import multiprocessing
 import os
-import random
 import sys
 import tempfile
 import time
@@ -261,38 +259,10 @@ def pydoc_topics():
     return [topics[k] for k in sorted(topics)]
 
 
-# Math: arithmetic laid out so that a small model can learn it (arithmetic.py: every digit it
-# reads at a fixed offset from where it writes), in the layout every post-training stage uses.
-# The corpus holds only arithmetic.py's training problems of the demonstrated levels: the level
-# above is RL's to verify, and the held-out problems are no stage's training data.
-
-def math_layout(fmt=None, digits=None):
-    """(format, digits) of the built-in math, arithmetic.py's defaults where None. arithmetic.py
-    is the one project file data.py reads, and only for the built-in math: a copied data.py
-    works without it on your own data."""
-    import arithmetic
-    return fmt or arithmetic.FORMAT, digits or arithmetic.DIGITS
-
-
-def math_text(problem, fmt, rng=None):
-    """A math document: `Question: <the problem>\nAnswer: <its working>\n#### <result>\n`."""
-    import arithmetic
-    a, op, b = problem
-    return (f"Question: {arithmetic.question(a, op, b, fmt, rng)}\nAnswer: {arithmetic.working(a, op, b, fmt)}\n"
-            f"#### {arithmetic.result(a, op, b)}\n")
-
-
-def math_document(i, seed=0, fmt=None, digits=None):
-    """The i-th math document for `seed`: a training problem of 1 to `digits` digits (the level
-    drawn evenly), in the format."""
-    import arithmetic
-    fmt, digits = math_layout(fmt, digits)
-    rng = random.Random(f"math/{seed}/{i}")  # string seeds are hashed the same on every run
-    while True:
-        p = arithmetic.draw(rng, rng.randint(1, digits))
-        if arithmetic.split(*p) == "train":
-            return math_text(p, fmt, rng)
-
+# Math: generated documents. The built-in math is arithmetic.py's (every digit the model reads at
+# a fixed offset from where it writes, the layout every post-training stage uses); data.py only
+# tokenizes it, from the generator the caller passes to prepare (math=), so that this file
+# stands alone.
 
 def heldout_code(val_fraction=VAL_FRACTION):
     """The standard-library files that `prepare` puts in the code source's validation split
@@ -305,16 +275,6 @@ def heldout_code(val_fraction=VAL_FRACTION):
         if _is_val(text.encode("utf-8", errors="replace"), val_fraction):
             out.append(text)
     return out
-
-
-def heldout_math(n, fmt=None):
-    """n math documents no stage trains on: arithmetic.py's held-out problems, every level in
-    turn (the levels a model was shown and the ones above), in the format."""
-    import arithmetic
-    fmt, _ = math_layout(fmt)
-    levels = [arithmetic.heldout(d, n) for d in arithmetic.LEVELS]
-    problems = [p for group in itertools.zip_longest(*levels) for p in group if p is not None]
-    return [math_text(p, fmt) for p in problems[:n]]
 
 
 # -----------------------------------------------------------------------------
@@ -405,10 +365,14 @@ def _encoder(tokenizer, vocab_size=None, eos_id=None):
 def _units(source, max_docs, seed, math=None):
     """Cut a source into units of work: (kind, items, fingerprint). A unit becomes one shard
     per split; its fingerprint says when a shard on disk was made from the same inputs (the
-    math's layout, (format, digits), among them)."""
+    math generator's key among them)."""
     if source.kind == "math":
+        if math is None:
+            raise ValueError("the built-in math source is generated outside data.py: pass math=(generate, key), "
+                             "generate(i, seed) -> text (train.py passes arithmetic.corpus()), or give math files")
+        generate, key = math
         n = max_docs or MATH_DOCUMENTS
-        return [("math", (start, min(MATH_UNIT, n - start), seed, *math), ["math", CORPUS_VERSION, seed, start, n, *math])
+        return [("math", (start, min(MATH_UNIT, n - start), seed, generate), ["math", CORPUS_VERSION, seed, start, n, key])
                 for start in range(0, n, MATH_UNIT)]
     paths = stdlib_files()[:max_docs] if source.kind in ("code", "prose") else source.paths
     stat = lambda p: [os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns]
@@ -428,8 +392,8 @@ def _units(source, max_docs, seed, math=None):
 
 def _documents(kind, items, counts, text_field, skip_bad_lines):
     if kind == "math":
-        start, n, seed, fmt, digits = items
-        yield from (math_document(i, seed, fmt, digits) for i in range(start, start + n))
+        start, n, seed, generate = items
+        yield from (generate(i, seed) for i in range(start, start + n))
     elif kind == "topics":
         yield from pydoc_topics()[:items]
     else:
@@ -524,7 +488,7 @@ def _unit_is_done(d, unit, fingerprint, itemsize):
 
 def prepare(sources=BUILTIN_SOURCES, out="data", tokenizer=None, vocab_size=None, eos_id=None,
             val_fraction=VAL_FRACTION, text_field="text", skip_bad_lines=False, workers=None,
-            max_docs=None, seed=0, math_format=None, math_digits=None, verbose=True):
+            max_docs=None, seed=0, math=None, verbose=True):
     """Tokenize `sources` (specs for `resolve_sources`, or Source objects) into shards under
     `out` and write `out`/manifest.json; returns the manifest. A second call with the same
     inputs does nothing; a call after a crash redoes only the unfinished units.
@@ -534,8 +498,9 @@ def prepare(sources=BUILTIN_SOURCES, out="data", tokenizer=None, vocab_size=None
     token appended when the tokenizer has one. Units of work run in `workers` processes
     (default: every core; one where fork is unavailable). max_docs caps each built-in source
     (quick runs): the first max_docs standard-library files and pydoc topics, or max_docs
-    math problems. math_format and math_digits lay out the built-in math (math_layout: the
-    defaults of arithmetic.py), and the manifest records them ("math")."""
+    math problems. math=(generate, key) makes the built-in math source: generate(i, seed) gives
+    the i-th document (picklable: it runs in the workers), key (JSON) names it in the
+    fingerprint and in the manifest ("math")."""
     if tokenizer is None:
         raise ValueError("prepare needs a tokenizer (a file written by tokenizer.py, or an encode function)")
     if not 0 <= val_fraction < 1:
@@ -546,8 +511,8 @@ def prepare(sources=BUILTIN_SOURCES, out="data", tokenizer=None, vocab_size=None
     dtype = "uint16" if vocab_size <= 2 ** 16 else "uint32"
     opts = {"dtype": dtype, "eos_id": eos_id, "vocab_size": vocab_size, "val_fraction": val_fraction,
             "text_field": text_field, "skip_bad_lines": skip_bad_lines}
-    math = math_layout(math_format, math_digits) if any(s.kind == "math" for s in sources) else None
     plan = {s.name: _units(s, max_docs, seed, math) for s in sources}
+    has_math = any(s.kind == "math" for s in sources)
     fingerprint = hashlib.sha256(json.dumps(
         [FORMAT, tok_fingerprint, opts, max_docs, {k: [u[2] for u in v] for k, v in plan.items()}],
         default=str).encode()).hexdigest()
@@ -607,7 +572,7 @@ def prepare(sources=BUILTIN_SOURCES, out="data", tokenizer=None, vocab_size=None
     manifest = {"format": FORMAT, "fingerprint": fingerprint, "dtype": dtype,
                 "tokenizer": {"fingerprint": tok_fingerprint, "vocab_size": vocab_size, "eos_id": eos_id},
                 "val_fraction": val_fraction, "seconds": round(time.time() - t0, 2), "sources": {},
-                **({"math": {"format": math[0], "digits": math[1]}} if math else {})}
+                **({"math": math[1]} if has_math else {})}
     for s in sources:
         units = [{"unit": f"{i:05d}", **records[s.name, i]} for i in range(len(plan[s.name]))]
         entry = {"spec": s.spec, "units": units}
@@ -941,20 +906,21 @@ def show_windows(loader, decode, n=2):
 def _demo():
     tok = ByteTokenizer()  # bytes as tokens: the demo needs no trained vocabulary
     with tempfile.TemporaryDirectory() as d:
-        print("prepare: the first 150 standard-library files as code and as docstrings, 150 math problems")
+        print("prepare: the first 150 standard-library files as code and as docstrings (the built-in math is "
+              "arithmetic.py's: train.py adds it)")
         t0 = time.time()
-        prepare(out=d, tokenizer=tok, max_docs=150, verbose=False)
+        prepare(("code", "prose"), d, tok, max_docs=150, verbose=False)
         t1 = time.time()
-        manifest = prepare(out=d, tokenizer=tok, max_docs=150, verbose=False)
+        manifest = prepare(("code", "prose"), d, tok, max_docs=150, verbose=False)
         print(f"({t1 - t0:.1f}s; the second, identical call found nothing to do in {time.time() - t1:.2f}s)")
         print(summary(manifest))
-        print(f"\none math document:\n{math_document(0)}")
         print("packed windows of 200 byte-tokens (▌ = a document starts: the label before it is masked "
               "and positions restart at 0):")
-        show_windows(Loader(d, batch_size=3, seq_len=200, weights={"prose": 1, "math": 2}), tok.decode, n=3)
+        show_windows(Loader(d, batch_size=3, seq_len=200, weights={"prose": 1, "code": 2}), tok.decode, n=3)
 
         total = 400_000
-        stages = schedule(SMOLLM3_SCHEDULE, total, web="prose")
+        stages = [(until, {k: v for k, v in w.items() if k != "math"})       # (no math source here)
+                  for until, w in schedule(SMOLLM3_SCHEDULE, total, web="prose")]
         print(f"\nSmolLM3's three-stage curriculum scaled to {total:,} tokens, batches of 8 x 256:")
         loader = Loader(d, batch_size=8, seq_len=256, weights=stages)
         seen = np.zeros((len(stages), len(loader.names)))
@@ -976,16 +942,15 @@ def main(argv=None):
     p = sub.add_parser("prepare", help="tokenize sources into shards")
     p.add_argument("--tokenizer", required=True, help="a tokenizer written by tokenizer.py (tok.json)")
     p.add_argument("--out", required=True, help="the directory to write (manifest.json and one folder per source)")
-    p.add_argument("--sources", nargs="+", default=list(BUILTIN_SOURCES),
-                   help="built-in names (code prose math), files, directories or globs; name=SPEC names one")
+    p.add_argument("--sources", nargs="+", default=["code", "prose"],
+                   help="built-in names (code prose; the built-in math is arithmetic.py's, which train.py adds), "
+                        "files, directories or globs; name=SPEC names one")
     p.add_argument("--val-fraction", type=float, default=VAL_FRACTION, help="share of documents held out (by a hash of their text)")
     p.add_argument("--text-field", default="text", help="the field (jsonl) or column (parquet) holding the text")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip malformed jsonl lines, counting them")
     p.add_argument("--workers", type=int, default=None, help="processes (default: every core)")
     p.add_argument("--max-docs", type=int, default=None, help="cap each built-in source (quick runs)")
     p.add_argument("--seed", type=int, default=0, help="the math generator's seed")
-    p.add_argument("--math-format", default=None, help="the built-in math's layout (arithmetic.py's FORMATS)")
-    p.add_argument("--math-digits", type=int, default=None, help="the built-in math's levels: 1 to this many digits")
     s = sub.add_parser("show", help="what a prepared directory holds, and a few decoded windows")
     s.add_argument("dir")
     s.add_argument("--tokenizer", help="decode windows with this tokenizer")
@@ -994,8 +959,7 @@ def main(argv=None):
     try:
         if args.command == "prepare":
             prepare(args.sources, args.out, args.tokenizer, val_fraction=args.val_fraction, text_field=args.text_field,
-                    skip_bad_lines=args.skip_bad_lines, workers=args.workers, max_docs=args.max_docs, seed=args.seed,
-                    math_format=args.math_format, math_digits=args.math_digits)
+                    skip_bad_lines=args.skip_bad_lines, workers=args.workers, max_docs=args.max_docs, seed=args.seed)
         elif args.command == "show":
             loader = Loader(args.dir, batch_size=2, seq_len=args.seq_len)
             print(summary(loader.manifest))

@@ -830,8 +830,9 @@ def open_checkpoint(ckpt, tokenizer):
 def builtin(n_math=400, math_format=None):
     """The built-in tasks, from data.py's held-out text (its math in `math_format`: the layout
     the model trained on; None is data.py's default)."""
+    import arithmetic
     import data
-    return builtin_tasks(data.heldout_code(), data.heldout_math(n_math, math_format))
+    return builtin_tasks(data.heldout_code(), arithmetic.heldout_documents(n_math, math_format or arithmetic.FORMAT))
 
 
 def resolve_tasks(names, examples, seed=0, math_format=None):
@@ -857,17 +858,17 @@ def render_problems(tasks, tok, math_format=None):
     """Neutral arithmetic rows ({"a", "op", "b"}: task_example's "problem") asked as the model
     was taught: in the chat template when the tokenizer has one (sft.problem_example, the
     pipeline's own held-out evaluation), else as a pretraining document's question
-    (data.math_text), in the layout the checkpoint trained on (its config's math_format)."""
+    (arithmetic.document_text), in the layout the checkpoint trained on (its config's math_format)."""
     out = {}
     for name, (kind, examples) in tasks.items():
         if examples and "problem" in examples[0]:
-            import data
+            import arithmetic
             import sft
-            fmt, _ = data.math_layout(math_format)
+            fmt = math_format or arithmetic.FORMAT
             if sft.has_special(tok, "<|im_start|>"):
                 examples = [sft.problem_example(ex["problem"], tok, fmt) for ex in examples]
             else:
-                examples = [{"prompt": data.math_text(ex["problem"], fmt).split("\nAnswer:")[0] + "\nAnswer:",
+                examples = [{"prompt": arithmetic.document_text(ex["problem"], fmt).split("\nAnswer:")[0] + "\nAnswer:",
                              "answer": ex["answer"]} for ex in examples]
         out[name] = (kind, examples)
     return out

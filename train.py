@@ -72,7 +72,7 @@ import tempfile
 import time
 import tomllib
 from collections import deque
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -851,7 +851,7 @@ def get_tokenizer(cfg, rank):
             import tokenizer as tokenizer_py
             print(f"training a {cfg.vocab_size}-token tokenizer on the built-in corpus -> {path}", flush=True)
             texts = [tokenizer_py._read_text(p) for p in data.stdlib_files()[::4]]
-            texts += [data.math_document(i, 0, cfg.math_format, cfg.math_digits) for i in range(2000)]
+            texts += [arithmetic.document(i, 0, cfg.math_format, cfg.math_digits) for i in range(2000)]
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             tokenizer_py.Tokenizer.train(texts, cfg.vocab_size, verbose=False).save(path.removesuffix(".json"))
         barrier()
@@ -865,8 +865,8 @@ def prepare_data(cfg, tok, rank):
     if not os.path.exists(manifest):
         if rank == 0:
             print(f"preparing the built-in corpus (code, prose, math) into {cfg.data_dir}", flush=True)
-            data.prepare(data.BUILTIN_SOURCES, cfg.data_dir, tok, math_format=cfg.math_format,
-                         math_digits=cfg.math_digits, verbose=False)
+            data.prepare(data.BUILTIN_SOURCES, cfg.data_dir, tok, math=arithmetic.corpus(cfg.math_format,
+                                                                                        cfg.math_digits), verbose=False)
         barrier()
     with open(manifest) as f:
         math = json.load(f).get("math")
@@ -2216,6 +2216,12 @@ def ablation_report(out, grid, variants, times, base):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        # the commands, then every key with its default (--key value; --STAGE.key value in the pipeline)
+        print(__doc__.strip() + "\n\nconfig keys (--key value), with their defaults:")
+        for f in list(fields(TrainConfig)) + [f for f in fields(M.ModelConfig) if f.name not in TRAIN_FIELDS]:
+            print(f"  --{f.name} {f.default if f.default is not MISSING else ''}")
+        return
     if argv[:1] == ["--plot"]:
         if len(argv) != 2:
             raise SystemExit("usage: python train.py --plot RUN_DIR")

@@ -519,9 +519,9 @@ def test_math_is_the_layout_on_training_problems_of_the_demonstrated_levels():
     arithmetic.py's layout, a problem of its training split of 1 to DIGITS digits (never an RL
     prompt nor a held-out problem), its working and answer right; the levels come evenly; the
     layout and levels given are the ones written."""
-    docs = [data.math_document(i, seed=0) for i in range(3000)]
-    assert docs == [data.math_document(i, seed=0) for i in range(3000)]
-    assert docs[:50] != [data.math_document(i, seed=1) for i in range(50)]
+    docs = [arithmetic.document(i, seed=0) for i in range(3000)]
+    assert docs == [arithmetic.document(i, seed=0) for i in range(3000)]
+    assert docs[:50] != [arithmetic.document(i, seed=1) for i in range(50)]
     levels = []
     for doc in docs:
         m = re.fullmatch(r"Question: (?:.*\n)?(\d+) ([-+]) (\d+)\nAnswer: (\d+)\n#### (\d+)\n", doc)
@@ -533,14 +533,14 @@ def test_math_is_the_layout_on_training_problems_of_the_demonstrated_levels():
         levels.append(arithmetic.level(a, b))
     assert sorted(set(levels)) == list(range(1, arithmetic.DIGITS + 1))
     assert min(levels.count(d) for d in set(levels)) > 0.8 * len(docs) / arithmetic.DIGITS
-    msd = data.math_document(7, 0, "msd", 5)
+    msd = arithmetic.document(7, 0, "msd", 5)
     assert re.search(r"(^Question: |\n)\d{6} [-+] \d{6}\nAnswer: \d{6}\n", msd)
-    assert any(arithmetic.level(*map(int, re.search(r"(\d+) [-+] (\d+)", data.math_document(i, 0, "words", 5))
+    assert any(arithmetic.level(*map(int, re.search(r"(\d+) [-+] (\d+)", arithmetic.document(i, 0, "words", 5))
                                      .groups())) == 5 for i in range(50))
 
 
 def test_heldout_math_is_every_level_of_the_held_out_split():
-    docs = data.heldout_math(50)
+    docs = arithmetic.heldout_documents(50)
     problems = [re.search(r"(\d+) ([-+]) (\d+)\n", d).groups() for d in docs]
     problems = [(int(a[::-1]), op, int(b[::-1])) for a, op, b in problems]
     assert all(arithmetic.split(*p) == "heldout" for p in problems)
@@ -557,14 +557,16 @@ def test_duplicates_never_straddle_the_split(tmp_path):
 
 
 def test_builtin_corpus_and_val_split(tmp_path):
-    m = prep(tmp_path / "d", ["code", "prose", "math"], max_docs=400, val_fraction=0.1)
+    m = prep(tmp_path / "d", ["code", "prose", "math"], max_docs=400, val_fraction=0.1, math=arithmetic.corpus())
+    with pytest.raises(ValueError, match=r"math=\(generate, key\)"):        # data.py stands alone: no generator, no math
+        prep(tmp_path / "e", ["math"], max_docs=10)
     s = m["sources"]
     assert set(s) == {"code", "prose", "math"}
     assert s["code"]["train"]["documents"] + s["code"]["val"]["documents"] + s["code"]["counts"]["empty"] == 400
     # ~10% of documents held out, chosen by content: the same text always lands on the same side
     n_val, n = s["math"]["val"]["documents"], 400
     assert 0.05 * n < n_val < 0.15 * n
-    assert sum(data._is_val(data.math_document(i).encode(), 0.1) for i in range(400)) == n_val
+    assert sum(data._is_val(arithmetic.document(i).encode(), 0.1) for i in range(400)) == n_val
     for name in s:
         Loader(tmp_path / "d", batch_size=2, seq_len=64, split="val", weights={name: 1})
     assert not any("/test/" in p or "idlelib" in p for p in data.stdlib_files())

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import arithmetic
 import data
 import eval
 import model as M
@@ -564,7 +565,7 @@ def test_next_line_examples_survive_a_short_file():
 
 def test_arithmetic_examples():
     """Math documents become prompts up to "Answer:" with the number after "####" as the answer; others are skipped."""
-    docs = [data.math_document(i) for i in range(30)]
+    docs = [arithmetic.document(i) for i in range(30)]
     examples = eval.arithmetic_examples(docs + ["not a math document"])
     assert len(examples) == 30
     for doc, ex in zip(docs, examples):
@@ -575,8 +576,8 @@ def test_arithmetic_examples():
 def test_heldout_text_is_held_out():
     """Held-out math problems are never the corpus's problems; held-out code files all hash into the val split."""
     numbers = lambda doc: doc.split("\nAnswer:")[0].split("\n")[-1]     # the problem, without its words
-    train_questions = {numbers(data.math_document(i)) for i in range(data.MATH_DOCUMENTS)}
-    held = data.heldout_math(50)
+    train_questions = {numbers(arithmetic.document(i)) for i in range(data.MATH_DOCUMENTS)}
+    held = arithmetic.heldout_documents(50)
     assert len(held) == 50 and not {numbers(d) for d in held} & train_questions
     code = data.heldout_code()
     assert code and all(data._is_val(t.encode("utf-8", errors="replace"), data.VAL_FRACTION) for t in code)
@@ -587,7 +588,7 @@ def test_heldout_text_is_held_out():
 
 @pytest.fixture(scope="module")
 def small_tasks():
-    return eval.subset(eval.builtin_tasks(data.heldout_code(), data.heldout_math(60)), 24)
+    return eval.subset(eval.builtin_tasks(data.heldout_code(), arithmetic.heldout_documents(60)), 24)
 
 
 def cloze_only(tasks):
@@ -692,7 +693,7 @@ def test_run_tasks_twice_gives_identical_numbers(small_tasks):
 
 def test_subset_is_seeded():
     """subset() gives the same examples on two calls, others with another seed, and everything for n = 0."""
-    tasks = eval.builtin_tasks(data.heldout_code(), data.heldout_math(60))
+    tasks = eval.builtin_tasks(data.heldout_code(), arithmetic.heldout_documents(60))
     a, b = eval.subset(tasks, 10, seed=3), eval.subset(tasks, 10, seed=3)
     assert a == b and all(len(ex) == 10 for _, ex in a.values())
     assert eval.subset(tasks, 10, seed=4) != a and eval.subset(tasks, 0) == tasks

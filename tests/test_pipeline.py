@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 
+import arithmetic
 import data
 import eval
 import model as M
@@ -130,12 +131,11 @@ def test_no_stage_trains_on_a_held_out_problem_nor_demonstrates_an_rl_prompt():
     """The held-out problems of every level occur in no stage's training data (pretraining's
     math, SFT's conversations, the preference pairs, RL's prompts), and RL's prompts in no
     demonstration: the split is by arithmetic.py's hash, so this holds whatever the order."""
-    import arithmetic
     import dpo
     import sft
     heldout = {p for d in arithmetic.LEVELS for p in arithmetic.heldout(d, 300)}
     assert len(heldout) > 1200
-    pretrain = problems_in(data.math_document(i) for i in range(data.MATH_DOCUMENTS))
+    pretrain = problems_in(arithmetic.document(i) for i in range(data.MATH_DOCUMENTS))
     chats = problems_in(json.dumps(m) for _, m in sft.builtin_conversations()["train"])
     pairs = problems_in(json.dumps(r) for _, r in dpo.builtin_pairs()["train"])
     stream = rl.builtin_stream(0, (sft.MATH_DIGITS + 1,))
@@ -157,7 +157,7 @@ def chat_data_dir(tmp_path_factory, small_tokenizer):
     """The built-in corpus (a slice) under the 512-token tokenizer, which has the chat tokens."""
     d = tmp_path_factory.mktemp("pipeline_data")
     small_tokenizer.save(str(d / "tok"))
-    data.prepare(out=str(d), tokenizer=small_tokenizer, max_docs=60, verbose=False)
+    data.prepare(out=str(d), tokenizer=small_tokenizer, max_docs=60, math=arithmetic.corpus(), verbose=False)
     return str(d)
 
 

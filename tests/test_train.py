@@ -461,7 +461,7 @@ def test_checkpoints_order_past_a_million_steps(tmp_path):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
-    data.prepare(out=str(d), tokenizer=data.ByteTokenizer(), max_docs=60, verbose=False)
+    data.prepare(out=str(d), tokenizer=data.ByteTokenizer(), max_docs=60, math=arithmetic.corpus(), verbose=False)
     return str(d)
 
 
@@ -1288,3 +1288,13 @@ def test_straggler_alert_names_the_rank_after_three_slow_steps(monkeypatch):
     assert "rank 2" in alerts[0][2] and "4.0x" in alerts[0][2]
     assert record["forward_s_max_over_median"] == pytest.approx(4.0)
     assert parallel.slow_ranks([1.0, 1.6]) == [1] and parallel.slow_ranks([1.0, 1.4]) == []
+
+
+def test_help_lists_the_commands_and_every_key(capsys):
+    """`python train.py --help` (a newcomer's first command) prints the commands and every
+    config key with its default, and exits 0 (it used to stop on "unknown key 'help'")."""
+    train.main(["--help"])
+    out = capsys.readouterr().out
+    assert "python train.py --pipeline" in out and "config keys" in out
+    for key in list(train.TRAIN_FIELDS) + ["n_layer", "dim"]:
+        assert f"\n  --{key} " in out, key

@@ -191,9 +191,10 @@ def reap(proc):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
+    import arithmetic
     import data
     d = tmp_path_factory.mktemp("train_runs_data")
-    data.prepare(out=str(d), tokenizer=data.ByteTokenizer(), max_docs=60, verbose=False)
+    data.prepare(out=str(d), tokenizer=data.ByteTokenizer(), max_docs=60, math=arithmetic.corpus(), verbose=False)
     return d
 
 
