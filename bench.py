@@ -32,6 +32,8 @@ Benchmarks (more arrive with the files they measure):
     python bench.py sft_packing # SFT on the built-in chat data, packed vs padded, from one checkpoint:
                                 # wall time, conversations/s, real tokens per row, held-out loss after
                                 # the same conversations (the playbook: packing 3-5x faster, worse on small data)
+    python bench.py sampling    # one sampled token per row of (rows x vocab) logits: model.sample's
+                                # inverse-CDF draw vs torch.multinomial, and a whole generate()
     python bench.py tune        # (CUDA only) try tile sizes, warps and stages for each Triton
                                 # kernel; prints the fastest for attention.FLASH_TILES / moe.GG_TILES
                                 # / ssm.SSD_TILES (--kernels flash grouped_mm ssd: some of them)
@@ -1386,6 +1388,40 @@ def bench_tune(args):
     print(f"\nmachine: {machine()}, median ms of triton.testing.do_bench")
 
 
+
+def bench_sampling(args):
+    """model.sample draws one uniform number per row and finds it in the row's cumulative
+    probabilities; torch.multinomial, the usual call, draws one per vocabulary entry. Both
+    exact samplers of the same distribution (the test checks the frequencies): the ratio is
+    what the rollouts and the pass@k evaluation pay per generated token."""
+    device = torch.device(args.device)
+    print(f"# sampling, {machine()}")
+    print("| rows x vocab | torch.multinomial | model.sample (inverse CDF) | speed-up |\n|---|---|---|---|")
+    for rows in (64, 512):
+        logits = torch.randn(rows, args.vocab, device=device) * 3
+        g = torch.Generator(device=device).manual_seed(0)
+        multi = median_time(lambda: torch.multinomial(logits.softmax(-1), 1, generator=g), device, 20)
+        ours = median_time(lambda: model.sample(logits, 1.0, generator=g), device, 20)
+        print(f"| {rows} x {args.vocab} | {multi * 1e3:.2f} ms | {ours * 1e3:.2f} ms | {multi / ours:.1f}x |")
+    torch.manual_seed(0)
+    net = model.Model(model.ModelConfig(vocab_size=args.vocab, n_layer=4, dim=128, n_head=4, n_kv_head=2,
+                                        mlp_dim=512, max_seq_len=256)).to(device).eval()
+    prompts = [[1 + (i * 7 + j) % 100 for j in range(40)] for i in range(512)]
+    original = model.sample
+    times = {}
+    for name, fn in (("multinomial", lambda lg, t, k, p, gen: torch.multinomial(lg.float().softmax(-1), 1,
+                                                                                generator=gen).squeeze(-1)),
+                     ("inverse CDF", original)):
+        model.sample = fn
+        g = torch.Generator(device=device).manual_seed(0)
+        with torch.no_grad():
+            times[name] = median_time(lambda: net.generate(prompts, 24, temperature=1.0, generator=g), device, 3)
+    model.sample = original
+    print(f"\ngenerate(): 512 prompts of 40 tokens, 24 new tokens, the 1.5M-parameter pipeline shape (4 layers, dim "
+          f"128): {times['multinomial']:.2f} s with torch.multinomial, {times['inverse CDF']:.2f} s with model.sample "
+          f"({times['multinomial'] / times['inverse CDF']:.1f}x)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -1451,13 +1487,17 @@ def main():
     sp.add_argument("--batch-size", type=int, default=8)
     sp.add_argument("--seq-len", type=int, default=256)
     sp.add_argument("--lr", type=float, default=1e-3)
+    sa = sub.add_parser("sampling", help="model.sample's inverse-CDF draw vs torch.multinomial")
+    sa.add_argument("--vocab", type=int, default=4096)
+    sa.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     tu = sub.add_parser("tune", help="search the kernels' tile sizes, warps and stages (CUDA)")
     tu.add_argument("--kernels", nargs="+", default=["flash", "grouped_mm", "ssd"],
                     choices=["flash", "grouped_mm", "ssd"])
     args = ap.parse_args()
     {"tokenizer": bench_tokenizer, "data": bench_data, "model": bench_model, "kernels": bench_kernels,
      "train": bench_train, "moe": bench_moe, "ssm": bench_ssm, "parallel": bench_parallel,
-     "tune": bench_tune, "sft_packing": bench_sft_packing}[args.cmd](args)
+     "tune": bench_tune, "sft_packing": bench_sft_packing,
+     "sampling": bench_sampling}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """
 eval.py: evaluation you can trust. Validation loss and bits per byte, cloze multiple choice,
-generative exact match, each with its confidence interval; a check that the pipeline itself
-is sound; and a report card that grows a row per training stage.
+generative exact match and sampled pass@k, each with its confidence interval; a check that the
+pipeline itself is sound; and a report card that grows a row per training stage.
 
 The concept. A model is judged three ways here:
 - language modelling: the mean cross-entropy on held-out text, per source. A loss is in nats
@@ -18,9 +18,14 @@ The concept. A model is judged three ways here:
   \\boxed{n}, or the last number), compared with the reference after normalisation. A chat
   question (sft.py's) comes already rendered in the chat template and is also scored for
   template adherence: does the reply end its turn with <|im_end|>, and nothing else special.
-Every accuracy comes with a 95% Wilson interval and every loss with a delta-method interval
-over rows: with 100 questions, 0.31 means "somewhere from 0.23 to 0.41", which is the
-difference between two ablations more often than not.
+- sampled (pass@k): n completions of each problem at a temperature, c_i of them right. pass@1
+  = mean c_i / n is one sample's accuracy measured n times over; pass@k is the chance that one
+  of k tries is right, by Chen et al.'s unbiased estimator 1 - C(n - c, k) / C(n, k). Two
+  models on the same problems are compared by their paired per-problem difference.
+Every accuracy comes with a 95% Wilson interval, every loss with a delta-method interval over
+rows, and every pass@k or paired difference with a normal one over problems: with 100
+questions, 0.31 means "somewhere from 0.23 to 0.41", which is the difference between two
+ablations more often than not.
 
 The playbook's lessons: "validate your evaluation pipelines before the run": an evaluation that
 cannot tell a random model from a trained one, or gives the answer away through the choices'
@@ -50,12 +55,14 @@ line below opens the project's own checkpoints (with model.py and data.py).
 Papers and tools: Gao et al. 2021 (lm-evaluation-harness: cloze scoring, acc_norm);
 Hugging Face lighteval and "FineWeb" (Penedo et al. 2024: early-signal tasks in cloze form);
 Gu et al. 2024, "OLMES" (cloze vs multiple-choice formulations, normalisations); Cobbe et al.
-2021 (GSM8K); Wilson 1927 (the score interval); Miller 2024, "Adding Error Bars to Evals".
+2021 (GSM8K); Chen et al. 2021, "Evaluating Large Language Models Trained on Code"
+(pass@k); Wilson 1927 (the score interval); Miller 2024, "Adding Error Bars to Evals".
 
 Run:
     python eval.py                                    # demo: the built-in tasks, a random model and an oracle, seconds
     python eval.py --ckpt runs/tiny/ckpt/step_000120  # the report card of a checkpoint (writes eval.json into it)
     python eval.py --ckpt DIR --tasks docstring hellaswag.jsonl --examples 500
+    python eval.py --ckpt DIR --tasks arithmetic --samples 16 --temperature 1.0   # + pass@1, pass@16
 """
 
 import argparse
@@ -189,6 +196,17 @@ def ratio(num, den, z=Z95):
     se = math.sqrt(((num - r * den) ** 2).sum().item() / (k * (k - 1))) / (total.item() / k)
     return metric(r, r - z * se, r + z * se, k)
 
+
+
+def average(values, low=float("-inf"), high=float("inf"), z=Z95):
+    """The mean of per-problem values (a score in [0, 1] each, or a difference of two) with
+    the normal interval mean +- z sd / sqrt(n), sd the values' sample standard deviation (ratio
+    with every denominator 1), clipped to [low, high], the range the mean can take. With fewer
+    than two values the interval is all of that range. Unlike Wilson's it collapses to a point
+    when every value is the same (all 0, all 1): no spread among the problems asked is not
+    certainty about the ones that were not."""
+    m = ratio(values, [1.0] * len(values), z)
+    return metric(m["value"], max(low, m["low"]), min(high, m["high"]), m["n"])
 
 # -----------------------------------------------------------------------------
 # Validation loss and bits per byte
@@ -361,6 +379,40 @@ def same_answer(predicted, reference):
     return p == r
 
 
+def _completions(model, tok, examples, max_new_tokens, batch_size, temperature=0.0, repeat=1, generator=None):
+    """What generative and sampled read: each example's prompt ("prompt_ids" as they are, else
+    "prompt" rstripped) cut on the left to leave room for the completion, then `repeat`
+    completions of it until an end token or max_new_tokens, the rows (example 0 x repeat,
+    example 1 x repeat, ...) in batches of batch_size, as rl.sample_groups does. Returns
+    (outs, stop ids, how many prompts were cut): outs[i] holds example i's completions, each
+    with its stop token."""
+    specials = special_ids(tok)
+    stop = [specials[s] for s in STOP_TOKENS if s in specials]
+    max_len = _max_len(model)
+    room = max(1, max_len - max_new_tokens)
+    prompts, truncated = [], 0
+    for ex in examples:
+        ids = list(ex["prompt_ids"]) if "prompt_ids" in ex else encode(tok, ex["prompt"].rstrip())
+        truncated += len(ids) > room
+        prompts.append(ids[-room:])
+    rows = [p for p in prompts for _ in range(repeat)]
+    rng = {} if generator is None else {"generator": generator}     # a greedy model need not take one
+    outs = []
+    for start in range(0, len(rows), batch_size):
+        outs += model.generate(rows[start:start + batch_size], max_new_tokens=min(max_new_tokens, max_len - 1),
+                               temperature=temperature, stop_ids=stop, **rng)
+    return [outs[i * repeat:(i + 1) * repeat] for i in range(len(examples))], stop, truncated
+
+
+def read_completion(tok, out, stop, answer):
+    """(text, predicted, correct) of one completion's tokens: the text without its end tokens,
+    cut where a new "Question:" starts (a base model goes on to ask itself another), its answer
+    read after any thinking (completion_answer) and compared with the reference."""
+    text = tok.decode([t for t in out if t not in stop]).split("\nQuestion:")[0]
+    predicted = completion_answer(text)
+    return text, predicted, same_answer(predicted, answer)
+
+
 @torch.no_grad()
 def generative(model, tok, examples, max_new_tokens=192, batch_size=64):
     """Exact match on examples [{"prompt", "answer"}]: greedy generation until an end token
@@ -372,33 +424,81 @@ def generative(model, tok, examples, max_new_tokens=192, batch_size=64):
     token (no forged turn, no <|eos|> in place of the end of turn). Returns (metrics,
     details): details[i] = {"completion", "predicted", "correct"} (+ "template")."""
     specials = special_ids(tok)
-    stop = [specials[s] for s in STOP_TOKENS if s in specials]
     every_special = set(specials.values())
-    max_len = _max_len(model)
-    room = max(1, max_len - max_new_tokens)
-    details, truncated = [], 0
-    for start in range(0, len(examples), batch_size):
-        batch = examples[start:start + batch_size]
-        prompts = []
-        for ex in batch:
-            ids = list(ex["prompt_ids"]) if "prompt_ids" in ex else encode(tok, ex["prompt"].rstrip())
-            truncated += len(ids) > room
-            prompts.append(ids[-room:])
-        outs = model.generate(prompts, max_new_tokens=min(max_new_tokens, max_len - 1), temperature=0,
-                              stop_ids=stop)
-        for ex, out in zip(batch, outs):
-            text = tok.decode([t for t in out if t not in stop]).split("\nQuestion:")[0]
-            pred = completion_answer(text)
-            details.append({"completion": text, "predicted": pred, "correct": same_answer(pred, ex["answer"])})
-            if "prompt_ids" in ex:
-                details[-1]["template"] = (bool(out) and out[-1] == specials.get("<|im_end|>")
-                                           and not every_special & set(out[:-1]))
+    outs, stop, truncated = _completions(model, tok, examples, max_new_tokens, batch_size)
+    details = []
+    for ex, (out,) in zip(examples, outs):
+        text, pred, correct = read_completion(tok, out, stop, ex["answer"])
+        details.append({"completion": text, "predicted": pred, "correct": correct})
+        if "prompt_ids" in ex:
+            details[-1]["template"] = (bool(out) and out[-1] == specials.get("<|im_end|>")
+                                       and not every_special & set(out[:-1]))
     metrics = {"exact_match": accuracy([d["correct"] for d in details])}
     if any("template" in d for d in details):
         metrics["template"] = accuracy([d["template"] for d in details if "template" in d])
     if truncated:
         metrics["truncated"] = metric(truncated, truncated, truncated, len(examples))
     return metrics, details
+
+
+# -----------------------------------------------------------------------------
+# Sampled evaluation: pass@k
+
+def pass_at_k(n, c, k):
+    """The chance that at least one of k samples, drawn without replacement from n of which c
+    are right, is right: 1 - C(n - c, k) / C(n, k), the unbiased estimator of pass@k (Chen et
+    al. 2021). The ratio of binomials is the product over i = n - c + 1 .. n of (1 - k / i):
+    every factor in [0, 1], so no huge numbers and no overflow at n = 1000."""
+    if not 1 <= k <= n:
+        raise ValueError(f"pass_at_k: k = {k} of n = {n} samples: k must be 1 to n")
+    if not 0 <= c <= n:
+        raise ValueError(f"pass_at_k: c = {c} right of n = {n} samples")
+    if n - c < k:             # fewer wrong samples than k: any k of them hold a right one
+        return 1.0
+    p_all_wrong = 1.0
+    for i in range(n - c + 1, n + 1):
+        p_all_wrong *= 1.0 - k / i
+    return 1.0 - p_all_wrong
+
+
+@torch.no_grad()
+def sampled(model, tok, examples, samples=16, temperature=1.0, max_new_tokens=192, batch_size=64, seed=0, ks=None):
+    """pass@k on examples [{"prompt" or "prompt_ids", "answer"}]: `samples` completions of each
+    prompt at `temperature` (0: greedy, `samples` copies of generative's one), read exactly as
+    generative reads them. Greedy exact match is one draw of a model that is used sampled; with
+    n samples, pass@1 = mean c_i / n is the accuracy of one sample, measured n times over, and
+    pass@k (k <= n) the chance that one of k tries is right (what best-of-k with a verifier, or
+    RL's group of k rollouts, can hope to find). Sampling uses a torch.Generator seeded with
+    `seed`: the same seed, batch_size and device give the same numbers.
+    Each metric's 95% interval is a normal one over problems (average: mean +- 1.96 sd /
+    sqrt(problems), clipped to [0, 1]): problems are the independent units, not samples (a
+    hard problem fails all n of its samples together), so more samples narrow the interval
+    only as far as the problems themselves vary.
+    Returns (metrics, details): metrics {"pass@1", "pass@<samples>", "pass@<k>" for k in ks}
+    (+ "truncated" prompts, as generative's); details[i] = {"correct": c_i, "samples": n,
+    "answers": [each sample's answer, None where it gave none]}."""
+    ks = sorted({1, samples, *(ks or ())})
+    if samples < 1 or ks[-1] > samples:
+        raise ValueError(f"sampled: pass@{ks[-1]} needs at least {ks[-1]} samples of each problem, got {samples}")
+    generator = torch.Generator(device=_device(model)).manual_seed(seed)
+    outs, stop, truncated = _completions(model, tok, examples, max_new_tokens, batch_size, temperature, samples,
+                                         generator)
+    details = []
+    for ex, completions in zip(examples, outs):
+        read = [read_completion(tok, out, stop, ex["answer"]) for out in completions]
+        details.append({"correct": sum(r[2] for r in read), "samples": samples, "answers": [r[1] for r in read]})
+    metrics = {f"pass@{k}": average([pass_at_k(d["samples"], d["correct"], k) for d in details], 0.0, 1.0)
+               for k in ks}
+    if truncated:
+        metrics["truncated"] = metric(truncated, truncated, truncated, len(examples))
+    return metrics, details
+
+
+def pass_at_k_curve(details, ks):
+    """{k: pass@k} from sampled's details, each the mean over problems of pass_at_k(n_i, c_i,
+    k): pass@k against k, to plot. It rises with k for a model that sometimes gets a problem
+    right; a flat curve says its samples agree with each other, right or wrong."""
+    return {k: sum(pass_at_k(d["samples"], d["correct"], k) for d in details) / max(len(details), 1) for k in ks}
 
 
 # -----------------------------------------------------------------------------
@@ -584,9 +684,11 @@ def subset(tasks, n, seed=0):
             for name, (kind, ex) in tasks.items()}
 
 
-def run_tasks(model, tok, tasks, batch_size=16, max_new_tokens=192, correct=None):
+def run_tasks(model, tok, tasks, batch_size=16, max_new_tokens=192, correct=None, samples=0, temperature=1.0):
     """Every task's metrics, as {"<task>/<metric>": metric}. With a dict `correct`, also each
-    example's outcome: correct[task] = [bool] (cloze: by acc_char, the playbook's choice)."""
+    example's outcome: correct[task] = [bool] (cloze: by acc_char, the playbook's choice).
+    samples > 0: each generative task is also sampled that many times per problem at
+    `temperature` (seed 0), adding "<task>/pass@1" and "<task>/pass@<samples>"."""
     out = {}
     for name, (kind, examples) in tasks.items():
         if kind == "cloze":
@@ -595,6 +697,9 @@ def run_tasks(model, tok, tasks, batch_size=16, max_new_tokens=192, correct=None
         else:
             metrics, details = generative(model, tok, examples, max_new_tokens, 4 * batch_size)
             outcomes = [d["correct"] for d in details]
+            if samples > 0:
+                passes, _ = sampled(model, tok, examples, samples, temperature, max_new_tokens, 4 * batch_size)
+                metrics.update({k: v for k, v in passes.items() if k.startswith("pass@")})
         out.update({f"{name}/{k}": v for k, v in metrics.items()})
         if correct is not None:
             correct[name] = outcomes
@@ -609,6 +714,22 @@ def win_rate(new, old):
         raise ValueError(f"win_rate: {len(new)} outcomes against {len(old)}: not the same examples")
     scores = [0.5 + (bool(a) - bool(b)) / 2 for a, b in zip(new, old)]
     return ratio(scores, [1.0] * len(scores))
+
+
+def paired(new, old):
+    """The paired difference of two models' per-problem scores on the same problems, in the
+    same order (bools, or floats in [0, 1] such as sampled's c_i / n): mean(new - old), with
+    the normal interval of that mean, mean +- 1.96 sd(new_i - old_i) / sqrt(n). Why paired: a
+    problem's difficulty is shared by both models and cancels in new_i - old_i, so the
+    differences vary far less than either model's scores do, and the interval is much narrower
+    than the two models' separate intervals (or than the difference of two independent means).
+    It is the right interval for "is the new checkpoint better on this benchmark?"."""
+    if len(new) != len(old):
+        raise ValueError(f"paired: {len(new)} scores against {len(old)}: not the same problems")
+    diffs = [float(a) - float(b) for a, b in zip(new, old)]
+    if not all(0 <= float(x) <= 1 for x in list(new) + list(old)):
+        raise ValueError("paired: per-problem scores must lie in [0, 1] (a right/wrong, or a c_i / n)")
+    return average(diffs, -1.0, 1.0)
 
 
 # -----------------------------------------------------------------------------
@@ -907,6 +1028,10 @@ def main(argv=None):
     p.add_argument("--tokenizer", default="", help="tok.json, or bytes; default: the checkpoint run's")
     p.add_argument("--data_dir", default="", help="prepared data for val (default: the checkpoint run's)")
     p.add_argument("--val_batches", type=int, default=8)
+    p.add_argument("--samples", type=int, default=0,
+                   help="K > 0: also sample K completions of each generative problem (seed 0) and report "
+                        "<task>/pass@1 and <task>/pass@K; 0: greedy exact match only")
+    p.add_argument("--temperature", type=float, default=1.0, help="the sampling temperature of --samples")
     p.add_argument("--validate", action="store_true", help="also validate the pipeline (random model, oracle, shuffle)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     argv = sys.argv[1:] if argv is None else argv
@@ -915,6 +1040,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not args.ckpt:
         p.error("--ckpt DIR: which checkpoint? (python eval.py alone runs the demo)")
+    if args.samples < 0 or args.temperature < 0:
+        p.error("--samples and --temperature must be >= 0")
     net, tok, cfg = open_checkpoint(args.ckpt, args.tokenizer)
     device = torch.device(args.device)
     net = net.to(device).eval()
@@ -936,7 +1063,7 @@ def main(argv=None):
         fresh = type(net)(net.config).to(device).eval()
         for status, check, detail in validate_pipeline(fresh, tok, tasks):
             print(f"  {status:4s} {check}: {detail}")
-    metrics.update(run_tasks(net, tok, tasks))
+    metrics.update(run_tasks(net, tok, tasks, samples=args.samples, temperature=args.temperature))
     print(metric_table(metrics))
     print(f"({time.time() - t0:.1f} s)")
     out = os.path.join(args.ckpt, "eval.json")

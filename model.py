@@ -1161,7 +1161,14 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
         # drop a token when the tokens ranked above it already reach top_p (the first one stays)
         drop = probs.cumsum(-1) - probs >= top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    # Inverse-CDF sampling: one uniform number per row, found in the row's cumulative
+    # probabilities. torch.multinomial draws as many random numbers as the vocabulary has
+    # tokens, which on a CPU dominated the whole generation (bench.py sampling). A token of
+    # probability 0 owns an empty interval and is never drawn; scaling u by the row's total
+    # absorbs the cumulative sum's rounding.
+    cdf = logits.softmax(-1).cumsum(-1)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
 
 
 # -----------------------------------------------------------------------------

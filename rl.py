@@ -64,7 +64,7 @@ trains on), dpo.py (preference pairs for the reward model) and eval.py (the answ
 so the reward and the benchmark agree): copy them together.
 
 SFT where you can demonstrate, RL where you can only verify: the built-in prompts are the
-level above SFT's (4-digit sums when SFT showed 1 to 3), with a verifier and no worked
+level above SFT's (3-digit sums when SFT showed 1 and 2 digits), with a verifier and no worked
 solution. RL grows what sampling already finds sometimes, so the SFT model must solve a few of
 them (pass@k above 0); the held-out evaluation covers every level, to see the gain on RL's and
 that the demonstrated ones are not forgotten.

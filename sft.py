@@ -49,7 +49,7 @@ reasoning modes); Krell et al. 2021 (packing without cross-contamination).
 The built-in arithmetic (arithmetic.py) is laid out for a small model: the question ends with
 the numbers, zero-padded and least significant digit first, and the thinking block holds the
 result in the same order, so that every digit the model reads sits at a fixed distance from
-where it writes; the answer after the block reads normally. SFT demonstrates 1 to 3 digits;
+where it writes; the answer after the block reads normally. SFT demonstrates 1 to --math_digits;
 rl.py verifies the level above.
 
 This file takes the model and tokenizer as arguments and imports only arithmetic.py (the

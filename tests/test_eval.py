@@ -1,13 +1,17 @@
 """Tests for eval.py: cloze scores against hand-computed sums and a naive forward pass, the
 three normalisations, validation loss and bits per byte by hand, Wilson intervals by their
 defining property, answer extraction, task files, the built-in tasks and their held-out text,
-the pipeline checks (and that each of them can fail), determinism, the report card, the CLI."""
+the pipeline checks (and that each of them can fail), determinism, the report card, the CLI;
+pass@k against an enumeration of every k-subset, sampled evaluation (greedy at temperature 0,
+seeded, counted per problem), paired differences by hand."""
 
+import itertools
 import json
 import math
 import os
 import re
 import statistics
+from fractions import Fraction
 from types import SimpleNamespace
 
 import pytest
@@ -412,6 +416,132 @@ def test_generative_reads_no_answer_from_an_unfinished_thought():
 
 
 # -----------------------------------------------------------------------------
+# Sampled evaluation: pass@k, paired differences
+
+@pytest.mark.parametrize("n,c,k", [(1, 0, 1), (1, 1, 1), (5, 0, 3), (5, 5, 2), (6, 2, 3), (7, 3, 1), (8, 1, 8),
+                                   (8, 7, 2), (10, 4, 4), (10, 3, 7), (9, 6, 5)])
+def test_pass_at_k_is_the_share_of_k_subsets_holding_a_right_sample(n, c, k):
+    """pass_at_k(n, c, k) == the fraction of all k-subsets of n samples (the first c right) with a right one."""
+    subsets = list(itertools.combinations(range(n), k))
+    want = sum(any(i < c for i in s) for s in subsets) / len(subsets)
+    assert eval.pass_at_k(n, c, k) == pytest.approx(want, abs=1e-12)
+
+
+def test_pass_at_k_is_stable_for_many_samples_and_refuses_k_above_n():
+    """n = 1000 (binomials of ~300 digits) matches the exact rational; k > n, k < 1 and c > n are errors."""
+    for n, c, k in [(1000, 1, 500), (1000, 3, 10), (400, 200, 100)]:
+        exact = 1 - Fraction(math.comb(n - c, k), math.comb(n, k))
+        assert eval.pass_at_k(n, c, k) == pytest.approx(float(exact), rel=1e-12)
+    for n, c, k in [(4, 2, 5), (4, 2, 0), (4, 5, 2)]:
+        with pytest.raises(ValueError):
+            eval.pass_at_k(n, c, k)
+
+
+class Scripted:
+    """A fake sampler: each prompt's completions in turn, from a script keyed by the prompt's
+    text; checks that sampling gets the temperature and a seeded generator."""
+    config = SimpleNamespace(max_seq_len=64)
+
+    def __init__(self, script, temperature):
+        self.script, self.temperature, self.batches = {q: list(outs) for q, outs in script.items()}, temperature, []
+
+    def generate(self, prompts, max_new_tokens, temperature, stop_ids=(), generator=None):
+        assert temperature == self.temperature and isinstance(generator, torch.Generator)
+        self.batches.append(len(prompts))
+        return [list(self.script[bytes(p).decode()].pop(0).encode()) + [EOS] for p in prompts]
+
+
+def test_sampled_counts_each_problems_samples_and_intervals_over_problems():
+    """Four samples of four problems in batches of 3 (which straddle problems): c_i, the answers
+    in order, pass@1 = mean c_i / n, pass@2 by hand, pass@4 = share of problems with a right one,
+    each with the normal interval over problems clipped to [0, 1]; pass_at_k_curve agrees."""
+    script = {"Q0": ["1", "1", "so 1", "1"], "Q1": ["2", "x", "5", "2\nQuestion: 7"], "Q2": ["no", "9", "9", "9"],
+              "Q3": ["4", "0", "0", "0"]}
+    examples = [{"prompt": f"Q{i}", "answer": str(i + 1)} for i in range(4)]
+    model = Scripted(script, 0.7)
+    metrics, details = eval.sampled(model, BYTES, examples, samples=4, temperature=0.7, max_new_tokens=16,
+                                     batch_size=3, ks=[2])
+    assert model.batches == [3, 3, 3, 3, 3, 1]
+    assert details == [{"correct": 4, "samples": 4, "answers": ["1", "1", "1", "1"]},
+                       {"correct": 2, "samples": 4, "answers": ["2", None, "5", "2"]},
+                       {"correct": 0, "samples": 4, "answers": [None, "9", "9", "9"]},
+                       {"correct": 1, "samples": 4, "answers": ["4", "0", "0", "0"]}]
+    per_problem = {1: [1, 0.5, 0, 0.25], 2: [1, 1 - 1 / 6, 0, 1 - 3 / 6], 4: [1, 1, 0, 1]}
+    assert set(metrics) == {"pass@1", "pass@2", "pass@4"}
+    for k, values in per_problem.items():
+        mean, half = statistics.mean(values), Z95 * statistics.stdev(values) / 2
+        want = {"value": mean, "low": max(0, mean - half), "high": min(1, mean + half), "n": 4}
+        assert metrics[f"pass@{k}"] == pytest.approx(want), k
+    assert metrics["pass@4"]["high"] == 1.0          # 0.75 + 0.49: clipped
+    assert eval.pass_at_k_curve(details, [1, 2, 4]) == pytest.approx({k: statistics.mean(v)
+                                                                      for k, v in per_problem.items()})
+    with pytest.raises(ValueError, match="pass@8"):
+        eval.sampled(model, BYTES, examples, samples=4, temperature=0.7, ks=[8])
+
+
+def loud_model(seed=2):
+    """A tiny model with its weights scaled 30-fold: its greedy completions vary with the prompt
+    and hold a number now and then (a freshly initialised one repeats one byte)."""
+    net = tiny_model(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(30)
+    return net
+
+
+def test_sampled_at_temperature_0_is_greedy_generative(small_tasks):
+    """At temperature 0 every sample is generative's greedy completion (a real tiny model): the
+    same answer n times, c_i = n or 0, and pass@1 == pass@n == exact match."""
+    net = loud_model()
+    examples = small_tasks["arithmetic"][1][:12]
+    _, greedy = eval.generative(net, BYTES, examples, max_new_tokens=24)
+    # half the answers the model gives made the references: else a random model's 0 == 0 == 0 proves little
+    agree = [i for i, g in enumerate(greedy) if g["predicted"]][::2]
+    examples = [{**ex, "answer": greedy[i]["predicted"] if i in agree else ex["answer"]}
+                for i, ex in enumerate(examples)]
+    exact, greedy = eval.generative(net, BYTES, examples, max_new_tokens=24)
+    assert 0 < exact["exact_match"]["value"] < 1
+    metrics, details = eval.sampled(net, BYTES, examples, samples=3, temperature=0, max_new_tokens=24, batch_size=7)
+    assert [d["answers"] for d in details] == [[g["predicted"]] * 3 for g in greedy]
+    assert [d["correct"] for d in details] == [3 * g["correct"] for g in greedy]
+    assert metrics["pass@1"]["value"] == metrics["pass@3"]["value"] == exact["exact_match"]["value"]
+
+
+def test_sampled_is_reproducible_with_its_seed(small_tasks):
+    """The same seed gives the same samples whatever the global RNG did in between; another seed others."""
+    net = tiny_model()
+    examples = small_tasks["arithmetic"][1][:6]
+
+    def run(seed):
+        return eval.sampled(net, BYTES, examples, samples=4, max_new_tokens=24, seed=seed)
+    first = run(0)
+    torch.manual_seed(1234)
+    assert run(0) == first
+    assert run(1)[1] != first[1]
+    assert len({a for d in first[1] for a in d["answers"]}) > 3         # really sampled: the answers vary
+
+
+def test_paired_difference_by_hand():
+    """paired(): the mean difference and mean +- 1.96 sd(d) / sqrt(n); bools count 0/1; unequal
+    lengths and scores outside [0, 1] are errors; on problems of shared difficulty its interval
+    is far narrower than the two models' own."""
+    new, old = [1, 1, 0, 1, 0.5], [0, 1, 0, 0, 0.25]
+    d = [1, 0, 0, 1, 0.25]
+    half = Z95 * statistics.stdev(d) / math.sqrt(5)
+    assert eval.paired(new, old) == pytest.approx({"value": 0.45, "low": 0.45 - half, "high": 0.45 + half, "n": 5})
+    assert eval.paired([True, True, False], [False, True, False])["value"] == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="not the same problems"):
+        eval.paired([True, False], [True])
+    with pytest.raises(ValueError):
+        eval.paired([3], [1])                              # a count, not a per-problem score
+    old = [i / 40 for i in range(40)]                      # problems from hopeless to easy
+    new = [min(1.0, x + (0.1 if i % 3 else 0.0)) for i, x in enumerate(old)]
+    width = {name: m["high"] - m["low"] for name, m in
+             [("paired", eval.paired(new, old)), ("new", eval.average(new, 0, 1)), ("old", eval.average(old, 0, 1))]}
+    assert width["paired"] < 0.5 * math.hypot(width["new"], width["old"])
+
+
+# -----------------------------------------------------------------------------
 # Task files
 
 def write_lines(path, lines):
@@ -802,6 +932,23 @@ def test_cli_scores_neutral_problems_into_eval_json(checkpoint, tmp_path):
     rendered = eval.render_problems({"sums": eval.read_task(path)}, BYTES)
     assert metrics == eval.run_tasks(tiny_model(), BYTES, rendered)
     assert set(metrics["sums/exact_match"]) == {"value", "low", "high", "n"} and metrics["sums/exact_match"]["n"] == 2
+
+
+def test_cli_samples_write_pass_at_k_into_eval_json(checkpoint, tmp_path, capsys, monkeypatch):
+    """--samples 2 --temperature 0.5: eval.json gains <task>/pass@1 and /pass@2 next to exact
+    match, printed in the table, the numbers run_tasks gives the saved model with those settings."""
+    path = write_lines(tmp_path / "sums.jsonl", ['{"a": 12, "op": "+", "b": 7}', '{"a": 40, "op": "-", "b": 2}'])
+    calls, sampled = [], eval.sampled
+    monkeypatch.setattr(eval, "sampled", lambda *args, **kw: calls.append(args[3:5]) or sampled(*args, **kw))
+    eval.main(["--ckpt", checkpoint, "--tasks", path, "--samples", "2", "--temperature", "0.5"])
+    assert calls == [(2, 0.5)]                 # a random model scores 0 at any temperature: check what it was asked
+    monkeypatch.undo()
+    with open(os.path.join(checkpoint, "eval.json")) as f:
+        metrics = json.load(f)["metrics"]
+    assert {"sums/exact_match", "sums/pass@1", "sums/pass@2"} <= set(metrics) and metrics["sums/pass@2"]["n"] == 2
+    assert "sums/pass@2" in capsys.readouterr().out
+    rendered = eval.render_problems({"sums": eval.read_task(path)}, BYTES)
+    assert metrics == eval.run_tasks(tiny_model(), BYTES, rendered, samples=2, temperature=0.5)
 
 
 def test_cli_rejects_an_unknown_task(checkpoint):

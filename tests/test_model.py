@@ -423,6 +423,26 @@ def test_generated_tokens_stay_inside_the_real_vocabulary():
     assert max(max(o) for o in out) < 130
 
 
+def test_sampling_draws_each_token_at_its_probability():
+    """model.sample's inverse-CDF draw against the distribution itself (and torch.multinomial's
+    frequencies, the usual sampler): a chi-square-sized tolerance on 200,000 draws, a token of
+    probability 0 never drawn, the same generator seed the same tokens."""
+    p = torch.tensor([0.05, 0.0, 0.15, 0.3, 0.0, 0.5])
+    logits = p.log().repeat(200_000, 1)                    # log 0 = -inf: probability exactly 0
+    tokens = M.sample(logits, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(tokens, minlength=6).double() / len(tokens)
+    assert freq[1] == 0 and freq[4] == 0
+    assert torch.allclose(freq, p.double(), atol=4e-3)
+    reference = torch.multinomial(p, 200_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(freq, torch.bincount(reference, minlength=6).double() / 200_000, atol=6e-3)
+    again = M.sample(logits[:100], generator=torch.Generator().manual_seed(1))
+    assert torch.equal(again, M.sample(logits[:100], generator=torch.Generator().manual_seed(1)))
+    first = torch.tensor([[0.0, float("-inf"), float("-inf")]]).repeat(50, 1)   # one possible token
+    assert M.sample(first, generator=torch.Generator().manual_seed(0)).eq(0).all()
+    last = torch.tensor([[float("-inf"), float("-inf"), 0.0]]).repeat(50, 1)
+    assert M.sample(last, generator=torch.Generator().manual_seed(0)).eq(2).all()
+
+
 def test_sampling_filters():
     logits = torch.tensor([[0.0, 3.0, 2.0, 1.0, -1.0]]).repeat(4000, 1)
     g = torch.Generator().manual_seed(0)

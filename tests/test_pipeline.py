@@ -46,22 +46,22 @@ def _metric(v, half=0.0):
     return {"value": v, "low": v - half, "high": v + half, "n": 300}
 
 
-SFT_LEVELS = {"chat_d1": 1.0, "chat_d2": 0.95, "chat_d3": 0.85, "chat_d4": 0.05, "chat_d5": 0.0}
+SFT_LEVELS = {"d1": 1.0, "d2": 0.95, "d3": 0.05}      # SFT demonstrated 1 and 2 digits; RL's level is 3
 
 
-def _write_runs(root, bpb=(3.0, 2.8, 2.6), mid=(4.0, 3.5), template=(1.0, 0.97), sft=None, pref=(0.55, 0.6), dpo=None,
-                rl=None):
-    """Run directories as the pipeline leaves them, with the metrics the checks read: SFT
-    demonstrated 1 to 3 digits (SFT_LEVELS, each with an interval of +-0.05), DPO keeps them,
-    RL takes 4 digits from 0.05 to 0.5."""
+def _write_runs(root, bpb=(3.0, 2.8, 2.6), mid=(4.0, 3.5), template=(1.0, 0.97), sft=None, pref=(0.55, 0.6),
+                pref_gain=(0.05, 0.02), dpo=None, rl=None, rl_gain=None):
+    """(run directories as the pipeline leaves them, the held-out evaluation's numbers) with
+    what the checks read: SFT demonstrated 1 and 2 digits (SFT_LEVELS, each greedy with an
+    interval of +-0.05), DPO keeps them, RL takes 3 digits from 0.05 to 0.5 (greedy and
+    pass@1, paired gains of +45 points with intervals of +-10)."""
     sft = {**SFT_LEVELS, **(sft or {})}
-    dpo, rl = {**sft, **(dpo or {})}, {**sft, "chat_d4": 0.5, **(rl or {})}
+    dpo, rl = {**sft, **(dpo or {})}, {**sft, "d3": 0.5, **(rl or {})}
+    gain = rl_gain if rl_gain is not None else (rl["d3"] - sft["d3"], 0.10)
     dirs = {}
     for name in ("pretrain", "midtrain", "sft", "dpo", "rl"):
         d = dirs[name] = os.path.join(root, name)
         os.makedirs(d)
-        with open(os.path.join(d, "config.json"), "w") as f:
-            json.dump({"train": {"math_digits": 3}}, f)
     with open(os.path.join(dirs["pretrain"], "metrics.jsonl"), "w") as f:
         for i, v in enumerate(bpb):
             f.write(json.dumps({"step": 40 * i + 39, "loss": 1.0}) + "\n")    # a step without an evaluation
@@ -75,47 +75,84 @@ def _write_runs(root, bpb=(3.0, 2.8, 2.6), mid=(4.0, 3.5), template=(1.0, 0.97),
         with open(os.path.join(dirs[name], "report_card.json"), "w") as f:
             json.dump(rows, f)
 
-    def levels(values):
-        return {f"{t}/exact_match": _metric(v, 0.05) for t, v in values.items()}
     card("midtrain", {"val_loss": _metric(mid[0])}, {"val_loss": _metric(mid[1])})
-    card("sft", None, {"chat_d1/template": _metric(template[0]), "chat_d2/template": _metric(template[1]),
-                       **levels(sft)})
-    card("dpo", {"pref/accuracy": _metric(pref[0])}, {"pref/accuracy": _metric(pref[1]), **levels(dpo)})
-    card("rl", levels(dpo), levels(rl))
-    return dirs
+    card("dpo", {"pref/accuracy": _metric(pref[0])},
+         {"pref/accuracy": _metric(pref[1]), **({"pref/accuracy gain": _metric(*pref_gain)} if pref_gain else {})})
+
+    def levels(values, templates=(1.0, 1.0, 1.0)):
+        return {lv: {"greedy": _metric(v, 0.05), "pass@1": _metric(v, 0.05), "pass@8": _metric(min(1, 2 * v), 0.05),
+                     "template": _metric(t)} for (lv, v), t in zip(values.items(), templates)}
+    heldout = {"levels": ["d1", "d2", "d3"], "rl_level": "d3", "commonest": {"d1": 0.2, "d2": 0.02, "d3": 0.01},
+               "sft": levels(sft, (*template, 0.9)), "dpo": levels(dpo), "rl": levels(rl)}
+    for stage, values in (("dpo", dpo), ("rl", rl)):
+        for lv, v in values.items():
+            d = gain if (stage, lv) == ("rl", "d3") else (v - sft[lv], 0.02)
+            heldout[stage][lv].update({"greedy gain": _metric(*d), "pass@1 gain": _metric(*d)})
+    return dirs, heldout
 
 
-def _verdicts(dirs):
-    return {stage: ok for stage, _, _, ok in train.pipeline_checks(dirs)}
+def _verdicts(runs):
+    return {stage: ok for stage, _, _, ok in train.pipeline_checks(*runs)}
 
 
 def test_pipeline_checks_pass_when_every_stage_did_its_job(tmp_path):
-    checks = train.pipeline_checks(_write_runs(str(tmp_path)))
+    checks = train.pipeline_checks(*_write_runs(str(tmp_path)))
     assert [c[0] for c in checks] == ["pretrain", "midtrain", "sft", "dpo", "rl"]
     assert all(ok for *_, ok in checks)
     evidence = {stage: text for stage, _, text, _ in checks}
     assert evidence["pretrain"] == "3.000 -> 2.800 -> 2.600 (steps 40, 80, 120)"
-    assert evidence["sft"] == "template min 0.970; chat_d1 1.000, chat_d2 0.950, chat_d3 0.850"
-    constant = rl.commonest_answer_share(rl.heldout_problems(levels=(4,)))
-    assert 0 < constant < 0.05
-    assert evidence["rl"] == f"0.050 -> 0.500 (+45.0 points; the commonest answer: {constant:.3f})"
+    assert evidence["sft"] == "template min 0.970; d1 1.000, d2 0.950"     # RL's level is not SFT's to pass
+    assert evidence["dpo"] == "0.550 -> 0.600, +5.0 points (+3.0 to +7.0)"
+    assert evidence["rl"] == ("greedy 0.050 -> 0.500 (+45.0 points (+35.0 to +55.0)); pass@1 0.050 -> 0.500 "
+                              "(+45.0 points (+35.0 to +55.0)); the commonest answer 0.010")
 
 
 @pytest.mark.parametrize("stage, change", [
     ("pretrain", {"bpb": (3.0, 2.6, 2.7)}),          # rose at the last evaluation
     ("pretrain", {"bpb": (3.0,)}),                   # one evaluation shows no trend
     ("midtrain", {"mid": (3.5, 3.5)}),
-    ("sft", {"template": (1.0, 0.94)}),              # one task's adherence under 95%
-    ("sft", {"sft": {"chat_d3": 0.79}}),             # a demonstrated level under 80%
-    ("dpo", {"pref": (0.6, 0.6)}),
-    ("dpo", {"dpo": {"chat_d2": 0.85}}),             # forgot: under SFT's interval (0.90-1.00)
-    ("rl", {"rl": {"chat_d4": 0.30}}),               # +25 points: short of 30
-    ("rl", {"rl": {"chat_d1": 0.90}}),               # forgot one digit: under SFT's 0.95-1.05
+    ("sft", {"template": (1.0, 0.94)}),              # one level's adherence under 95%
+    ("sft", {"sft": {"d2": 0.79}}),                  # a demonstrated level under 80%
+    ("dpo", {"pref_gain": (0.01, 0.02)}),            # up, but the paired interval reaches below 0
+    ("dpo", {"pref_gain": None}),                    # no paired difference measured
+    ("dpo", {"dpo": {"d2": 0.85}}),                  # forgot: under SFT's interval (0.90-1.00)
+    ("rl", {"rl": {"d3": 0.30}}),                    # +25 points: short of 30
+    ("rl", {"rl_gain": (0.35, 0.40)}),               # +35 points, but the paired interval reaches below 0
+    ("rl", {"rl": {"d1": 0.90}}),                    # forgot one digit: under SFT's 0.95-1.05
+    ("rl", {"sft": {"d3": 0.0}, "rl": {"d3": 0.009}, "rl_gain": (0.31, 0.05)}),   # under the commonest answer
 ])
 def test_pipeline_checks_fail_each_stage_that_did_not(tmp_path, stage, change):
     verdicts = _verdicts(_write_runs(str(tmp_path), **change))
     assert verdicts.pop(stage) is False
     assert all(verdicts.values())
+
+
+def test_heldout_evaluation_scores_each_stage_on_the_problems_it_writes(tmp_path):
+    """The pipeline's held-out evaluation on three tiny checkpoints: the neutral rows it writes
+    are arithmetic.py's held-out problems, and each stage's numbers are eval.py's on them."""
+    tok = data.ByteTokenizer()
+    dirs = {}
+    for i, stage in enumerate(train.POST_TRAINING):
+        torch.manual_seed(i)
+        net = M.Model(M.ModelConfig(vocab_size=eval.vocab_size(tok), n_layer=1, dim=32, n_head=2, n_kv_head=1,
+                                    mlp_dim=64, max_seq_len=128))
+        dirs[stage] = str(tmp_path / stage)
+        ckpt = os.path.join(dirs[stage], "ckpt", "step_000001")
+        train.save_checkpoint(ckpt, net, None, {"step": 1, "config": {"tokenizer": "bytes", "math_format": "lsd"}})
+        with open(os.path.join(dirs[stage], "config.json"), "w") as f:
+            json.dump({"train": {"math_format": "lsd", "math_digits": 1}}, f)
+    out = train.heldout_evaluation(str(tmp_path), dirs, per_level=5, samples=8, curve=8)
+    rows = [json.loads(line) for line in open(tmp_path / "heldout" / "d2.jsonl")]
+    assert [(r["a"], r["op"], r["b"]) for r in rows] == arithmetic.heldout(2, 5)
+    assert out["levels"] == ["d1", "d2"] and out["rl_level"] == "d2"
+    net, _, _ = eval.open_checkpoint(os.path.join(dirs["rl"], "ckpt", "step_000001"), "bytes")
+    examples = [{"prompt": arithmetic.document_text(p, "lsd").split("\nAnswer:")[0] + "\nAnswer:",
+                 "answer": str(arithmetic.result(*p))} for p in arithmetic.heldout(2, 5)]
+    greedy, _ = eval.generative(net.eval(), tok, examples, max_new_tokens=48)
+    assert out["rl"]["d2"]["greedy"] == greedy["exact_match"]
+    assert set(out["curve"]) == {"sft", "rl"} and len(out["curve"]["rl"]) == 8
+    assert out["rl"]["d2"]["greedy gain"]["n"] == 5
+    assert json.load(open(tmp_path / "heldout.json"))["rl_level"] == "d2"
 
 
 # -----------------------------------------------------------------------------
@@ -281,7 +318,8 @@ def test_a_math_layout_ablation_gives_each_variant_its_own_corpus(chat_data_dir,
     monkeypatch.setattr(train, "ablation_report", lambda *a: "")
     base = ["--out_dir", str(tmp_path / "a"), "--max_steps", "1"]
     train.main(["--ablate", "math_format=msd,lsd", "--data_dir", chat_data_dir, *base])
-    assert seen == [("math_format=msd", f"{chat_data_dir}-msd3"), ("math_format=lsd", f"{chat_data_dir}-lsd3")]
+    D = arithmetic.DIGITS
+    assert seen == [("math_format=msd", f"{chat_data_dir}-msd{D}"), ("math_format=lsd", f"{chat_data_dir}-lsd{D}")]
     seen.clear()
     train.main(["--ablate", "lr=1e-3,2e-3", "--data_dir", chat_data_dir, *base])
     assert [d for _, d in seen] == [chat_data_dir] * 2

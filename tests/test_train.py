@@ -808,8 +808,10 @@ def test_sft_lowers_the_heldout_assistant_loss(sft_init, tmp_path, capsys):
     card = json.loads((tmp_path / "sft" / "report_card.json").read_text())
     assert [(r["stage"], r["step"]) for r in card] == [("sft (start)", 0), ("sft", 8)]
     before, after = card[0]["metrics"], card[1]["metrics"]
-    for k, by in (("val_loss", 0.5), ("val_loss/arithmetic", 0.5), ("val_loss/docstring", 0.1)):   # (a docstring
-        assert after[k]["value"] < before[k]["value"] - by, k                          # conversation per function)
+    # (a docstring conversation per function among 12,000 short sums: docstrings are a few
+    # percent of the trained tokens, and their loss falls the least)
+    for k, by in (("val_loss", 0.5), ("val_loss/arithmetic", 0.5), ("val_loss/docstring", 0.05)):
+        assert after[k]["value"] < before[k]["value"] - by, k
     assert after["val_loss"]["high"] < before["val_loss"]["low"]
     assert {f"chat_d{d}/{m}" for d in arithmetic.LEVELS for m in ("exact_match", "template")} <= set(after)
     assert after["chat_d3/template"]["n"] == 4
@@ -1042,6 +1044,16 @@ def test_dpo_run_with_a_cached_reference_resumes_exactly(sft_init, dpo_pairs, tm
     rows = card["rows"] if isinstance(card, dict) else card
     assert [r["stage"] for r in rows][-2:] == ["dpo (start)", "dpo"]
     assert all("pref/accuracy" in r["metrics"] for r in rows[-2:])
+    # the end row pairs each held-out pair with the start: the mean difference is the difference
+    # of the accuracies, on as many pairs; the resumed run kept its start outcomes
+    start, end = rows[-2]["metrics"], rows[-1]["metrics"]
+    gain = end["pref/accuracy gain"]
+    assert "pref/accuracy gain" not in start and gain["n"] == end["pref/accuracy"]["n"]
+    assert gain["value"] == pytest.approx(end["pref/accuracy"]["value"] - start["pref/accuracy"]["value"])
+    assert gain["low"] <= gain["value"] <= gain["high"]
+    resumed_rows = json.load(open(tmp_path / "b" / "report_card.json"))
+    resumed_rows = resumed_rows["rows"] if isinstance(resumed_rows, dict) else resumed_rows
+    assert resumed_rows[-1]["metrics"]["pref/accuracy gain"] == gain
 
 
 @pytest.mark.parametrize("ref", ["cache", "copy"])

@@ -361,7 +361,7 @@ def test_torchrun_two_processes_match_one_process(data_dir, base_run, tmp_path):
     w2 = load_file(os.path.join(ckpt(two, 12), "model.safetensors"))
     assert set(w1) == set(w2)
     for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=2e-6, msg=lambda m: f"{k}: {m}")
     # both read the same windows: the same count per source (the 2-process loader makes half the batches)
     s1, s2 = trainer_json(ckpt(one, 12))["stage"], trainer_json(ckpt(two, 12))["stage"]
     assert s1["consumed"] == s2["consumed"]
@@ -702,7 +702,7 @@ def test_torchrun_moe_matches_one_process(data_dir, tmp_path):
     bias = [k for k in w1 if k.endswith("e_score_correction_bias")]
     assert bias and any(w1[k].abs().max() > 0 for k in bias)      # the bias moved
     for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=2e-6, msg=lambda m: f"{k}: {m}")
 
 
 # -----------------------------------------------------------------------------
@@ -721,9 +721,9 @@ def test_torchrun_kto_under_zero3_matches_one_process(tmp_path):
     torch.manual_seed(0)
     net = M.Model(M.ModelConfig(vocab_size=261, n_layer=2, dim=64, n_head=4, n_kv_head=2, mlp_dim=96, max_seq_len=256))
     train.save_checkpoint(str(tmp_path / "init"), net, None, {"step": 0, "config": {"tokenizer": str(tmp_path / "tok.json")}})
-    # paired records: KTO unpairs them; 160 hold out 2 pairs, 4 examples, enough for 2 ranks
+    # paired records: KTO unpairs them; 160 (of 1 to 3 digits) hold out 2 pairs, 4 examples, enough for 2 ranks
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(rec) + "\n"
-                                                  for _, rec in dpo.builtin_pairs(n=80, seed=2)["train"][:160]))
+                                                  for _, rec in dpo.builtin_pairs(n=80, seed=2, digits=3)["train"][:160]))
     args = ["--stage", "dpo", "--loss", "kto", "--init", "init", "--pref_data", "pairs.jsonl", "--seq_len", "128",
             "--total_batch_tokens", "512", "--max_steps", "2", "--ckpt_every", "2", "--lr", "1e-3",
             "--warmup_steps", "1", "--eval_tasks", "", "--eval_batches", "1", "--sample_tokens", "0",
