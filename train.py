@@ -1969,7 +1969,7 @@ def plot_pass_at_k(curves, level, path):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print(f"pass@k plot: skipped (pip install matplotlib); the numbers are in heldout.json")
+        print("pass@k plot: skipped (pip install matplotlib); the numbers are in heldout.json")
         return
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for stage, label in (("sft", "SFT"), ("rl", "GRPO")):
