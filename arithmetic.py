@@ -117,7 +117,7 @@ def problems(which, levels=LEVELS, seed=0):
 
 def heldout(digits, n, op=None):
     """The first n distinct held-out problems of a level (all of them when the level has fewer:
-    one digit has 155 problems in all, about 23 held out), in a fixed order."""
+    one digit has 155 problems in all, 27 of them held out), in a fixed order."""
     rng, out, seen = random.Random(f"arithmetic/heldout/{digits}/{op}"), [], set()
     space = 10 ** (2 * digits)
     for _ in range(20 * n + 10 * space if digits == 1 else 50 * n):

@@ -152,7 +152,7 @@ def builtin_stream(seed, levels, fmt=sft.MATH_FORMAT):
 
 def heldout_problems(per_level=300, levels=arithmetic.LEVELS, fmt=sft.MATH_FORMAT):
     """arithmetic.py's held-out problems as records, per_level of each level (every one where a
-    level has fewer: one digit has about 23), each problem once: a problem asked many times
+    level has fewer: one digit has 27), each problem once: a problem asked many times
     weighs its answer that much more (README: a policy that learnt the answers' distribution)."""
     return [builtin_problem(p, fmt) for d in levels for p in arithmetic.heldout(d, per_level)]
 

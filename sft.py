@@ -552,7 +552,7 @@ class SFTStage:
 
 def chat_tasks(tokenizer, fmt=MATH_FORMAT, per_level=300, levels=arithmetic.LEVELS):
     """eval.py generative tasks `chat_d1` ... `chat_d5`: arithmetic.py's held-out problems of
-    each level (per_level of them; one digit has only about 23), asked in the template in
+    each level (per_level of them; one digit has only 27), asked in the template in
     `fmt` (ids, with the generation prompt), the answer their result. eval.py scores exact
     match and template adherence (the turn ends with <|im_end|>, no other special token inside)."""
     return {f"chat_d{d}": ("generative", [problem_example(p, tokenizer, fmt) for p in arithmetic.heldout(d, per_level)])

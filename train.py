@@ -1786,8 +1786,9 @@ def run(cfg, overrides):
 # sets beyond each stage's STAGE_DEFAULTS, and why:
 PIPELINE = (
     # a 1.5M-parameter shape (4 layers of dim 128), not the tiny preset's 5.8M: on 2 CPU cores it
-    # pretrains 3x faster to the same validation bits per byte, and it learns the arithmetic in
-    # the minutes SFT has, where the tiny preset does not start to (README: sizing the pipeline);
+    # pretrains at about 3x the tokens per second to the same validation bits per byte, and it
+    # learns the arithmetic in the minutes SFT has, where the tiny preset does not start to (README:
+    # the walkthrough's card);
     # evaluations at steps 40, 80 and 120: the validation bits per byte must fall at each
     ("pretrain", ["--n_layer", "4", "--dim", "128", "--mlp_dim", "512", "--n_head", "4", "--n_kv_head", "2",
                   "--eval_every", "40", "--ckpt_every", "40"]),
@@ -1803,7 +1804,7 @@ PIPELINE = (
     ("sft", ["--max_steps", "1000", "--total_batch_tokens", "2048", "--lr", "3e-3", "--eval_every", "1000",
              "--ckpt_every", "500"]),
     # APO-zero (dpo.py's default loss) at half its usual rate: at 2e-4 it undid SFT (one digit 96%
-    # -> 70% held out), at 5e-5 it keeps it (README: DPO notes)
+    # -> 70% held out), at 5e-5 it keeps it (README: the walkthrough's card)
     ("dpo", ["--max_steps", "30", "--lr", "5e-5", "--eval_every", "30"]),
     # GRPO (DAPO's loss) on the level above SFT's; at 1e-3 it wrecked the demonstrated levels
     ("rl", ["--max_steps", "60", "--eval_every", "60", "--ckpt_every", "60"]),
@@ -1909,7 +1910,7 @@ POST_TRAINING = ("sft", "dpo", "rl")
 
 def heldout_evaluation(out, dirs, per_level=300, samples=16, curve=64):
     """The pipeline's own held-out evaluation, through the code anyone can run on their own
-    problems (`python eval.py --ckpt CKPT --tasks OUT/heldout/d3.jsonl --samples 16`): the
+    problems (`python eval.py --ckpt CKPT --tasks OUT/heldout/d3.jsonl --examples 0 --samples 16`): the
     held-out problems of every demonstrated level and of RL's, written as neutral rows
     {"a", "op", "b"}, asked to each post-training stage's final checkpoint greedily (exact match,
     template adherence) and sampled at temperature 1 (pass@1 over `samples` draws, pass@8; on

@@ -127,31 +127,56 @@ def test_pipeline_checks_fail_each_stage_that_did_not(tmp_path, stage, change):
     assert all(verdicts.values())
 
 
-def test_heldout_evaluation_scores_each_stage_on_the_problems_it_writes(tmp_path):
-    """The pipeline's held-out evaluation on three tiny checkpoints: the neutral rows it writes
-    are arithmetic.py's held-out problems, and each stage's numbers are eval.py's on them."""
+class Knows:
+    """A "model" that answers a held-out document prompt right when its first number is even and
+    wrong (off by one) otherwise, whatever the temperature: what heldout_evaluation reports for
+    it is known exactly."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def eval(self):
+        return self
+
+    def generate(self, prompts, max_new_tokens, temperature=1.0, stop_ids=(), generator=None):
+        out = []
+        for ids in prompts:
+            a, op, b = re.search(r"(\d+) ([-+]) (\d+)\nAnswer:$", self.tok.decode(ids)).groups()
+            a, b = int(a[::-1]), int(b[::-1])
+            c = arithmetic.result(a, op, b) + (a % 2)
+            out.append(self.tok.encode(f" {arithmetic.working(a, op, b, 'lsd', c)}\n#### {c}\n"))
+        return out
+
+
+def test_heldout_evaluation_scores_each_stage_on_the_problems_it_writes(tmp_path, monkeypatch):
+    """The pipeline's held-out evaluation: the neutral rows it writes are arithmetic.py's
+    held-out problems; each stage's greedy accuracy, pass@1 and paired gain are what its answers
+    earn (a random model for SFT and DPO, one right on the even first numbers for RL)."""
     tok = data.ByteTokenizer()
+    torch.manual_seed(0)
+    net = M.Model(M.ModelConfig(vocab_size=eval.vocab_size(tok), n_layer=1, dim=32, n_head=2, n_kv_head=1,
+                                mlp_dim=64, max_seq_len=128))
     dirs = {}
-    for i, stage in enumerate(train.POST_TRAINING):
-        torch.manual_seed(i)
-        net = M.Model(M.ModelConfig(vocab_size=eval.vocab_size(tok), n_layer=1, dim=32, n_head=2, n_kv_head=1,
-                                    mlp_dim=64, max_seq_len=128))
+    for stage in train.POST_TRAINING:
         dirs[stage] = str(tmp_path / stage)
-        ckpt = os.path.join(dirs[stage], "ckpt", "step_000001")
-        train.save_checkpoint(ckpt, net, None, {"step": 1, "config": {"tokenizer": "bytes", "math_format": "lsd"}})
+        os.makedirs(os.path.join(dirs[stage], "ckpt", "step_000001"))
         with open(os.path.join(dirs[stage], "config.json"), "w") as f:
             json.dump({"train": {"math_format": "lsd", "math_digits": 1}}, f)
-    out = train.heldout_evaluation(str(tmp_path), dirs, per_level=5, samples=8, curve=8)
+    monkeypatch.setattr(eval, "open_checkpoint",
+                        lambda ckpt, _: (Knows(tok) if "/rl/" in ckpt else net, tok, {}))
+    out = train.heldout_evaluation(str(tmp_path), dirs, per_level=20, samples=8, curve=8)
     rows = [json.loads(line) for line in open(tmp_path / "heldout" / "d2.jsonl")]
-    assert [(r["a"], r["op"], r["b"]) for r in rows] == arithmetic.heldout(2, 5)
+    problems = arithmetic.heldout(2, 20)
+    assert [(r["a"], r["op"], r["b"]) for r in rows] == problems
     assert out["levels"] == ["d1", "d2"] and out["rl_level"] == "d2"
-    net, _, _ = eval.open_checkpoint(os.path.join(dirs["rl"], "ckpt", "step_000001"), "bytes")
-    examples = [{"prompt": arithmetic.document_text(p, "lsd").split("\nAnswer:")[0] + "\nAnswer:",
-                 "answer": str(arithmetic.result(*p))} for p in arithmetic.heldout(2, 5)]
-    greedy, _ = eval.generative(net.eval(), tok, examples, max_new_tokens=48)
-    assert out["rl"]["d2"]["greedy"] == greedy["exact_match"]
-    assert set(out["curve"]) == {"sft", "rl"} and len(out["curve"]["rl"]) == 8
-    assert out["rl"]["d2"]["greedy gain"]["n"] == 5
+    right = [a % 2 == 0 for a, _, _ in problems]
+    assert out["rl"]["outcomes"]["d2"]["greedy"] == right and 0 < sum(right) < len(right)
+    assert out["rl"]["d2"]["greedy"]["value"] == out["rl"]["d2"]["pass@1"]["value"] == sum(right) / 20
+    assert out["sft"]["d2"]["greedy"]["value"] == 0             # a random model adds nothing
+    assert out["rl"]["d2"]["greedy gain"]["value"] == pytest.approx(sum(right) / 20)
+    assert out["curve"]["rl"][8] == pytest.approx(sum(right) / 20) and set(out["curve"]) == {"sft", "rl"}
+    assert out["commonest"]["d2"] == rl.commonest_answer_share(
+        [{"answer": str(arithmetic.result(*p))} for p in problems])
     assert json.load(open(tmp_path / "heldout.json"))["rl_level"] == "d2"
 
 
