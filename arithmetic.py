@@ -180,6 +180,19 @@ def working(a, op, b, fmt, c=None):
     return "\n".join(steps)
 
 
+def reading(rng):
+    """(question, working, n): a number of 1 to WIDTH digits (the width drawn evenly) to read
+    back, written as the working writes a result (padded, least significant digit first): the
+    working copies it and the answer is the number as a person reads it. No sum: only the step
+    from the working to the answer, shown at every width. Demonstrations of sums stop at the
+    levels SFT covers, so without these the model learns to read back only the results those
+    levels make (at most 198 for two digits) and misreads longer ones it computed right."""
+    k = rng.randint(1, WIDTH)
+    n = rng.randrange(10 ** (k - 1) if k > 1 else 0, 10 ** k)
+    w = padded(n)[::-1]
+    return f"Read back:\n{w}", w, n
+
+
 def slipped(a, op, b, rng):
     """A wrong result a careless hand writes: one carry or borrow forgotten (when the problem
     has one) or one digit off by one. Never the right result, never negative."""

@@ -50,7 +50,9 @@ The built-in arithmetic (arithmetic.py) is laid out for a small model: the quest
 the numbers, zero-padded and least significant digit first, and the thinking block holds the
 result in the same order, so that every digit the model reads sits at a fixed distance from
 where it writes; the answer after the block reads normally. SFT demonstrates 1 to --math_digits;
-rl.py verifies the level above.
+rl.py verifies the level above. Reading the working back is a step of its own: sums of 1 and 2
+digits only ever show results up to 198, so the data also hold numbers of every width read back
+from the working's layout (arithmetic.reading), a format skill with no sum in it.
 
 This file takes the model and tokenizer as arguments and imports only arithmetic.py (the
 built-in arithmetic's layout, standard library only) from the project;
@@ -339,16 +341,25 @@ def docstring_conversation(rng, fn):
     return "docstring", name, messages
 
 
-KINDS = ("arithmetic", "docstring")
+KINDS = ("arithmetic", "reading", "docstring")
 
 
-def builtin_conversations(n=12000, seed=0, fmt=MATH_FORMAT, digits=MATH_DIGITS, heldout_per_level=64, per_function=1):
+def reading_messages(rng):
+    """(prompt messages, turn) of arithmetic.reading: a reversed number read back, no sum."""
+    question, working, n = arithmetic.reading(rng)
+    return math_opening(rng, question), math_turn(working, n)
+
+
+def builtin_conversations(n=12000, seed=0, fmt=MATH_FORMAT, digits=MATH_DIGITS, heldout_per_level=64, per_function=1,
+                          reading=1500):
     """{"train": [(kind, messages)], "val": [...]}: the built-in chat data, deterministic from
     the seed: n arithmetic problems of the demonstrated levels (1 to `digits` digits) from
-    arithmetic.py's training split, in its format, and per_function conversations about each
+    arithmetic.py's training split, in its format; `reading` numbers of every width read back
+    from the working's layout (arithmetic.reading; not in the words format, whose working ends
+    in the answer as a person writes it); per_function conversations about each
     standard-library function. Held out, never trained on: arithmetic.py's held-out problems
-    (heldout_per_level of each demonstrated level) and a tenth of the functions (by a hash of
-    the name), each distinct conversation once."""
+    (heldout_per_level of each demonstrated level), 64 numbers to read and a tenth of the
+    functions (by a hash of the name), each distinct conversation once."""
     rng = random.Random(seed)
     out = {"train": [], "val": []}
     problems = arithmetic.problems("train", range(1, digits + 1), seed)
@@ -359,6 +370,11 @@ def builtin_conversations(n=12000, seed=0, fmt=MATH_FORMAT, digits=MATH_DIGITS, 
         for p in arithmetic.heldout(d, heldout_per_level):
             prompt, turn = arithmetic_messages(p, fmt)
             out["val"].append(("arithmetic", prompt + [turn]))
+    if fmt != "words":
+        for split, count, r in (("train", reading, rng), ("val", 64 if reading else 0, random.Random("reading/val"))):
+            for _ in range(count):
+                prompt, turn = reading_messages(r)
+                out[split].append(("reading", prompt + [turn]))
     seen = set()
     for fn in stdlib_functions():
         for _ in range(per_function):

@@ -1798,11 +1798,12 @@ PIPELINE = (
     ("midtrain", ["--max_steps", "30", "--lr", "1e-3", "--warmup_steps", "5", "--eval_every", "30",
                   "--ckpt_every", "30", "--eval_tasks", ""]),
     # SFT learns the sums in a sudden drop of the loss after some hundreds of steps: many small
-    # steps (1,000 of 2,048 tokens, about 45 conversations each) at pretraining's peak rate, which
-    # a 1.5M model takes; one evaluation at the end of each post-training stage (and the one at its
-    # start), the held-out evaluation after the last stage does the rest
-    ("sft", ["--max_steps", "1000", "--total_batch_tokens", "2048", "--lr", "3e-3", "--eval_every", "1000",
-             "--ckpt_every", "500"]),
+    # steps (1,300 of 2,048 tokens, about 45 conversations each; a tenth of them numbers read back,
+    # which delay the drop) at pretraining's peak rate, which a 1.5M model takes; one evaluation at
+    # the end of each post-training stage (and the one at its start), the held-out evaluation after
+    # the last stage does the rest
+    ("sft", ["--max_steps", "1300", "--total_batch_tokens", "2048", "--lr", "3e-3", "--eval_every", "1300",
+             "--ckpt_every", "650"]),
     # APO-zero (dpo.py's default loss) at half its usual rate: at 2e-4 it undid SFT (one digit 96%
     # -> 70% held out), at 5e-5 it keeps it (README: the walkthrough's card)
     ("dpo", ["--max_steps", "30", "--lr", "5e-5", "--eval_every", "30"]),

@@ -120,6 +120,20 @@ def test_a_slip_is_wrong_by_one_place():
     assert kinds == {("+", True), ("+", False), ("-", True), ("-", False)}
 
 
+def test_a_number_to_read_back_is_laid_out_as_a_result_at_every_width():
+    """reading(): the working is the number as the working writes a result (arithmetic.working's
+    layout, checked against a sum that makes it), the question ends with the same digits, the
+    answer is the number; every width from 1 to WIDTH digits comes up, about equally."""
+    rng = random.Random(3)
+    widths = []
+    for _ in range(1200):
+        q, w, n = A.reading(rng)
+        assert w == A.working(n, "+", 0, "lsd") and q.endswith("\n" + w) and int(w[::-1]) == n
+        widths.append(len(str(n)))
+    counts = [widths.count(k) for k in range(1, A.WIDTH + 1)]
+    assert min(counts) > 120, counts
+
+
 def test_unknown_format_names_the_choices():
     with pytest.raises(ValueError, match="msd"):
         A.rendered(1, "+", 2, "abacus")

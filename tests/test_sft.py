@@ -926,8 +926,8 @@ def test_builtin_heldout_questions_never_train(builtin_split):
     training split and of a demonstrated level, every held-out one in its held-out split (so
     none is trained on, RL's prompts neither); a tenth of the functions is held out by name;
     the held-out split has no duplicates and every demonstrated level."""
-    train = {key_of(k, m) for k, m in builtin_split["train"]}
-    val = {key_of(k, m) for k, m in builtin_split["val"]}
+    train = {key_of(k, m) for k, m in builtin_split["train"] if k != "reading"}
+    val = {key_of(k, m) for k, m in builtin_split["val"] if k != "reading"}
     assert not train & val
     math_train, math_val = [p for p in train if isinstance(p, tuple)], [p for p in val if isinstance(p, tuple)]
     assert all(arithmetic.split(*p) == "train" for p in math_train)
@@ -947,19 +947,24 @@ def test_builtin_heldout_questions_never_train(builtin_split):
 def test_builtin_answers_are_right(builtin_split):
     """Every arithmetic answer is the problem's result, "The answer is N." after a thinking
     block that holds the result padded and least significant digit first; the question's
-    user message ends with the numbers (the flag, if any, in the system prompt)."""
-    n = 0
+    user message ends with the numbers (the flag, if any, in the system prompt). A number to
+    read back is answered with itself, in the same shape."""
+    n, reading = 0, 0
     for kind, messages in builtin_split["train"] + builtin_split["val"]:
         if kind == "docstring":
             continue
-        a, op, b = key_of(kind, messages)
-        c = a + b if op == "+" else a - b
+        if kind == "reading":
+            c = int(messages[-2]["content"].split("\n")[-1][::-1])
+            reading += 1
+        else:
+            a, op, b = key_of(kind, messages)
+            c = a + b if op == "+" else a - b
         turn = messages[-1]
         assert turn["role"] == "assistant" and turn["content"] == f"The answer is {c}."
         assert int(turn["reasoning"][::-1]) == c and len(turn["reasoning"]) == arithmetic.WIDTH
         assert sft.reasoning_mode(messages) == sft.THINK and "/think" not in messages[-2]["content"]
         n += 1
-    assert n > 5000
+    assert n > 5000 and 0.05 < reading / n < 0.2
 
 
 def test_builtin_conversations_are_valid_and_render(builtin_split, small_tokenizer):
