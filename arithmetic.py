@@ -44,7 +44,7 @@ Algorithms can Transformers Learn?).
 This file imports only the standard library.
 
 Run:
-    python arithmetic.py          # demo: one problem in each format, the splits' sizes per level
+    python arithmetic.py          # demo: one problem in each format, a number read back, the splits' sizes per level
 """
 import functools
 import hashlib
@@ -246,6 +246,8 @@ def _demo():
     for fmt in FORMATS:
         print(f"[{fmt}]\n{question(a, op, b, fmt, rng)}\n--- working ---\n{working(a, op, b, fmt)}\n"
               f"--- answer ---\n{result(a, op, b)}\n")
+    q, w, n = reading(rng)
+    print(f"[a number to read back]\n{q}\n--- working ---\n{w}\n--- answer ---\n{n}\n")
     print("split sizes of 2,000 draws per level (train / rl / heldout):")
     for d in LEVELS:
         counts = dict.fromkeys(SPLITS, 0)
