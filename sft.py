@@ -344,10 +344,16 @@ def docstring_conversation(rng, fn):
 KINDS = ("arithmetic", "reading", "docstring")
 
 
-def reading_messages(rng):
-    """(prompt messages, turn) of arithmetic.reading: a reversed number read back, no sum."""
-    question, working, n = arithmetic.reading(rng)
-    return math_opening(rng, question), math_turn(working, n)
+def reading_conversations(count, rng, heldout):
+    """count conversations of arithmetic.reading (a reversed number read back, no sum), of the
+    numbers a hash holds out (heldout=True, each once) or of the others: no number is in both."""
+    out, seen = [], set()
+    while len(out) < count:
+        question, working, n = arithmetic.reading(rng)
+        if is_heldout(f"reading {n}") == heldout and not (heldout and n in seen):
+            seen.add(n)
+            out.append(("reading", math_opening(rng, question) + [math_turn(working, n)]))
+    return out
 
 
 def builtin_conversations(n=12000, seed=0, fmt=MATH_FORMAT, digits=MATH_DIGITS, heldout_per_level=64, per_function=1,
@@ -358,8 +364,9 @@ def builtin_conversations(n=12000, seed=0, fmt=MATH_FORMAT, digits=MATH_DIGITS, 
     from the working's layout (arithmetic.reading; not in the words format, whose working ends
     in the answer as a person writes it); per_function conversations about each
     standard-library function. Held out, never trained on: arithmetic.py's held-out problems
-    (heldout_per_level of each demonstrated level), 64 numbers to read and a tenth of the
-    functions (by a hash of the name), each distinct conversation once."""
+    (heldout_per_level of each demonstrated level), 64 numbers to read (a tenth of the numbers,
+    by a hash) and a tenth of the functions (by a hash of the name), each distinct conversation
+    once."""
     rng = random.Random(seed)
     out = {"train": [], "val": []}
     problems = arithmetic.problems("train", range(1, digits + 1), seed)
@@ -370,11 +377,9 @@ def builtin_conversations(n=12000, seed=0, fmt=MATH_FORMAT, digits=MATH_DIGITS, 
         for p in arithmetic.heldout(d, heldout_per_level):
             prompt, turn = arithmetic_messages(p, fmt)
             out["val"].append(("arithmetic", prompt + [turn]))
-    if fmt != "words":
-        for split, count, r in (("train", reading, rng), ("val", 64 if reading else 0, random.Random("reading/val"))):
-            for _ in range(count):
-                prompt, turn = reading_messages(r)
-                out[split].append(("reading", prompt + [turn]))
+    if fmt != "words" and reading:
+        out["train"] += reading_conversations(reading, rng, heldout=False)
+        out["val"] += reading_conversations(64, random.Random("reading/val"), heldout=True)
     seen = set()
     for fn in stdlib_functions():
         for _ in range(per_function):

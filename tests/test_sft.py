@@ -879,11 +879,14 @@ def test_stage_too_little_data_raises(tmp_path, small_tokenizer, chat_file):
 # The built-in data
 
 def key_of(kind, messages):
-    """The first user question's key, re-derived: the function name, or the problem (a, op, b)
-    read back from the numbers that end the question (sft.MATH_FORMAT writes them reversed)."""
+    """The first user question's key, re-derived: the function name, the problem (a, op, b)
+    read back from the numbers that end the question (sft.MATH_FORMAT writes them reversed),
+    or the number to read back."""
     q = next(m["content"] for m in messages if m["role"] == "user")
     if kind == "docstring":
         return re.search(r"`([^`]+)`", q).group(1)
+    if kind == "reading":
+        return int(q.split("\n")[-1][::-1])
     x, op, y = q.split("\n")[-1].split(" ")
     read = (lambda t: int(t[::-1])) if sft.MATH_FORMAT == "lsd" else int
     return read(x), op, read(y)
@@ -926,15 +929,18 @@ def test_builtin_heldout_questions_never_train(builtin_split):
     training split and of a demonstrated level, every held-out one in its held-out split (so
     none is trained on, RL's prompts neither); a tenth of the functions is held out by name;
     the held-out split has no duplicates and every demonstrated level."""
-    train = {key_of(k, m) for k, m in builtin_split["train"] if k != "reading"}
-    val = {key_of(k, m) for k, m in builtin_split["val"] if k != "reading"}
+    train = {key_of(k, m) for k, m in builtin_split["train"]}
+    val = {key_of(k, m) for k, m in builtin_split["val"]}
     assert not train & val
     math_train, math_val = [p for p in train if isinstance(p, tuple)], [p for p in val if isinstance(p, tuple)]
+    read_train, read_val = {k for k in train if isinstance(k, int)}, {k for k in val if isinstance(k, int)}
+    assert len(read_val) == 64 and all(sft.is_heldout(f"reading {n}") for n in read_val)
+    assert len(read_train) > 500 and not any(sft.is_heldout(f"reading {n}") for n in read_train)
     assert all(arithmetic.split(*p) == "train" for p in math_train)
     assert all(arithmetic.split(*p) == "heldout" for p in math_val)
     assert {arithmetic.level(a, b) for a, _, b in math_train} == set(range(1, sft.MATH_DIGITS + 1))
     assert {arithmetic.level(a, b) for a, _, b in math_val} == set(range(1, sft.MATH_DIGITS + 1))
-    names_train, names_val = train - set(math_train), val - set(math_val)
+    names_train, names_val = train - set(math_train) - read_train, val - set(math_val) - read_val
     assert not any(sft.is_heldout(k) for k in names_train) and all(sft.is_heldout(k) for k in names_val)
     assert 0.05 < len(names_val) / (len(names_val) + len(names_train)) < 0.15
     dumps = [json.dumps(m) for _, m in builtin_split["val"]]
@@ -954,7 +960,7 @@ def test_builtin_answers_are_right(builtin_split):
         if kind == "docstring":
             continue
         if kind == "reading":
-            c = int(messages[-2]["content"].split("\n")[-1][::-1])
+            c = key_of(kind, messages)
             reading += 1
         else:
             a, op, b = key_of(kind, messages)
