@@ -1775,6 +1775,10 @@ def run(cfg, overrides):
             t.log(f"sample: {text!r}")
     if t.rank == 0 and step >= cfg.max_steps:
         plot(cfg.out_dir)
+    # every rank leaves together: a rank that tears its process group down while another is still
+    # writing the card or the plot can abort in gloo's teardown ("terminate called without an
+    # active exception"), which torchrun reports as a failed run
+    barrier()
     return step
 
 
