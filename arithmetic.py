@@ -13,15 +13,19 @@ column sit at distances that depend on both operands' lengths, and the carry flo
 left while the answer is written left to right. So the layouts here put every digit the model
 reads at a fixed offset from where it writes:
 
-    words   What is 123 + 45?          working: "Add digit by digit from the right. 3 + 5 ..."
-    msd     000123 + 000045            working: 861000      (both numbers padded to WIDTH)
-    lsd     321000 + 540000            working: 861000      (every number least significant first)
+    words   What is 123 + 45?          working: "Add digit by digit from the right. 3 + 5 ..."   answer: 168
+    msd     000123 + 000045            working: 861000      answer: 000168    (numbers padded to WIDTH)
+    lsd     321000 + 540000            working: 861000      answer: 000168    (operands least significant first)
 
 The working (the thinking block of a chat turn) is the result, padded and least significant
 digit first, so that digit i of the result is written right after digit i - 1 and its carry,
 from digit i of each operand: in `lsd` at one fixed offset, in `msd` at an offset that grows
-by two per digit, the same for every problem. The answer shown after the working reads
-normally (`168`): the working read back from its end, which is again a fixed pattern. A
+by two per digit, the same for every problem. The answer after the working reads as a person
+reads a number, most significant digit first, and padded to the same width (`000168`): digit i
+of the answer is digit WIDTH - 1 - i of the working, a distance that depends on i alone, the
+same for every problem. Unpadded (`168`) it would not be: where the answer's first digit sits in
+the working depends on the result's length, and a small model that read two-digit sums back
+right misread the longer results it had computed right (README: the walkthrough's card). A
 question may open with a line in words (`Compute:`), off the path the skill depends on: what
 comes before the numbers moves nothing the model reads.
 
@@ -155,6 +159,12 @@ def question(a, op, b, fmt, rng=None):
     return (rng.choice(PREFIXES) if rng else "") + rendered(a, op, b, fmt)
 
 
+def answer(n, fmt):
+    """The answer as the format writes it: padded to WIDTH (`000168`), each digit at a fixed
+    distance from the working's digit it reads; in words as a person writes it (`168`)."""
+    return str(n) if fmt == "words" else padded(n)
+
+
 def working(a, op, b, fmt, c=None):
     """The worked solution leading to c (the right result when None, a wrong one to show a slip):
     in words the digit-by-digit steps of the classroom method; else the result padded, least
@@ -183,7 +193,7 @@ def working(a, op, b, fmt, c=None):
 def reading(rng):
     """(question, working, n): a number of 1 to WIDTH digits (the width drawn evenly) to read
     back, written as the working writes a result (padded, least significant digit first): the
-    working copies it and the answer is the number as a person reads it. No sum: only the step
+    working copies it and the answer is the number as the answer writes it (answer). No sum: only the step
     from the working to the answer, shown at every width. Demonstrations of sums stop at the
     levels SFT covers, so without these the model learns to read back only the results those
     levels make (at most 198 for two digits) and misreads longer ones it computed right."""
@@ -224,12 +234,13 @@ def document(i, seed=0, fmt=FORMAT, digits=DIGITS):
 
 def document_text(problem, fmt=FORMAT, rng=None):
     a, op, b = problem
-    return f"Question: {question(a, op, b, fmt, rng)}\nAnswer: {working(a, op, b, fmt)}\n#### {result(a, op, b)}\n"
+    return f"Question: {question(a, op, b, fmt, rng)}\nAnswer: {working(a, op, b, fmt)}\n#### {answer(result(a, op, b), fmt)}\n"
 
 
 def corpus(fmt=FORMAT, digits=DIGITS):
     """data.prepare's math=: (the document generator, its key), the key recorded in the manifest."""
-    return functools.partial(document, fmt=fmt, digits=digits), {"format": fmt, "digits": digits}
+    # ("layout" 2: the answer padded; a corpus prepared with the earlier layout is not reused)
+    return functools.partial(document, fmt=fmt, digits=digits), {"format": fmt, "digits": digits, "layout": 2}
 
 
 def heldout_documents(n, fmt=FORMAT):
@@ -245,9 +256,9 @@ def _demo():
     print(f"{a} {op} {b} = {result(a, op, b)}, {carries(a, op, b)} carries; a slip: {slipped(a, op, b, rng)}\n")
     for fmt in FORMATS:
         print(f"[{fmt}]\n{question(a, op, b, fmt, rng)}\n--- working ---\n{working(a, op, b, fmt)}\n"
-              f"--- answer ---\n{result(a, op, b)}\n")
+              f"--- answer ---\n{answer(result(a, op, b), fmt)}\n")
     q, w, n = reading(rng)
-    print(f"[a number to read back]\n{q}\n--- working ---\n{w}\n--- answer ---\n{n}\n")
+    print(f"[a number to read back]\n{q}\n--- working ---\n{w}\n--- answer ---\n{answer(n, FORMAT)}\n")
     print("split sizes of 2,000 draws per level (train / rl / heldout):")
     for d in LEVELS:
         counts = dict.fromkeys(SPLITS, 0)

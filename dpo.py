@@ -272,7 +272,7 @@ def arithmetic_pair(problem, fmt, rng):
     prompt, turn = sft.arithmetic_messages(problem, fmt, rng)
     wrong = arithmetic.slipped(a, op, b, rng)
     return "arithmetic", {"prompt": prompt, "chosen": [turn],
-                          "rejected": [sft.math_turn(arithmetic.working(a, op, b, fmt, wrong), wrong)]}
+                          "rejected": [sft.math_turn(arithmetic.working(a, op, b, fmt, wrong), arithmetic.answer(wrong, fmt))]}
 
 
 def faithful_pair(problem, fmt, rng):
@@ -283,7 +283,7 @@ def faithful_pair(problem, fmt, rng):
     prompt, turn = sft.arithmetic_messages(problem, fmt, rng)
     wrong = arithmetic.slipped(a, op, b, rng)
     return "faithful", {"prompt": prompt, "chosen": [turn],
-                        "rejected": [sft.math_turn(turn["reasoning"], wrong)]}
+                        "rejected": [sft.math_turn(turn["reasoning"], arithmetic.answer(wrong, fmt))]}
 
 
 def complete_pair(problem, fmt, rng):

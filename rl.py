@@ -478,7 +478,7 @@ class RLStage:
                  temperature=1.0, loss_type="dapo", scale="group", beta=0.0, eps_low=0.2, eps_high=0.28,
                  iterations=1, format_weight=0.1, overlong_cache=0, resample=2, ref_model=None, reward_model=None,
                  teacher=None, distill="reverse_kl", jsd_beta=0.5, seed=0, rank=0, world_size=1, group=None,
-                 math_format=sft.MATH_FORMAT, math_digits=sft.MATH_DIGITS, log=print):
+                 math_format=sft.MATH_FORMAT, math_digits=sft.MATH_DIGITS, rehearse=0, log=print):
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type {loss_type!r}: one of {', '.join(LOSS_TYPES)}")
         if scale not in SCALES:
@@ -505,7 +505,12 @@ class RLStage:
         self.stop_ids = [i for s, i in eval.special_ids(tokenizer).items() if s in eval.STOP_TOKENS]
         if not self.stop_ids:
             raise ValueError("the tokenizer has no end-of-turn token (<|im_end|>): a completion could never end")
-        self.math_format, self.levels = math_format, (math_digits + 1,)   # RL's level: the one above SFT's
+        if not 0 <= rehearse <= math_digits:
+            raise ValueError(f"rehearse {rehearse} (--rl_rehearse): 0 to the {math_digits} demonstrated levels")
+        # RL's level is the one above SFT's; rehearsed levels (the top `rehearse` of SFT's) come in
+        # turn with it, their own "rl" problems: a right answer there earns the same reward, so a
+        # policy that starts to forget them is pulled back where it slips
+        self.math_format, self.levels = math_format, tuple(range(math_digits + 1 - rehearse, math_digits + 2))
         if data == "builtin":
             self.kinds, self.problems = tuple(f"d{d}" for d in self.levels), None
             val = heldout_problems(64, self.levels, math_format)

@@ -49,7 +49,8 @@ reasoning modes); Krell et al. 2021 (packing without cross-contamination).
 The built-in arithmetic (arithmetic.py) is laid out for a small model: the question ends with
 the numbers, zero-padded and least significant digit first, and the thinking block holds the
 result in the same order, so that every digit the model reads sits at a fixed distance from
-where it writes; the answer after the block reads normally. SFT demonstrates 1 to --math_digits;
+where it writes; the answer after the block reads most significant digit first, padded to the
+same width (`000168`), so that it too reads the block at fixed distances. SFT demonstrates 1 to --math_digits;
 rl.py verifies the level above. Reading the working back is a step of its own: sums of 1 and 2
 digits only ever show results up to 198, so the data also hold numbers of every width read back
 from the working's layout (arithmetic.reading), a format skill with no sum in it.
@@ -281,7 +282,8 @@ def math_opening(rng, question):
 
 
 def math_turn(working, answer):
-    """The assistant's turn: the working in the thinking block, then the answer as a person reads it."""
+    """The assistant's turn: the working in the thinking block, then the answer as the format
+    writes it (arithmetic.answer: `000168`, most significant digit first)."""
     return {"role": "assistant", "content": f"The answer is {answer}.", "reasoning": working}
 
 
@@ -290,7 +292,7 @@ def arithmetic_messages(problem, fmt=MATH_FORMAT, rng=None):
     a, op, b = problem
     rng = rng or random.Random(f"{a} {op} {b}")
     return (math_opening(rng, arithmetic.question(a, op, b, fmt, rng)),
-            math_turn(arithmetic.working(a, op, b, fmt), arithmetic.result(a, op, b)))
+            math_turn(arithmetic.working(a, op, b, fmt), arithmetic.answer(arithmetic.result(a, op, b), fmt)))
 
 
 DOC_MODULES = ("math", "os.path", "textwrap", "string", "json", "statistics", "itertools", "functools",
@@ -352,7 +354,7 @@ def reading_conversations(count, rng, heldout):
         question, working, n = arithmetic.reading(rng)
         if is_heldout(f"reading {n}") == heldout and not (heldout and n in seen):
             seen.add(n)
-            out.append(("reading", math_opening(rng, question) + [math_turn(working, n)]))
+            out.append(("reading", math_opening(rng, question) + [math_turn(working, arithmetic.answer(n, arithmetic.FORMAT))]))
     return out
 
 

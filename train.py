@@ -130,6 +130,7 @@ class TrainConfig:
     teacher: str = ""                   # a checkpoint with the same tokenizer: on-policy distillation
     distill: str = "reverse_kl"         # with --teacher: reverse_kl (per-token advantage) | gjsd (GKD's loss)
     jsd_beta: float = 0.5               # gjsd: 0 = forward KL(teacher || student), 1 = reverse KL
+    rl_rehearse: int = 0                # built-in prompts: also the top N demonstrated levels, in turn with the one above
     group_size: int = 8                 # completions per prompt (GRPO's group)
     max_new_tokens: int = 64            # of a completion (the overlong penalty's max_length)
     rl_temperature: float = 1.0         # sampling (and the log-probabilities' temperature)
@@ -870,10 +871,11 @@ def prepare_data(cfg, tok, rank):
         barrier()
     with open(manifest) as f:
         math = json.load(f).get("math")
-    if math and (math["format"], math["digits"]) != (cfg.math_format, cfg.math_digits):
-        raise SystemExit(f"{manifest}: its math was prepared as --math_format {math['format']} --math_digits "
-                         f"{math['digits']}, not {cfg.math_format} {cfg.math_digits}: give another --data_dir (it is "
-                         "prepared there) or the same layout")
+    want = arithmetic.corpus(cfg.math_format, cfg.math_digits)[1]
+    if math and math != want:
+        raise SystemExit(f"{manifest}: its math was prepared as {math}, this run writes {want} (--math_format, "
+                         f"--math_digits, or an older version of arithmetic.py): give another --data_dir (it is "
+                         f"prepared there) or delete {cfg.data_dir}")
 
 
 def is_reward_model(path):
@@ -1261,7 +1263,7 @@ class Trainer:
                           cfg.max_new_tokens, cfg.rl_temperature, cfg.loss_type, cfg.scale, cfg.beta, cfg.eps_low,
                           cfg.eps_high, cfg.iterations, cfg.format_weight, cfg.overlong_cache, cfg.resample, ref,
                           reward_model, teacher, cfg.distill, cfg.jsd_beta, cfg.seed, self.dp_rank, self.dp, group,
-                          cfg.math_format, cfg.math_digits, log=self.log)
+                          cfg.math_format, cfg.math_digits, cfg.rl_rehearse, log=self.log)
 
     def next_batch(self):
         """The stage's next micro-batch on this device; an on-policy stage first samples a new
@@ -1811,8 +1813,11 @@ PIPELINE = (
     # APO-zero (dpo.py's default loss) at half its usual rate: at 2e-4 it undid SFT (one digit 96%
     # -> 70% held out), at 5e-5 it keeps it (README: the walkthrough's card)
     ("dpo", ["--max_steps", "30", "--lr", "5e-5", "--eval_every", "30"]),
-    # GRPO (DAPO's loss) on the level above SFT's; at 1e-3 it wrecked the demonstrated levels
-    ("rl", ["--max_steps", "60", "--eval_every", "60", "--ckpt_every", "60"]),
+    # GRPO (DAPO's loss) on the level above SFT's, its prompts in turn with the top demonstrated
+    # level's (--rl_rehearse 1), at a third of the stage's default rate: at 3e-4, or on the new
+    # level alone, the demonstrated levels fell below SFT's (README: RL notes; chosen on RL's own
+    # split of problems, never on the held-out ones)
+    ("rl", ["--max_steps", "180", "--lr", "1e-4", "--rl_rehearse", "1", "--eval_every", "180", "--ckpt_every", "90"]),
 )
 
 

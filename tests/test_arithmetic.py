@@ -129,6 +129,7 @@ def test_a_number_to_read_back_is_laid_out_as_a_result_at_every_width():
     for _ in range(1200):
         q, w, n = A.reading(rng)
         assert w == A.working(n, "+", 0, "lsd") and q.endswith("\n" + w) and int(w[::-1]) == n
+        assert A.answer(n, "lsd") == w[::-1] and int(A.answer(n, "lsd")) == n
         widths.append(len(str(n)))
     counts = [widths.count(k) for k in range(1, A.WIDTH + 1)]
     assert min(counts) > 120, counts

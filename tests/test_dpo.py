@@ -262,7 +262,7 @@ def test_builtin_pairs_are_deterministic_held_out_as_sft_and_rejected_answers_ar
             assert arithmetic.level(p[0], p[2]) <= sft.MATH_DIGITS
             c = arithmetic.result(*p)
             chosen, rejected = rec["chosen"][0], rec["rejected"][0]
-            assert chosen["content"] == f"The answer is {c}." and int(chosen["reasoning"][::-1]) == c
+            assert chosen["content"] == f"The answer is {chosen['reasoning'][::-1]}." and int(chosen["reasoning"][::-1]) == c
             if kind == "complete":
                 assert rejected["content"] == "" and chosen["reasoning"].startswith(rejected["reasoning"])
                 assert 0 < len(rejected["reasoning"]) < len(chosen["reasoning"])

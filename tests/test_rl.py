@@ -297,7 +297,20 @@ def test_builtin_prompts_are_rls_split_and_answer_right():
         a, b = int(x[::-1]), int(y[::-1])           # (sft.MATH_FORMAT writes numbers reversed)
         assert r["key"] == f"{a} {op} {b}" and arithmetic.split(a, op, b) == "rl"
         assert r["answer"] == str(a + b if op == "+" else a - b)
-        assert r["solution"]["content"] == f"The answer is {r['answer']}."
+        assert r["solution"]["content"] == f"The answer is {arithmetic.answer(int(r['answer']), sft.MATH_FORMAT)}."
+
+
+def test_rehearsed_levels_come_in_turn_with_the_level_above(small_tokenizer):
+    """rehearse=N: the stage's prompts are the top N demonstrated levels and the one above, in
+    turn, every one of them an "rl" problem; more levels than SFT demonstrated is an error."""
+    stage = make_stage(small_tokenizer, math_digits=2, rehearse=1, seq_len=256)
+    assert stage.levels == (2, 3) and stage.kinds == ("d2", "d3")
+    drawn = stage.draw(8)
+    assert [r["kind"] for r in drawn] == ["d2", "d3"] * 4
+    assert all(arithmetic.split(*[int(x) if x.isdigit() else x for x in r["key"].split()]) == "rl" for r in drawn)
+    assert make_stage(small_tokenizer, math_digits=2, seq_len=256).levels == (3,)
+    with pytest.raises(ValueError, match=r"rehearse 3 \(--rl_rehearse\): 0 to the 2 demonstrated levels"):
+        make_stage(small_tokenizer, math_digits=2, rehearse=3, seq_len=256)
 
 
 def test_heldout_problems_each_problem_once():

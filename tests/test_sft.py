@@ -951,8 +951,9 @@ def test_builtin_heldout_questions_never_train(builtin_split):
 
 
 def test_builtin_answers_are_right(builtin_split):
-    """Every arithmetic answer is the problem's result, "The answer is N." after a thinking
-    block that holds the result padded and least significant digit first; the question's
+    """Every arithmetic answer is the problem's result, "The answer is N." with N padded to
+    WIDTH (000168), after a thinking block that holds the result padded and least significant
+    digit first: the answer is the working mirrored, digit for digit; the question's
     user message ends with the numbers (the flag, if any, in the system prompt). A number to
     read back is answered with itself, in the same shape."""
     n, reading = 0, 0
@@ -966,8 +967,8 @@ def test_builtin_answers_are_right(builtin_split):
             a, op, b = key_of(kind, messages)
             c = a + b if op == "+" else a - b
         turn = messages[-1]
-        assert turn["role"] == "assistant" and turn["content"] == f"The answer is {c}."
-        assert int(turn["reasoning"][::-1]) == c and len(turn["reasoning"]) == arithmetic.WIDTH
+        assert turn["role"] == "assistant" and turn["content"] == f"The answer is {str(c).zfill(arithmetic.WIDTH)}."
+        assert turn["content"] == f"The answer is {turn['reasoning'][::-1]}." and int(turn["reasoning"][::-1]) == c
         assert sft.reasoning_mode(messages) == sft.THINK and "/think" not in messages[-2]["content"]
         n += 1
     assert n > 5000 and 0.05 < reading / n < 0.2
