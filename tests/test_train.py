@@ -1310,3 +1310,17 @@ def test_help_lists_the_commands_and_every_key(capsys):
     assert "python train.py --pipeline" in out and "config keys" in out
     for key in list(train.TRAIN_FIELDS) + ["n_layer", "dim"]:
         assert f"\n  --{key} " in out, key
+
+
+def test_a_corpus_prepared_with_another_math_layout_is_refused(tmp_path):
+    """The built-in math is written into the shards: a data_dir prepared with another layout (an
+    earlier version's unpadded answer, another --math_format) stops the run with the manifest's
+    path and both layouts, rather than pretraining on the old one; the same layout goes on."""
+    cfg = train.TrainConfig(data_dir=str(tmp_path))
+    manifest = tmp_path / "manifest.json"
+    for old in ({"format": "lsd", "digits": 2}, {**arithmetic.corpus("msd", 2)[1]}):
+        manifest.write_text(json.dumps({"math": old}))
+        with pytest.raises(SystemExit, match=re.escape(str(manifest)) + ".*prepared as .*this run writes"):
+            train.prepare_data(cfg, None, 0)
+    manifest.write_text(json.dumps({"math": arithmetic.corpus(cfg.math_format, cfg.math_digits)[1]}))
+    train.prepare_data(cfg, None, 0)
