@@ -53,7 +53,10 @@ where it writes; the answer after the block reads most significant digit first, 
 same width (`000168`), so that it too reads the block at fixed distances. SFT demonstrates 1 to --math_digits;
 rl.py verifies the level above. Reading the working back is a step of its own: sums of 1 and 2
 digits only ever show results up to 198, so the data also hold numbers of every width read back
-from the working's layout (arithmetic.reading), a format skill with no sum in it.
+from the working's layout (arithmetic.reading), a format skill with no sum in it, and numbers
+read back from a working given after a training problem (faithful_conversations: the thinking
+block is context, the loss on the answer alone), so that the answer reads the working rather
+than recomputing the question.
 
 This file takes the model and tokenizer as arguments and imports only arithmetic.py (the
 built-in arithmetic's layout, standard library only) from the project;
@@ -153,7 +156,8 @@ def reasoning_mode(messages):
 def render_chat(messages, tokenizer, add_generation_prompt=False, train_on="assistant"):
     """(ids, mask) of a conversation in the template: mask[i] is True where token i is a
     training target (the assistant's thinking, answer and <|im_end|>; every token with
-    train_on="all"). add_generation_prompt appends the assistant header (and, in /no_think
+    train_on="all"; an assistant turn marked "reasoning_given" has its thinking block as
+    context, not a target). add_generation_prompt appends the assistant header (and, in /no_think
     mode, the empty thinking block) for the model to continue; then no assistant turn is
     needed. Pieces are encoded one at a time, so the prompt of a conversation is always an
     exact prefix of the conversation with its answer."""
@@ -181,8 +185,9 @@ def render_chat(messages, tokenizer, add_generation_prompt=False, train_on="assi
             put(encode(tokenizer, EMPTY_THINK), False)
             put(encode(tokenizer, answer) + [end], True)
         else:
-            put(encode(tokenizer, f"<think>\n{reasoning}\n</think>\n" if reasoning else EMPTY_THINK) +
-                encode(tokenizer, answer) + [end], True)
+            given = bool(m.get("reasoning_given"))
+            put(encode(tokenizer, f"<think>\n{reasoning}\n</think>\n" if reasoning else EMPTY_THINK), not given)
+            put(encode(tokenizer, answer) + [end], True)
         put(encode(tokenizer, "\n"), False)
     if add_generation_prompt:
         put([start] + encode(tokenizer, "assistant\n"), False)
@@ -343,7 +348,7 @@ def docstring_conversation(rng, fn):
     return "docstring", name, messages
 
 
-KINDS = ("arithmetic", "reading", "docstring")
+KINDS = ("arithmetic", "reading", "faithful", "docstring")
 
 
 def reading_conversations(count, rng, heldout):
@@ -358,17 +363,40 @@ def reading_conversations(count, rng, heldout):
     return out
 
 
+def faithful_conversations(count, rng, heldout, fmt=MATH_FORMAT, digits=MATH_DIGITS):
+    """count conversations that ask a training problem of 1 to `digits` digits and give a
+    working of another number (arithmetic.reading's), marked "reasoning_given": the working is
+    context, not a target, and the loss is on the answer alone, which reads the working back
+    whatever the question's result is. Without them the model learns to recompute the answer
+    from the question (at one and two digits the same digits as reading) and misreads the longer
+    results it works out right. Held out by the number's hash, as reading_conversations."""
+    out, seen = [], set()
+    while len(out) < count:
+        _, working, n = arithmetic.reading(rng)
+        if is_heldout(f"reading {n}") != heldout or (heldout and n in seen):
+            continue
+        seen.add(n)
+        while True:
+            p = arithmetic.draw(rng, rng.randint(1, digits))
+            if arithmetic.split(*p) == "train" and arithmetic.result(*p) != n:
+                break
+        turn = {**math_turn(working, arithmetic.answer(n, fmt)), "reasoning_given": True}
+        out.append(("faithful", math_opening(rng, arithmetic.question(*p, fmt, rng)) + [turn]))
+    return out
+
+
 def builtin_conversations(n=12000, seed=0, fmt=MATH_FORMAT, digits=MATH_DIGITS, heldout_per_level=64, per_function=1,
-                          reading=1500):
+                          reading=1050, faithful=450):
     """{"train": [(kind, messages)], "val": [...]}: the built-in chat data, deterministic from
     the seed: n arithmetic problems of the demonstrated levels (1 to `digits` digits) from
     arithmetic.py's training split, in its format; `reading` numbers of every width read back
-    from the working's layout (arithmetic.reading; not in the words format, whose working ends
-    in the answer as a person writes it); per_function conversations about each
+    from the working's layout (arithmetic.reading) and `faithful` read back from a working
+    given after a training problem (faithful_conversations; neither in the words format, whose
+    working ends in the answer as a person writes it); per_function conversations about each
     standard-library function. Held out, never trained on: arithmetic.py's held-out problems
-    (heldout_per_level of each demonstrated level), 64 numbers to read (a tenth of the numbers,
-    by a hash) and a tenth of the functions (by a hash of the name), each distinct conversation
-    once."""
+    (heldout_per_level of each demonstrated level), 64 numbers to read and 32 given workings (a
+    tenth of the numbers, by a hash) and a tenth of the functions (by a hash of the name), each
+    distinct conversation once."""
     rng = random.Random(seed)
     out = {"train": [], "val": []}
     problems = arithmetic.problems("train", range(1, digits + 1), seed)
@@ -382,6 +410,9 @@ def builtin_conversations(n=12000, seed=0, fmt=MATH_FORMAT, digits=MATH_DIGITS, 
     if fmt != "words" and reading:
         out["train"] += reading_conversations(reading, rng, heldout=False)
         out["val"] += reading_conversations(64, random.Random("reading/val"), heldout=True)
+    if fmt != "words" and faithful:
+        out["train"] += faithful_conversations(faithful, rng, False, fmt, digits)
+        out["val"] += faithful_conversations(32, random.Random("faithful/val"), True, fmt, digits)
     seen = set()
     for fn in stdlib_functions():
         for _ in range(per_function):

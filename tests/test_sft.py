@@ -116,6 +116,15 @@ def test_render_system_user_assistant_with_reasoning_exact_ids_and_mask():
     assert all(type(m) is bool for m in mask)
 
 
+def test_a_given_reasoning_is_context_and_only_the_answer_trains():
+    """An assistant turn marked "reasoning_given" renders the same ids, its thinking block
+    untrained: only the answer and <|im_end|> are targets (sft.faithful_conversations)."""
+    given = MATH[:-1] + [{**MATH[-1], "reasoning_given": True}]
+    ids, mask = sft.render_chat(given, BYTE)
+    assert ids == sft.render_chat(MATH, BYTE)[0]
+    assert [BYTE.decode(r) for r in runs(ids, mask)] == ["The answer is 14.<|im_end|>"]
+
+
 def test_render_no_think_writes_the_empty_block_untrained():
     """In /no_think mode the template writes `<think>\\n\\n</think>\\n` after the assistant
     header and it is NOT trained: only the answer and <|im_end|> are."""
@@ -887,6 +896,8 @@ def key_of(kind, messages):
         return re.search(r"`([^`]+)`", q).group(1)
     if kind == "reading":
         return int(q.split("\n")[-1][::-1])
+    if kind == "faithful":            # (its question is a training problem: the number decides the split)
+        return int(messages[-1]["reasoning"][::-1])
     x, op, y = q.split("\n")[-1].split(" ")
     read = (lambda t: int(t[::-1])) if sft.MATH_FORMAT == "lsd" else int
     return read(x), op, read(y)
@@ -934,7 +945,7 @@ def test_builtin_heldout_questions_never_train(builtin_split):
     assert not train & val
     math_train, math_val = [p for p in train if isinstance(p, tuple)], [p for p in val if isinstance(p, tuple)]
     read_train, read_val = {k for k in train if isinstance(k, int)}, {k for k in val if isinstance(k, int)}
-    assert len(read_val) == 64 and all(sft.is_heldout(f"reading {n}") for n in read_val)
+    assert 64 <= len(read_val) <= 64 + 32 and all(sft.is_heldout(f"reading {n}") for n in read_val)
     assert len(read_train) > 500 and not any(sft.is_heldout(f"reading {n}") for n in read_train)
     assert all(arithmetic.split(*p) == "train" for p in math_train)
     assert all(arithmetic.split(*p) == "heldout" for p in math_val)
@@ -956,9 +967,16 @@ def test_builtin_answers_are_right(builtin_split):
     digit first: the answer is the working mirrored, digit for digit; the question's
     user message ends with the numbers (the flag, if any, in the system prompt). A number to
     read back is answered with itself, in the same shape."""
-    n, reading = 0, 0
+    n, reading, faithful = 0, 0, 0
     for kind, messages in builtin_split["train"] + builtin_split["val"]:
         if kind == "docstring":
+            continue
+        if kind == "faithful":     # a training problem, a given working of another number, read back
+            p = key_of("arithmetic", messages)
+            turn = messages[-1]
+            assert arithmetic.split(*p) == "train" and turn["reasoning_given"] is True
+            assert turn["content"] == f"The answer is {turn['reasoning'][::-1]}." and int(turn["reasoning"][::-1]) != arithmetic.result(*p)
+            faithful += 1
             continue
         if kind == "reading":
             c = key_of(kind, messages)
@@ -971,7 +989,7 @@ def test_builtin_answers_are_right(builtin_split):
         assert turn["content"] == f"The answer is {turn['reasoning'][::-1]}." and int(turn["reasoning"][::-1]) == c
         assert sft.reasoning_mode(messages) == sft.THINK and "/think" not in messages[-2]["content"]
         n += 1
-    assert n > 5000 and 0.05 < reading / n < 0.2
+    assert n > 5000 and 0.05 < reading / n < 0.2 and 0.02 < faithful / n < 0.1
 
 
 def test_builtin_conversations_are_valid_and_render(builtin_split, small_tokenizer):
@@ -987,7 +1005,9 @@ def test_builtin_conversations_are_valid_and_render(builtin_split, small_tokeniz
         parts = [BYTE.decode(r) for r in runs(ids, mask)]
         assert len(parts) == sum(m["role"] == "assistant" for m in messages)
         first = next(m for m in messages if m["role"] == "assistant")
-        if "reasoning" in first:
+        if first.get("reasoning_given"):      # the working is context: the answer alone trains
+            assert kind == "faithful" and parts[0] == first["content"] + "<|im_end|>"
+        elif "reasoning" in first:
             assert parts[0].startswith("<think>\n") and "\n</think>\n" in parts[0]
         else:
             assert parts[0] == first["content"] + "<|im_end|>"
